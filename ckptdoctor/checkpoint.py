@@ -1,0 +1,231 @@
+"""The checkpoint model every reader returns and every engine consumes.
+
+A checkpoint is an *object tree* (what ``torch.load`` would return, but made of plain data:
+dicts, lists, numbers, strings and the records below) plus the location of its state dict
+inside that tree. Tensors are :class:`TensorRecord` leaves carrying only metadata: dtype,
+shape, stride, storage offset and a :class:`StorageInfo` that says where the bytes lie.
+No tensor bytes are ever read to build this model (see design.md, "Metadata never touches
+tensor bytes"); engines that need values read them through ``ckptdoctor.formats.tensor_bytes``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Element sizes in bits for every dtype torch knows, by torch's name without the `torch.` prefix.
+# Sub-byte dtypes (uint1..7, int1..7, bits1x8 ...) are stored packed by the user; torch itself
+# gives them an element size of 1 byte, as does float4_e2m1fn_x2 (two values per byte).
+DTYPE_BITS: dict[str, int] = {
+    "float64": 64, "float32": 32, "float16": 16, "bfloat16": 16,
+    "complex128": 128, "complex64": 64, "complex32": 32,
+    "int64": 64, "int32": 32, "int16": 16, "int8": 8,
+    "uint64": 64, "uint32": 32, "uint16": 16, "uint8": 8, "bool": 8,
+    "qint8": 8, "quint8": 8, "qint32": 32, "quint4x2": 8, "quint2x4": 8,
+    "float8_e5m2": 8, "float8_e4m3fn": 8, "float8_e5m2fnuz": 8, "float8_e4m3fnuz": 8,
+    "float8_e8m0fnu": 8, "float4_e2m1fn_x2": 8,
+    "bits1x8": 8, "bits2x4": 8, "bits4x2": 8, "bits8": 8, "bits16": 16,
+    **{f"uint{n}": 8 for n in range(1, 8)},
+    **{f"int{n}": 8 for n in range(1, 8)},
+}
+
+# Aliases torch accepts for the same dtype (torch.float is torch.float32, ...).
+DTYPE_ALIASES: dict[str, str] = {
+    "float": "float32", "double": "float64", "half": "float16", "long": "int64", "int": "int32",
+    "short": "int16", "cfloat": "complex64", "cdouble": "complex128", "chalf": "complex32",
+}
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per element of ``dtype`` as torch stores it."""
+    return DTYPE_BITS[dtype] // 8
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """Where a storage's bytes lie: ``length`` bytes from ``offset`` in the file ``path``."""
+
+    path: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class StorageInfo:
+    """One storage (a flat buffer several tensors may view).
+
+    ``id`` is unique within a checkpoint; tensors sharing storage (tied weights, views) have
+    the same ``id``. ``source`` is ``None`` when the bytes are not in the file (meta tensors).
+    """
+
+    id: str
+    dtype: str
+    nbytes: int
+    device: str = "cpu"
+    source: ByteRange | None = None
+    name: str = ""  # the name the format gives it (zip record key, safetensors tensor name...)
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """A tensor as metadata: everything ``torch.load`` would know about it except the values."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int = 0
+    storage: StorageInfo | None = None
+    is_parameter: bool = False
+    requires_grad: bool = False
+    layout: str = "strided"  # "strided", "sparse_coo", "quantized", "meta", "nested", ...
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+    @property
+    def device(self) -> str:
+        return self.storage.device if self.storage else "meta"
+
+    def is_contiguous(self) -> bool:
+        """True when the elements are laid out densely in row-major order."""
+        expected = 1
+        for size, stride in zip(reversed(self.shape), reversed(self.stride)):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
+
+    def byte_span(self) -> tuple[int, int]:
+        """(first byte, one past last byte) this view touches inside its storage."""
+        size = itemsize(self.dtype)
+        if self.numel == 0:
+            return (self.storage_offset * size, self.storage_offset * size)
+        last = self.storage_offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
+        return (self.storage_offset * size, (last + 1) * size)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A state-dict entry: its key plus the tensor record."""
+
+    key: str
+    tensor: TensorRecord
+
+    # Convenience views so engines can treat TensorInfo like the record.
+    @property
+    def dtype(self) -> str:
+        return self.tensor.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.tensor.shape
+
+    @property
+    def numel(self) -> int:
+        return self.tensor.numel
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.nbytes
+
+    @property
+    def storage_id(self) -> str | None:
+        return self.tensor.storage.id if self.tensor.storage else None
+
+
+@dataclass(frozen=True)
+class GlobalRef:
+    """A global the pickle names (``module.qualname``) that was recorded, never imported."""
+
+    module: str
+    name: str
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.module}.{self.name}"
+
+
+@dataclass
+class OpaqueObject:
+    """An instance of a class ckptdoctor did not import: class name plus its state as data.
+
+    Made when a pickle instantiates an unknown class without calling anything else
+    (NEWOBJ + BUILD, or ``copyreg._reconstructor``), as ``torch.save(model)``, argparse
+    Namespaces and Lightning's AttributeDict do. ``items``/``list_items`` hold what
+    SETITEM(S)/APPEND(S) put into dict or list subclasses.
+    """
+
+    cls: GlobalRef
+    args: tuple[Any, ...] = ()
+    state: Any = None
+    items: dict[Any, Any] = field(default_factory=dict)
+    list_items: list[Any] = field(default_factory=list)
+    via: str = "newobj"  # "newobj", "reconstructor" or "reduce" (allowed constructor call)
+
+    # Pickle's SETITEM(S)/APPEND(S) call these on whatever object is on the stack.
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.items[key] = value
+
+    def append(self, value: Any) -> None:
+        self.list_items.append(value)
+
+    def extend(self, values: Any) -> None:
+        self.list_items.extend(values)
+
+    def state_dict_view(self) -> Mapping[str, Any]:
+        """Attributes of the object, whether pickled as a dict state or (dict, slots) pair."""
+        state = self.state
+        if isinstance(state, tuple) and len(state) == 2:
+            merged: dict[str, Any] = {}
+            for part in state:
+                if isinstance(part, dict):
+                    merged.update(part)
+            return merged
+        return state if isinstance(state, dict) else {}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A read checkpoint: the object tree, where the state dict sits, and its tensors in order.
+
+    ``tensors`` are the state dict's entries in file order, keyed by state-dict key.
+    ``state_dict_path`` lists the keys from the root to the state dict (``()`` when the
+    root is the state dict). ``extra`` holds format-level facts for display
+    (safetensors ``__metadata__``, TorchScript, DCP planner info, byte order...).
+    """
+
+    path: str
+    format: str
+    file_size: int
+    root: Any
+    state_dict_path: tuple[str, ...]
+    tensors: tuple[TensorInfo, ...]
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def __iter__(self) -> Iterator[TensorInfo]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def keys(self) -> list[str]:
+        return [t.key for t in self.tensors]
+
+    def by_key(self) -> dict[str, TensorInfo]:
+        return {t.key: t for t in self.tensors}
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
