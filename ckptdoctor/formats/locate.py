@@ -1,0 +1,217 @@
+"""Find the state dict inside a checkpoint's object tree, and build the :class:`Checkpoint`.
+
+Training code nests the weights: Lightning under ``state_dict``, timm under ``state_dict``
+(with ``state_dict_ema`` beside it), plain loops under ``model_state_dict``, ``model``,
+``net`` ... and ``torch.save(model)`` pickles a whole ``nn.Module``. Every reader hands its
+object tree to :func:`build_checkpoint`, so the search and the ``--entry`` override work
+the same for every format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from ..checkpoint import Checkpoint, OpaqueObject, TensorInfo, TensorRecord
+from ..errors import CorruptCheckpoint, EntryNotFound, LimitExceeded
+
+# Where training checkpoints keep the weights, most specific first. timm puts `state_dict`
+# before `state_dict_ema`; Lightning uses `state_dict`; plain loops use the rest.
+PREFERRED_ENTRIES = (
+    "state_dict", "model_state_dict", "model_state", "model", "state", "net", "network", "module",
+    "model_ema", "state_dict_ema", "ema", "ema_model", "params", "weights", "student", "generator",
+)
+MAX_DEPTH = 12  # nesting we follow when searching; trees deeper than MAX_TREE_DEPTH are refused
+MAX_TREE_DEPTH = 200
+
+
+def children(node: Any) -> Iterator[tuple[str, Any]]:
+    """(name, child) pairs of a container node, in order."""
+    if isinstance(node, OpaqueObject):
+        if node.items:
+            yield from ((str(k), v) for k, v in node.items.items())
+        if node.list_items:
+            yield from ((str(i), v) for i, v in enumerate(node.list_items))
+        yield from ((str(k), v) for k, v in node.state_dict_view().items())
+    elif isinstance(node, Mapping):
+        yield from ((str(k), v) for k, v in node.items())
+    elif isinstance(node, (list, tuple)):
+        yield from ((str(i), v) for i, v in enumerate(node))
+
+
+def child(node: Any, name: str) -> Any:
+    """The child ``name`` of ``node``; raises KeyError when absent."""
+    if isinstance(node, OpaqueObject):
+        for k, v in children(node):
+            if k == name:
+                return v
+        raise KeyError(name)
+    if isinstance(node, Mapping):
+        if name in node:
+            return node[name]
+        for k, v in node.items():
+            if str(k) == name:
+                return v
+        raise KeyError(name)
+    if isinstance(node, (list, tuple)) and name.isdigit() and int(name) < len(node):
+        return node[int(name)]
+    raise KeyError(name)
+
+
+def is_module_object(node: Any) -> bool:
+    """True for a pickled ``nn.Module`` (its state has ``_parameters`` and ``_modules``)."""
+    if not isinstance(node, OpaqueObject):
+        return False
+    state = node.state_dict_view()
+    return "_parameters" in state and "_modules" in state
+
+
+def module_state_dict(node: OpaqueObject, prefix: str = "", depth: int = 0) -> list[tuple[str, TensorRecord]]:
+    """The state-dict entries of a pickled module, in ``nn.Module.state_dict`` order.
+
+    Parameters, then persistent buffers, then children recursively (torch/nn/modules/module.py
+    ``_save_to_state_dict``); non-persistent buffers are left out, as torch does.
+    """
+    if depth > MAX_TREE_DEPTH:
+        raise LimitExceeded("module tree nests too deeply")
+    state = node.state_dict_view()
+    out: list[tuple[str, TensorRecord]] = []
+    for name, value in _mapping(state.get("_parameters")).items():
+        if isinstance(value, TensorRecord):
+            out.append((prefix + str(name), value))
+    skip = _non_persistent(state.get("_non_persistent_buffers_set"))
+    for name, value in _mapping(state.get("_buffers")).items():
+        if isinstance(value, TensorRecord) and name not in skip:
+            out.append((prefix + str(name), value))
+    for name, sub in _mapping(state.get("_modules")).items():
+        if is_module_object(sub):
+            out.extend(module_state_dict(sub, f"{prefix}{name}.", depth + 1))
+    return out
+
+
+def _mapping(value: Any) -> Mapping[Any, Any]:
+    if isinstance(value, OpaqueObject):
+        return value.items
+    return value if isinstance(value, Mapping) else {}
+
+
+def _non_persistent(value: Any) -> set[str]:
+    if isinstance(value, (set, frozenset)):
+        return {str(v) for v in value}
+    if isinstance(value, OpaqueObject):
+        return {str(v) for v in value.list_items}
+    return set()
+
+
+def tensor_entries(node: Any) -> list[tuple[str, TensorRecord]] | None:
+    """The (key, tensor) entries when ``node`` is a state dict, else None.
+
+    A state dict is a mapping with string keys whose values are mostly tensors (a few
+    ``_extra_state`` objects are allowed), or a pickled module.
+    """
+    if is_module_object(node):
+        return module_state_dict(node)
+    if isinstance(node, OpaqueObject):
+        node = node.items
+    if not isinstance(node, Mapping) or not node:
+        return None
+    tensors = [(k, v) for k, v in node.items() if isinstance(k, str) and isinstance(v, TensorRecord)]
+    if not tensors or len(tensors) * 2 < len(node):
+        return None
+    return tensors
+
+
+def find_state_dict(root: Any) -> tuple[tuple[str, ...], list[tuple[str, TensorRecord]]]:
+    """Locate the state dict: the root itself, a preferred entry, or the largest tensor dict."""
+    found = tensor_entries(root)
+    if found is not None:
+        return (), found
+    for name in PREFERRED_ENTRIES:
+        try:
+            sub = child(root, name)
+        except KeyError:
+            continue
+        entries = tensor_entries(sub)
+        if entries is not None:
+            return (name,), entries
+        if isinstance(sub, (Mapping, OpaqueObject)):
+            path, entries2 = _search(sub, 1)
+            if entries2:
+                return (name, *path), entries2
+    path, entries = _search(root, 0)
+    if entries:
+        return path, entries
+    raise EntryNotFound("no state dict (a mapping of names to tensors) was found in the file")
+
+
+def _search(node: Any, depth: int) -> tuple[tuple[str, ...], list[tuple[str, TensorRecord]]]:
+    """Breadth-first: the largest tensor mapping anywhere below ``node`` (bounded depth)."""
+    best: tuple[tuple[str, ...], list[tuple[str, TensorRecord]]] = ((), [])
+    frontier: list[tuple[tuple[str, ...], Any]] = [((), node)]
+    for _ in range(depth, MAX_DEPTH):
+        next_frontier: list[tuple[tuple[str, ...], Any]] = []
+        for path, current in frontier:
+            for name, sub in children(current):
+                entries = tensor_entries(sub)
+                if entries is not None:
+                    if len(entries) > len(best[1]):
+                        best = ((*path, name), entries)
+                elif isinstance(sub, (Mapping, list, tuple, OpaqueObject)):
+                    next_frontier.append(((*path, name), sub))
+        if best[1] or not next_frontier:
+            break
+        frontier = next_frontier[:10_000]
+    return best
+
+
+def resolve_entry(root: Any, entry: str) -> tuple[tuple[str, ...], list[tuple[str, TensorRecord]]]:
+    """Follow ``--entry a/b`` from the root; the target must be a state dict."""
+    path = tuple(p for p in entry.strip("/").split("/") if p)
+    node = root
+    for i, name in enumerate(path):
+        try:
+            node = child(node, name)
+        except KeyError:
+            where = "/".join(path[:i]) or "the root"
+            names = ", ".join(n for n, _ in list(children(node))[:12])
+            raise EntryNotFound(f"--entry {entry}: {where} has no entry {name!r} (it has: {names})") from None
+    entries = tensor_entries(node)
+    if entries is None:
+        raise EntryNotFound(f"--entry {entry} is not a state dict (a mapping of names to tensors)")
+    return path, entries
+
+
+def check_tensor(key: str, tensor: TensorRecord, path: str) -> None:
+    """Refuse a view that reaches beyond its storage (a corrupt or hostile file)."""
+    storage = tensor.storage
+    if storage is None or tensor.numel == 0:
+        return
+    start, end = tensor.byte_span()
+    if end > storage.nbytes or start < 0:
+        raise CorruptCheckpoint(
+            f"tensor {key!r} ({tensor.dtype}{list(tensor.shape)}) reads bytes {start}..{end} of a storage "
+            f"that holds {storage.nbytes}", path=path)
+
+
+def build_checkpoint(path: str, fmt: str, file_size: int, root: Any, *, entry: str | None = None,
+                     extra: Mapping[str, Any] | None = None, notes: tuple[str, ...] = ()) -> Checkpoint:
+    """Locate the state dict (or follow ``entry``) and assemble the checkpoint model."""
+    try:
+        sd_path, entries = resolve_entry(root, entry) if entry else find_state_dict(root)
+    except EntryNotFound as exc:
+        exc.path = path
+        raise
+    tensors = []
+    for key, tensor in entries:
+        check_tensor(key, tensor, path)
+        tensors.append(TensorInfo(key, tensor))
+    notes_out = list(notes)
+    target = root
+    for name in sd_path:
+        target = child(target, name)
+    if is_module_object(target):
+        cls = target.cls.dotted if isinstance(target, OpaqueObject) else "?"
+        notes_out.append(f"the file pickles a whole module ({cls}); its state dict was rebuilt from the "
+                         "module's parameters and buffers without importing the class")
+    return Checkpoint(path=path, format=fmt, file_size=file_size, root=root, state_dict_path=sd_path,
+                      tensors=tuple(tensors), extra=dict(extra or {}), notes=tuple(notes_out))
