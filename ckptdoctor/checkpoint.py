@@ -152,9 +152,13 @@ class GlobalRef:
         return f"{self.module}.{self.name}"
 
 
-@dataclass
+@dataclass(eq=False)
 class OpaqueObject:
     """An instance of a class ckptdoctor did not import: class name plus its state as data.
+
+    Compared and hashed by identity (``eq=False``), like the plain objects it stands for, so it
+    can be a dict key: DCP's ``.metadata`` keys ``storage_data`` by frozen ``MetadataIndex``
+    dataclasses (torch/distributed/checkpoint/metadata.py).
 
     Made when a pickle instantiates an unknown class without calling anything else
     (NEWOBJ + BUILD, or ``copyreg._reconstructor``), as ``torch.save(model)``, argparse

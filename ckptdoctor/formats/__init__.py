@@ -29,7 +29,8 @@ def detect_format(path: str) -> str:
     if not stat.S_ISREG(st.st_mode):
         raise UnsupportedFormat("not a regular file", path=path)
     if st.st_size == 0:
-        raise CorruptCheckpoint("the file is empty", path=path, hint="The save was interrupted; re-save or re-download it.")
+        raise CorruptCheckpoint("the file is empty", path=path,
+                                hint="The save was interrupted; re-save or re-download it.")
     try:
         with open(path, "rb") as f:
             head = f.read(16)
@@ -37,10 +38,6 @@ def detect_format(path: str) -> str:
         raise InputNotFound(f"cannot read ({exc.strerror})", path=path) from None
     if head.startswith(ZIP_MAGIC):
         return "torch-zip"
-    if head[:1] == b"\x80" or head[:1] in (b"(", b"]", b"}", b"c", b"L", b"I"):
-        # torch.load treats anything that is not a zip as a legacy pickle stream.
-        if head[:1] == b"\x80" or head[:2] == b"L1":
-            return "torch-legacy"
     if len(head) >= 9:
         (header_len,) = struct.unpack("<Q", head[:8])
         if head[8:9] == b"{" and 0 < header_len <= st.st_size - 8:
@@ -49,6 +46,7 @@ def detect_format(path: str) -> str:
             raise CorruptCheckpoint(f"safetensors header declares {header_len} bytes but the file has "
                                     f"{st.st_size - 8} after the length field", path=path)
     if head[:1] == b"\x80":
+        # torch.load treats anything that is not a zip as a legacy pickle stream.
         return "torch-legacy"
     if _looks_like_text(head):
         raise UnsupportedFormat("a text file, not a checkpoint", path=path)

@@ -28,7 +28,7 @@ import io
 import pickle
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from ..checkpoint import DTYPE_ALIASES, DTYPE_BITS, GlobalRef, OpaqueObject, StorageInfo, TensorRecord
 from ..errors import CorruptCheckpoint, LimitExceeded, UnsafeContent
@@ -83,6 +83,9 @@ RECORDED_VALUE_TYPES = frozenset({
     "numpy.dtype", "numpy.ndarray", "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
     "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
     "torch.torch_version.TorchVersion",
+    # DCP's `.metadata` pickles TensorProperties' memory format as this Enum, called by value
+    # (torch/distributed/checkpoint/metadata.py `TensorProperties.__getstate__`).
+    "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING",
 })
 
 PersistentLoad = Callable[[Any], Any]
@@ -164,8 +167,8 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> An
     if not callable(func) or func not in _TORCH_FUNCTIONS.values() or not isinstance(args, tuple):
         raise CorruptCheckpoint("_rebuild_from_type_v2 with an unexpected rebuild function")
     result = func(*args)
-    if isinstance(result, TensorRecord) and isinstance(new_type, GlobalRef):
-        if new_type.dotted in ("torch.nn.parameter.Parameter", "torch.nn.Parameter"):
+    if (isinstance(result, TensorRecord) and isinstance(new_type, GlobalRef)
+            and new_type.dotted in ("torch.nn.parameter.Parameter", "torch.nn.Parameter")):
             return TensorRecord(**{**result.__dict__, "is_parameter": True})
     return result
 
@@ -303,7 +306,7 @@ def resolve_global(module: str, name: str) -> Any:
 class SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
     """Interprets a pickle as data. See the module docstring for the policy."""
 
-    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+    dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
 
     def __init__(self, stream: Any, persistent_load: PersistentLoad | None = None, *, where: str = "") -> None:
         super().__init__(stream, encoding="latin1")

@@ -1,0 +1,5 @@
+"""``python -m ckptdoctor``."""
+
+from .cli.app import main
+
+main()

@@ -1,0 +1,44 @@
+"""Consoles for stdout (data) and stderr (errors, warnings, hints, progress).
+
+The only place that decides colours and width: ``NO_COLOR`` and non-terminals get plain
+text; ``CKPTDOCTOR_WIDTH`` pins the width (tests use it for stable snapshots).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from rich.console import Console
+
+
+def _width() -> int | None:
+    value = os.environ.get("CKPTDOCTOR_WIDTH")
+    return int(value) if value and value.isdigit() else None
+
+
+def stdout_console() -> Console:
+    return Console(file=sys.stdout, width=_width(), highlight=False, soft_wrap=False)
+
+
+def stderr_console() -> Console:
+    return Console(file=sys.stderr, width=_width(), highlight=False, soft_wrap=True)
+
+
+def print_json(document: dict[str, Any]) -> None:
+    """Exactly one JSON document on stdout, nothing else there."""
+    sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def print_error(message: str, hint: str | None) -> None:
+    console = stderr_console()
+    console.print(f"[bold red]Error:[/] {message}", markup=True, highlight=False)
+    if hint:
+        console.print(f"[dim]Hint:[/] {hint}", markup=True, highlight=False)
+
+
+def print_warning(message: str) -> None:
+    stderr_console().print(f"[yellow]Warning:[/] {message}", markup=True, highlight=False)

@@ -1,0 +1,214 @@
+"""`ckptdoctor inspect` on real torch.save files: seed key lists, JSON contract, folding, errors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ckptdoctor.engines.tree import build_tree
+from ckptdoctor.formats import open_checkpoint
+from examples.seed_models import CNN, CNNWithStage, wrapped_example3
+from tests.cli_helpers import run_cli
+
+BN = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+
+
+def _bn(prefix: str) -> list[str]:
+    return [f"{prefix}.{s}" for s in BN]
+
+
+def _wb(prefix: str) -> list[str]:
+    return [f"{prefix}.weight", f"{prefix}.bias"]
+
+
+# The key lists printed in the seed write-up, in order.
+SEED_1 = [*_wb("conv1"), *_bn("bn1"), *_wb("conv2"), *_bn("bn2"), *_wb("fc1"), *_wb("fc2")]
+SEED_2 = [*_wb("conv1"), *_bn("bn1"), *_wb("stage1.0"), *_bn("stage1.1"), *_wb("conv2"), *_bn("bn2"),
+          *_wb("fc1"), *_wb("fc2")]
+SEED_3 = [*_wb("module.stage1.0"), *_bn("module.stage1.1"), *_wb("module.stage2.module.0"),
+          *_bn("module.stage2.module.1"), *_wb("module.conv2"), *_bn("module.bn2"), *_wb("module.fc1"),
+          *_wb("module.fc2")]
+
+
+@pytest.mark.parametrize(("factory", "expected"), [(CNN, SEED_1), (CNNWithStage, SEED_2),
+                                                   (wrapped_example3, SEED_3)])
+def test_seed_examples_keys_exactly(tmp_path: Path, factory, expected) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "seed.pth"
+    torch.save(factory().state_dict(), path)
+    result = run_cli("inspect", path, "--keys")
+    assert result.exit_code == 0
+    assert result.stdout.splitlines() == expected
+    assert result.stderr == ""
+
+
+def test_seed_example2_shares_storage_like_torch(tmp_path: Path) -> None:
+    path = tmp_path / "ex2.pth"
+    torch.save(CNNWithStage().state_dict(), path)
+    doc = run_cli("inspect", path, "--json").json()
+    storages = {t["key"]: t["storage"] for t in doc["tensors"]}
+    assert storages["conv1.weight"] == storages["stage1.0.weight"]
+    assert storages["conv1.weight"] != storages["conv2.weight"]
+    assert ["conv1.weight", "stage1.0.weight"] in doc["shared_storages"]
+
+
+def test_json_contract_fields(tmp_path: Path) -> None:
+    path = tmp_path / "train.ckpt"
+    model = CNN()
+    torch.save({"epoch": 7, "global_step": 1400, "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "optimizer_states": [torch.optim.SGD(model.parameters(), lr=0.1).state_dict()],
+                "hyper_parameters": {"lr": 0.1, "depth": 18}}, path)
+    doc = run_cli("inspect", path, "--json").json()
+    assert doc["schema_version"] == 1
+    assert doc["format"] == "torch-zip"
+    assert doc["path"] == str(path)
+    assert doc["state_dict_path"] == ["state_dict"]
+    loaded = torch.load(path, weights_only=True)["state_dict"]
+    assert [t["key"] for t in doc["tensors"]] == list(loaded)
+    for record, (key, tensor) in zip(doc["tensors"], loaded.items()):
+        assert record["key"] == key
+        assert record["shape"] == list(tensor.shape)
+        assert record["dtype"] == str(tensor.dtype).removeprefix("torch.")
+        assert record["numel"] == tensor.numel()
+        assert record["nbytes"] == tensor.numel() * tensor.element_size()
+    entries = {e["name"]: e for e in doc["entries"]}
+    assert entries["epoch"]["value"] == 7
+    assert entries["hyper_parameters"]["value"] == {"lr": 0.1, "depth": 18}
+    assert "optimizer" not in entries
+
+
+def test_human_view_shows_where_and_entries(tmp_path: Path) -> None:
+    path = tmp_path / "train.pt"
+    torch.save({"epoch": 3, "model_state_dict": CNN().state_dict()}, path)
+    result = run_cli("inspect", path)
+    assert result.exit_code == 0
+    assert "model_state_dict" in result.stdout
+    assert "epoch" in result.stdout and "3" in result.stdout
+    assert "fc1" in result.stdout and "[128, 600]" in result.stdout
+
+
+class Block(nn.Module):
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+
+
+def test_fold_is_honest(tmp_path: Path) -> None:
+    """Identical numbered blocks fold into one node; a block that differs stays on its own."""
+    blocks = nn.Sequential(*[Block() for _ in range(6)], Block(16), *[Block() for _ in range(2)])
+    path = tmp_path / "blocks.pt"
+    torch.save(blocks.state_dict(), path)
+    tree = build_tree(open_checkpoint(path).tensors)
+    names = [(c.name, c.repeat) for c in tree.children]
+    assert names == [("{0..5,7..8}", 8), ("6", 1)]
+    assert tree.params == sum(p.numel() for p in blocks.state_dict().values())
+    result = run_cli("inspect", path)
+    assert "×8" in result.stdout
+
+
+def test_fold_respects_dtype(tmp_path: Path) -> None:
+    blocks = nn.Sequential(Block(), Block(), Block())
+    sd = blocks.state_dict()
+    sd["1.fc.weight"] = sd["1.fc.weight"].half()
+    path = tmp_path / "mixed.pt"
+    torch.save(sd, path)
+    tree = build_tree(open_checkpoint(path).tensors)
+    assert [(c.name, c.repeat) for c in tree.children] == [("{0,2}", 2), ("1", 1)]
+
+
+def test_depth_filter_and_entry(tmp_path: Path) -> None:
+    path = tmp_path / "nested.pt"
+    torch.save({"a": {"b": CNN().state_dict()}, "note": "x"}, path)
+    keys = run_cli("inspect", path, "--keys", "--filter", "bn1.*", "--entry", "a/b")
+    assert keys.stdout.splitlines() == _bn("bn1")
+    missing = run_cli("inspect", path, "--entry", "a/zzz")
+    assert missing.exit_code == 2
+    assert missing.stderr.startswith("Error:")
+    shallow = run_cli("inspect", path, "--depth", "1")
+    assert shallow.exit_code == 0
+    assert "running_var" not in shallow.stdout
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, this is text\n", os.urandom(4096), b"PK\x03\x04garbage",
+                                     b"\x80\x02}q\x00."])
+def test_bad_input_is_one_error_line(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bad.pth"
+    path.write_bytes(content)
+    result = run_cli("inspect", path)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("Error:")
+    assert lines[1].startswith("Hint:")
+    assert "Traceback" not in result.stderr
+
+
+def test_truncated_file_and_missing_path(tmp_path: Path) -> None:
+    path = tmp_path / "full.pt"
+    torch.save(CNN().state_dict(), path)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    for target in (cut, tmp_path / "nope.pt", tmp_path):
+        result = run_cli("inspect", target)
+        assert result.exit_code == 2, target
+        assert result.stderr.startswith("Error:")
+
+
+class _SystemCall:
+    """Pickles as os.system(COMMAND): the classic malicious checkpoint."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (self.command,))
+
+
+def test_no_code_runs(tmp_path: Path) -> None:
+    """A checkpoint whose pickle calls os.system: the marker never appears, exit 2, global named."""
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.pth"
+    torch.save({"weight": torch.zeros(2), "payload": _SystemCall(f"touch {marker}")}, path)
+    result = subprocess.run([sys.executable, "-m", "ckptdoctor", "inspect", str(path)], capture_output=True,
+                            text=True, cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert not marker.exists()
+    assert "posix.system" in result.stderr or "os.system" in result.stderr
+    assert "Traceback" not in result.stderr
+    # The same payload in a legacy-format file and at pickle protocol 4.
+    for kwargs in ({"_use_new_zipfile_serialization": False}, {"pickle_protocol": 4}):
+        torch.save({"payload": _SystemCall(f"touch {marker}")}, path, **kwargs)
+        assert run_cli("inspect", path).exit_code == 2
+        assert not marker.exists()
+
+
+def test_plain_pickle_is_not_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps({"a": 1}, protocol=2))
+    result = run_cli("inspect", path)
+    assert result.exit_code == 2
+    assert "not a torch.save checkpoint" in result.stderr
+
+
+def test_whole_pickled_module(tmp_path: Path) -> None:
+    """torch.save(model) with a class that cannot be imported still lists the state dict."""
+    path = tmp_path / "model.pt"
+    model = CNNWithStage()
+    torch.save(model, path)
+    result = run_cli("inspect", path, "--keys")
+    assert result.exit_code == 0
+    assert result.stdout.splitlines() == list(model.state_dict())
+
+
+def test_version_and_help() -> None:
+    assert run_cli("--version").stdout.startswith("ckptdoctor ")
+    help_text = run_cli("--help").stdout
+    for command in ("inspect",):
+        assert command in help_text
