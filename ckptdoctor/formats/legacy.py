@@ -108,8 +108,8 @@ def _attach_storages(node: Any, storages: dict[str, StorageInfo], path: str) -> 
     def fix(value: Any, depth: int) -> Any:
         if depth > 200:
             raise LimitExceeded("object tree nests too deeply", path=path)
-        if isinstance(value, TensorRecord) and isinstance(value.storage, PendingStorage):  # type: ignore[unreachable]
-            ref = value.storage  # type: ignore[unreachable]
+        if isinstance(value, TensorRecord) and isinstance(value.storage, PendingStorage):
+            ref = value.storage
             return replace(value, storage=storages[ref.root_key], storage_offset=value.storage_offset + ref.offset)
         if id(value) in seen:
             return seen[id(value)]
