@@ -111,7 +111,7 @@ def _apply_one(keys: list[str], edit: Edit) -> list[str]:
 
 def _check_collisions(originals: Sequence[str], renamed: Sequence[str]) -> None:
     seen: dict[str, str] = {}
-    for old, new in zip(originals, renamed):
+    for old, new in zip(originals, renamed, strict=True):
         if new in seen:
             raise UsageError(
                 f"the edits map both `{seen[new]}` and `{old}` to `{new}`",
@@ -127,4 +127,4 @@ def apply_edits(keys: Iterable[str], edits: Sequence[Edit]) -> list[tuple[str, s
     for edit in edits:
         current = _apply_one(current, edit)
     _check_collisions(originals, current)
-    return list(zip(originals, current))
+    return list(zip(originals, current, strict=True))

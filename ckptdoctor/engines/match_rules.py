@@ -104,7 +104,8 @@ class InsertSegment:
     kind: ClassVar[str] = "insert-segment"
 
     def describe(self) -> str:
-        return f"insert {_seg_text(self.segments)} where the model has it → {_evidence(self.count, self.total)}"
+        where = "where the model has it"
+        return f"insert {_seg_text(self.segments)} {where} → {_evidence(self.count, self.total)}"
 
 
 @dataclass(frozen=True)

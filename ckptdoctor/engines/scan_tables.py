@@ -23,29 +23,76 @@ def _names(module: str, *names: str) -> set[str]:
 
 
 _TYPES = (
-    "BFloat16", "Bool", "Byte", "Char", "ComplexDouble", "ComplexFloat", "Double", "Float",
-    "Half", "Int", "Long", "Short",
+    "BFloat16",
+    "Bool",
+    "Byte",
+    "Char",
+    "ComplexDouble",
+    "ComplexFloat",
+    "Double",
+    "Float",
+    "Half",
+    "Int",
+    "Long",
+    "Short",
 )
 _DENSE_TENSOR_TYPES = tuple(t for t in _TYPES if not t.startswith("Complex"))
 _SPARSE_TENSOR_TYPES = tuple(t for t in _DENSE_TENSOR_TYPES if t != "Bool")
 
 _DTYPES = (
-    "bfloat16", "bits16", "bits1x8", "bits2x4", "bits4x2", "bits8", "bool", "complex128",
-    "complex32", "complex64", "float16", "float32", "float4_e2m1fn_x2", "float64",
-    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
-    "int16", "int32", "int64", "int8", "qint32", "qint8", "quint2x4", "quint4x2", "quint8",
-    "uint16", "uint32", "uint64", "uint8",
-    *(f"int{n}" for n in range(1, 8)), *(f"uint{n}" for n in range(1, 8)),
+    "bfloat16",
+    "bits16",
+    "bits1x8",
+    "bits2x4",
+    "bits4x2",
+    "bits8",
+    "bool",
+    "complex128",
+    "complex32",
+    "complex64",
+    "float16",
+    "float32",
+    "float4_e2m1fn_x2",
+    "float64",
+    "float8_e4m3fn",
+    "float8_e4m3fnuz",
+    "float8_e5m2",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+    "int16",
+    "int32",
+    "int64",
+    "int8",
+    "qint32",
+    "qint8",
+    "quint2x4",
+    "quint4x2",
+    "quint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "uint8",
+    *(f"int{n}" for n in range(1, 8)),
+    *(f"uint{n}" for n in range(1, 8)),
 )
 
 #: Exactly the keys of ``torch._weights_only_unpickler._get_allowed_globals()`` in torch 2.13.
 WEIGHTS_ONLY_GLOBALS: frozenset[str] = frozenset(
     {
-        "collections.OrderedDict", "collections.Counter", "torch.nn.parameter.Parameter",
-        "torch.serialization._get_layout", "torch.Size", "torch.Tensor", "torch.device",
-        "_codecs.encode", "builtins.bytearray", "builtins.set", "builtins.complex",
+        "collections.OrderedDict",
+        "collections.Counter",
+        "torch.nn.parameter.Parameter",
+        "torch.serialization._get_layout",
+        "torch.Size",
+        "torch.Tensor",
+        "torch.device",
+        "_codecs.encode",
+        "builtins.bytearray",
+        "builtins.set",
+        "builtins.complex",
         "torch._tensor._rebuild_from_type_v2",
-        "torch.storage.TypedStorage", "torch.storage.UntypedStorage",
+        "torch.storage.TypedStorage",
+        "torch.storage.UntypedStorage",
     }
     | _names("torch", *_DTYPES)
     | _names("torch", *(f"{t}Storage" for t in _TYPES))
@@ -57,15 +104,26 @@ WEIGHTS_ONLY_GLOBALS: frozenset[str] = frozenset(
     | _names("torch.cuda.sparse", *(f"{t}Tensor" for t in _SPARSE_TENSOR_TYPES))
     | _names(
         "torch",
-        "per_tensor_affine", "per_tensor_symmetric", "per_channel_affine",
-        "per_channel_symmetric", "per_channel_affine_float_qparams",
+        "per_tensor_affine",
+        "per_tensor_symmetric",
+        "per_channel_affine",
+        "per_channel_symmetric",
+        "per_channel_affine_float_qparams",
     )
     | _names(
         "torch._utils",
-        "_rebuild_parameter", "_rebuild_parameter_with_state", "_rebuild_qtensor", "_rebuild_tensor",
-        "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_sparse_tensor",
-        "_rebuild_meta_tensor_no_storage", "_rebuild_nested_tensor", "_rebuild_wrapper_subclass",
-        "_rebuild_device_tensor_from_numpy", "_rebuild_device_tensor_from_cpu_tensor",
+        "_rebuild_parameter",
+        "_rebuild_parameter_with_state",
+        "_rebuild_qtensor",
+        "_rebuild_tensor",
+        "_rebuild_tensor_v2",
+        "_rebuild_tensor_v3",
+        "_rebuild_sparse_tensor",
+        "_rebuild_meta_tensor_no_storage",
+        "_rebuild_nested_tensor",
+        "_rebuild_wrapper_subclass",
+        "_rebuild_device_tensor_from_numpy",
+        "_rebuild_device_tensor_from_cpu_tensor",
     )
 )
 
@@ -74,66 +132,253 @@ WEIGHTS_ONLY_GLOBALS: frozenset[str] = frozenset(
 #: protocol 4/5 pickles (FRAME, SHORT_BINUNICODE, MEMOIZE, STACK_GLOBAL) do not.
 WEIGHTS_ONLY_OPCODES: frozenset[str] = frozenset(
     {
-        "GLOBAL", "NEWOBJ", "REDUCE", "BUILD", "APPEND", "APPENDS", "SETITEM", "SETITEMS", "MARK",
-        "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "NONE", "NEWFALSE", "NEWTRUE", "EMPTY_TUPLE",
-        "EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET", "BININT", "BININT1", "BININT2", "BINFLOAT",
-        "BINUNICODE", "SHORT_BINSTRING", "BINPERSID", "BINGET", "LONG_BINGET", "BINPUT",
-        "LONG_BINPUT", "LONG1", "PROTO", "STOP",
+        "GLOBAL",
+        "NEWOBJ",
+        "REDUCE",
+        "BUILD",
+        "APPEND",
+        "APPENDS",
+        "SETITEM",
+        "SETITEMS",
+        "MARK",
+        "TUPLE",
+        "TUPLE1",
+        "TUPLE2",
+        "TUPLE3",
+        "NONE",
+        "NEWFALSE",
+        "NEWTRUE",
+        "EMPTY_TUPLE",
+        "EMPTY_LIST",
+        "EMPTY_DICT",
+        "EMPTY_SET",
+        "BININT",
+        "BININT1",
+        "BININT2",
+        "BINFLOAT",
+        "BINUNICODE",
+        "SHORT_BINSTRING",
+        "BINPERSID",
+        "BINGET",
+        "LONG_BINGET",
+        "BINPUT",
+        "LONG_BINPUT",
+        "LONG1",
+        "PROTO",
+        "STOP",
     }
 )
 
 # Whole modules (and their submodules) whose callables run code, spawn processes, touch files
 # or the network, or unpickle further data.
 _DENY_MODULES: tuple[str, ...] = (
-    "os", "posix", "nt", "posixpath", "ntpath", "subprocess", "sys", "importlib", "runpy",
-    "pickle", "_pickle", "pickletools", "shelve", "marshal", "shutil", "socket", "_socket",
-    "ssl", "http", "urllib", "ftplib", "smtplib", "telnetlib", "code", "codeop", "pty", "tty",
-    "webbrowser", "dill", "cloudpickle", "joblib", "ctypes", "_ctypes", "cffi", "multiprocessing",
-    "_posixsubprocess", "signal", "_thread", "threading", "asyncio", "concurrent", "pdb", "bdb",
-    "timeit", "trace", "profile", "cProfile", "doctest", "tempfile", "glob", "io", "_io",
-    "zipimport", "pkgutil", "site", "sysconfig", "platform", "commands", "popen2", "types",
-    "inspect", "gc", "atexit", "builtins.__import__", "distutils", "setuptools", "pip",
-    "torch._C", "torch.ops", "torch.hub", "torch.jit", "torch.package", "torch.utils.cpp_extension",
-    "torch._dynamo", "torch._inductor", "torch.fx", "torch.testing", "torch.distributed.rpc",
-    "torch.multiprocessing", "torch.cuda.memory", "torch.compiler", "torch.export",
-    "numpy.f2py", "numpy.distutils", "numpy.testing", "numpy.lib.npyio", "numpy.ctypeslib",
-    "yaml", "jinja2", "IPython", "pandas.io", "__builtin__.eval",
+    "os",
+    "posix",
+    "nt",
+    "posixpath",
+    "ntpath",
+    "subprocess",
+    "sys",
+    "importlib",
+    "runpy",
+    "pickle",
+    "_pickle",
+    "pickletools",
+    "shelve",
+    "marshal",
+    "shutil",
+    "socket",
+    "_socket",
+    "ssl",
+    "http",
+    "urllib",
+    "ftplib",
+    "smtplib",
+    "telnetlib",
+    "code",
+    "codeop",
+    "pty",
+    "tty",
+    "webbrowser",
+    "dill",
+    "cloudpickle",
+    "joblib",
+    "ctypes",
+    "_ctypes",
+    "cffi",
+    "multiprocessing",
+    "_posixsubprocess",
+    "signal",
+    "_thread",
+    "threading",
+    "asyncio",
+    "concurrent",
+    "pdb",
+    "bdb",
+    "timeit",
+    "trace",
+    "profile",
+    "cProfile",
+    "doctest",
+    "tempfile",
+    "glob",
+    "io",
+    "_io",
+    "zipimport",
+    "pkgutil",
+    "site",
+    "sysconfig",
+    "platform",
+    "commands",
+    "popen2",
+    "types",
+    "inspect",
+    "gc",
+    "atexit",
+    "builtins.__import__",
+    "distutils",
+    "setuptools",
+    "pip",
+    "torch._C",
+    "torch.ops",
+    "torch.hub",
+    "torch.jit",
+    "torch.package",
+    "torch.utils.cpp_extension",
+    "torch._dynamo",
+    "torch._inductor",
+    "torch.fx",
+    "torch.testing",
+    "torch.distributed.rpc",
+    "torch.multiprocessing",
+    "torch.cuda.memory",
+    "torch.compiler",
+    "torch.export",
+    "numpy.f2py",
+    "numpy.distutils",
+    "numpy.testing",
+    "numpy.lib.npyio",
+    "numpy.ctypeslib",
+    "yaml",
+    "jinja2",
+    "IPython",
+    "pandas.io",
+    "__builtin__.eval",
 )
 
 # Single names (not whole modules) that run code or load further untrusted data.
 _DENY_NAMES: frozenset[str] = frozenset(
     _names(
         "builtins",
-        "eval", "exec", "execfile", "compile", "getattr", "setattr", "delattr", "__import__",
-        "open", "breakpoint", "apply", "input", "globals", "locals", "vars", "dir", "help",
-        "exit", "quit", "memoryview", "classmethod", "staticmethod", "property", "super", "type",
-        "object.__new__", "reload", "file",
+        "eval",
+        "exec",
+        "execfile",
+        "compile",
+        "getattr",
+        "setattr",
+        "delattr",
+        "__import__",
+        "open",
+        "breakpoint",
+        "apply",
+        "input",
+        "globals",
+        "locals",
+        "vars",
+        "dir",
+        "help",
+        "exit",
+        "quit",
+        "memoryview",
+        "classmethod",
+        "staticmethod",
+        "property",
+        "super",
+        "type",
+        "object.__new__",
+        "reload",
+        "file",
     )
     | _names(
         "__builtin__",
-        "eval", "exec", "execfile", "compile", "getattr", "setattr", "delattr", "__import__",
-        "open", "breakpoint", "apply", "input", "globals", "locals", "vars", "reload", "file",
+        "eval",
+        "exec",
+        "execfile",
+        "compile",
+        "getattr",
+        "setattr",
+        "delattr",
+        "__import__",
+        "open",
+        "breakpoint",
+        "apply",
+        "input",
+        "globals",
+        "locals",
+        "vars",
+        "reload",
+        "file",
     )
     | _names("functools", "partial", "partialmethod", "reduce", "wraps", "update_wrapper")
     | _names("operator", "attrgetter", "methodcaller", "itemgetter", "call", "getitem", "setitem")
     | _names("copyreg", "_reconstructor_unsafe", "add_extension")
     | {
-        "torch.load", "torch.serialization.load", "torch.serialization._load",
-        "torch.serialization._legacy_load", "torch.storage._load_from_bytes",
-        "torch.load_state_dict_from_url", "torch.utils.model_zoo.load_url",
-        "numpy.load", "numpy.loadtxt", "numpy.fromfile", "numpy.testing._private.utils.runstring",
-        "numpy.core.multiarray._reconstruct_unsafe", "codecs.open", "codecs.decode",
-        "pathlib.Path.write_text", "pathlib.Path.write_bytes", "pathlib.Path.unlink",
-        "pathlib.Path.open", "pathlib.Path.touch", "logging.config.listen",
+        "torch.load",
+        "torch.serialization.load",
+        "torch.serialization._load",
+        "torch.serialization._legacy_load",
+        "torch.storage._load_from_bytes",
+        "torch.load_state_dict_from_url",
+        "torch.utils.model_zoo.load_url",
+        "numpy.load",
+        "numpy.loadtxt",
+        "numpy.fromfile",
+        "numpy.testing._private.utils.runstring",
+        "numpy.core.multiarray._reconstruct_unsafe",
+        "codecs.open",
+        "codecs.decode",
+        "pathlib.Path.write_text",
+        "pathlib.Path.write_bytes",
+        "pathlib.Path.unlink",
+        "pathlib.Path.open",
+        "pathlib.Path.touch",
+        "logging.config.listen",
     }
+)
+
+#: TorchScript's pickler rebuilds typed lists through these (torch/jit/_pickle.py); they only
+#: return their argument, so they are data constructors although torch.jit is denied.
+TORCHSCRIPT_BUILDERS: frozenset[str] = frozenset(
+    _names(
+        "torch.jit._pickle",
+        "build_intlist",
+        "build_tensorlist",
+        "build_doublelist",
+        "build_boollist",
+        "build_tensor_from_id",
+        "restore_type_tag",
+    )
 )
 
 #: Callables that build plain data (numpy arrays, dates, paths, argparse namespaces, Python
 #: containers). Calling them is not an attack by itself, so they get ``unknown-class``
 #: instead of ``dangerous`` -- still not weights_only-loadable, hence still unsafe.
 DATA_CONSTRUCTORS: frozenset[str] = frozenset(
-    _names("builtins", "frozenset", "slice", "range", "list", "tuple", "dict", "bytes", "str", "int",
-           "float", "bool", "object")
+    _names(
+        "builtins",
+        "frozenset",
+        "slice",
+        "range",
+        "list",
+        "tuple",
+        "dict",
+        "bytes",
+        "str",
+        "int",
+        "float",
+        "bool",
+        "object",
+    )
     | _names("__builtin__", "frozenset", "slice", "range", "object")
     | _names("collections", "defaultdict", "deque", "namedtuple")
     | _names("numpy.core.multiarray", "_reconstruct", "scalar")
@@ -147,6 +392,10 @@ DATA_CONSTRUCTORS: frozenset[str] = frozenset(
     | _names("argparse", "Namespace")
     | _names("enum", "Enum")
     | _names("re", "_compile")
+    # torch.distributed.checkpoint's .metadata pickles this Enum by value (filesystem.py writes
+    # the metadata with plain pickle.dump, read back with pickle.load).
+    | {"torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING"}
+    | TORCHSCRIPT_BUILDERS
 )
 
 #: Functions that instantiate their *first argument* as a class, the way protocol 0/1 pickles
@@ -170,7 +419,7 @@ def is_denied(module: str, qualname: str) -> bool:
     The module part is only matched as a whole (``mymodel.code`` is not the stdlib ``code``).
     """
     full = f"{module}.{qualname}"
-    if full in RECONSTRUCTORS:
+    if full in RECONSTRUCTORS or full in TORCHSCRIPT_BUILDERS:
         return False
     if _matches(full):
         return True

@@ -93,13 +93,10 @@ class ScanReport:
                     "format": f.format,
                     "safe": f.safe,
                     "globals": [
-                        {"name": g.name, "verdict": g.verdict, "called": g.called,
-                         "count": g.count, "where": g.where}
+                        {"name": g.name, "verdict": g.verdict, "called": g.called, "count": g.count, "where": g.where}
                         for g in f.globals
                     ],
-                    "anomalies": [
-                        {"code": a.code, "message": a.message, "where": a.where} for a in f.anomalies
-                    ],
+                    "anomalies": [{"code": a.code, "message": a.message, "where": a.where} for a in f.anomalies],
                     "pickles": list(f.pickles),
                     "notes": list(f.notes),
                 }

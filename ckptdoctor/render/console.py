@@ -14,17 +14,21 @@ from typing import Any
 from rich.console import Console
 
 
-def _width() -> int | None:
+def _width(stream: object) -> int | None:
+    """CKPTDOCTOR_WIDTH if set; the terminal's width on a TTY; 120 columns in pipes and logs."""
     value = os.environ.get("CKPTDOCTOR_WIDTH")
-    return int(value) if value and value.isdigit() else None
+    if value and value.isdigit():
+        return int(value)
+    isatty = getattr(stream, "isatty", None)
+    return None if isatty and isatty() else 120
 
 
 def stdout_console() -> Console:
-    return Console(file=sys.stdout, width=_width(), highlight=False, soft_wrap=False)
+    return Console(file=sys.stdout, width=_width(sys.stdout), highlight=False, soft_wrap=False)
 
 
 def stderr_console() -> Console:
-    return Console(file=sys.stderr, width=_width(), highlight=False, soft_wrap=True)
+    return Console(file=sys.stderr, width=_width(sys.stderr), highlight=False, soft_wrap=True)
 
 
 def print_json(document: dict[str, Any]) -> None:

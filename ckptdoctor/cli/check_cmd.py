@@ -1,0 +1,38 @@
+"""``ckptdoctor check``: would ``load_state_dict(strict=True)`` succeed, and if not, why."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from .app import app, handle_errors
+
+
+@app.command("check")
+@handle_errors
+def check_command(
+    path: str = typer.Argument(..., help="Checkpoint file or directory."),
+    against: str = typer.Option(..., "--against", metavar="SPEC",
+                                help="package.module:Model, path/to/file.py:Model, a spec JSON, or a checkpoint."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document (schema_version 1)."),
+    entry: Optional[str] = typer.Option(None, "--entry", help="Where the state dict sits, e.g. 'state_dict' or 'a/b'."),
+) -> int:
+    """Diagnose why a checkpoint does not load into a model, and print the fix. Exit 0 loads, 1 does not.
+
+    Example: ckptdoctor check model.pth --against torchvision_like.models:resnet18
+    """
+    from ..engines.doctor import check_checkpoint  # noqa: PLC0415 - keep --help fast
+    from ..engines.spec import load_spec  # noqa: PLC0415
+    from ..formats import open_checkpoint  # noqa: PLC0415
+    from ..render import doctor_view  # noqa: PLC0415
+
+    ckpt = open_checkpoint(path, entry)
+    result = check_checkpoint(ckpt, load_spec(against), spec_arg=against)
+    if json_out:
+        from ..render.console import print_json  # noqa: PLC0415
+
+        print_json(doctor_view.check_document(result))
+    else:
+        doctor_view.render_check(result)
+    return 0 if result.ok else 1

@@ -1,0 +1,207 @@
+"""The doctor: check a checkpoint against a model spec, and plan the repair ``fix`` writes.
+
+Glue between the reader, the spec loader, the matcher and the writer: one function per
+command (``check_checkpoint``, ``plan_repair``) returning frozen results the renderers show,
+plus :func:`adapt_state` for the Python API. The same :class:`~.match_rules.Plan` drives
+``check``'s suggestion, ``fix --against``, ``--dry-run`` and ``ckptdoctor.adapt``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..checkpoint import Checkpoint, TensorRecord
+from ..errors import FixRefused, UsageError
+from .diagnose import HARMLESS_MISSING, HARMLESS_UNEXPECTED, Diagnosis, Finding, diagnose, suggested_fix_args
+from .match_edits import Edit, apply_edits
+from .match_rules import KeyShape, Plan
+from .matcher import infer_plan
+from .spec import DigestMismatch, ModelSpec, check_digests
+
+
+def checkpoint_keys(ckpt: Checkpoint) -> list[KeyShape]:
+    return [KeyShape(t.key, tuple(t.shape), t.dtype) for t in ckpt.tensors]
+
+
+def spec_keys(spec: ModelSpec) -> list[KeyShape]:
+    return [KeyShape(t.key, tuple(t.shape), t.dtype) for t in spec.tensors]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """What ``check`` reports: the diagnosis, digest and dtype findings, the suggested fix."""
+
+    path: str
+    spec_source: str
+    spec_kind: str
+    checkpoint: Checkpoint
+    diagnosis: Diagnosis
+    findings: tuple[Finding, ...]
+    digest_mismatches: tuple[DigestMismatch, ...]
+    suggested_fix: tuple[str, ...] | None
+    notes: tuple[str, ...]
+    # What load_state_dict(strict=True) would report for the file as it is (before any repair).
+    missing_keys: tuple[str, ...]
+    unexpected_keys: tuple[str, ...]
+    shape_mismatches: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.diagnosis.ok and not self.digest_mismatches and not any(
+            f.severity == "error" for f in self.findings)
+
+
+def _dtype_findings(ckpt: Checkpoint, spec: ModelSpec, plan: Plan) -> list[Finding]:
+    """Dtype changes matter for pinned specs (released weights), not for model callables.
+
+    ``load_state_dict`` casts on copy, so an fp16 file loads into an fp32 model; but a spec
+    file or reference checkpoint records what was released, and a silent cast is a change.
+    """
+    if spec.kind == "callable":
+        return []
+    want = {t.key: t.dtype for t in spec.tensors}
+    changed = [(new, info.dtype, want[new]) for info in ckpt.tensors
+               for old, new in [(info.key, plan.mapping_dict().get(info.key))] if new in want
+               and want[new] != info.dtype and old is not None]
+    if not changed:
+        return []
+    first = changed[0]
+    return [Finding("dtype-changed", "error",
+                    f"{len(changed)} tensors have another dtype than the spec records "
+                    f"(e.g. `{first[0]}`: {first[1]} where the spec has {first[2]})",
+                    tuple(c[0] for c in changed), len(changed))]
+
+
+def _digest_finding(mismatches: Sequence[DigestMismatch]) -> list[Finding]:
+    if not mismatches:
+        return []
+    names = ", ".join(f"`{m.key}`" for m in mismatches[:5])
+    more = f" (+{len(mismatches) - 5} more)" if len(mismatches) > 5 else ""
+    return [Finding("digest-mismatch", "error",
+                    f"{len(mismatches)} tensors differ from the spec's pinned SHA-256 digests: {names}{more}",
+                    tuple(m.key for m in mismatches), len(mismatches),
+                    {"tensors": [{"key": m.key, "expected": m.expected, "actual": m.actual} for m in mismatches]})]
+
+
+def check_checkpoint(ckpt: Checkpoint, spec: ModelSpec, *, spec_arg: str) -> CheckResult:
+    """Would ``model.load_state_dict(state_dict, strict=True)`` succeed, and if not, why."""
+    source, target = checkpoint_keys(ckpt), spec_keys(spec)
+    diagnosis = diagnose(source, target, state_dict_path=ckpt.state_dict_path)
+    digests = tuple(check_digests(ckpt, spec, mapping=diagnosis.plan.mapping_dict())) if any(
+        t.digest for t in spec.tensors) else ()
+    findings = (*diagnosis.findings, *_dtype_findings(ckpt, spec, diagnosis.plan), *_digest_finding(digests))
+    suggestion = suggested_fix_args(diagnosis.plan, ckpt.path, spec_arg) if not diagnosis.ok else None
+    have = {s.key: s.shape for s in source}
+    want = {t.key: t.shape for t in target}
+    return CheckResult(path=ckpt.path, spec_source=spec.source, spec_kind=spec.kind, checkpoint=ckpt,
+                       diagnosis=diagnosis, findings=findings, digest_mismatches=digests,
+                       suggested_fix=tuple(suggestion) if suggestion else None,
+                       notes=(*ckpt.notes, *spec.notes),
+                       missing_keys=tuple(k for k in want if k not in have),
+                       unexpected_keys=tuple(k for k in have if k not in want),
+                       shape_mismatches=tuple((k, have[k], want[k]) for k in have
+                                              if k in want and have[k] != want[k]))
+
+
+@dataclass(frozen=True)
+class RepairPlan:
+    """The key mapping ``fix`` applies: old → new for kept keys, dropped keys, keys still missing."""
+
+    mapping: tuple[tuple[str, str], ...]
+    dropped: tuple[str, ...]
+    missing: tuple[str, ...]
+    diagnosis: Diagnosis | None
+    edits: tuple[Edit, ...]
+    target_order: tuple[str, ...] = ()  # the model's key order, when a spec gave one
+
+    @property
+    def changed(self) -> tuple[tuple[str, str], ...]:
+        return tuple((a, b) for a, b in self.mapping if a != b)
+
+
+def _harmless(keys: Sequence[str], names: Sequence[str]) -> bool:
+    return all(k.rpartition(".")[2] in names for k in keys)
+
+
+def plan_repair(ckpt: Checkpoint, *, edits: Sequence[Edit] = (), spec: ModelSpec | None = None,
+                drop_unexpected: bool = False, allow_missing: bool = False) -> RepairPlan:
+    """Manual edits in order, then (with a spec) the matcher's plan; refuse what would not load.
+
+    Raises :class:`FixRefused` (exit 1) when the result would not load strictly into the spec
+    and the flags do not allow the leftovers, so nothing is written.
+    """
+    edited = apply_edits(ckpt.keys(), list(edits)) if edits else [(k, k) for k in ckpt.keys()]
+    if spec is None:
+        return RepairPlan(tuple(edited), (), (), None, tuple(edits))
+    shapes = {t.key: tuple(t.shape) for t in ckpt.tensors}
+    dtypes = {t.key: t.dtype for t in ckpt.tensors}
+    source = [KeyShape(new, shapes[old], dtypes[old]) for old, new in edited]
+    diagnosis = diagnose(source, spec_keys(spec), state_dict_path=ckpt.state_dict_path)
+    plan = diagnosis.plan
+    if plan.shape_mismatches:
+        m = plan.shape_mismatches[0]
+        raise FixRefused(f"{len(plan.shape_mismatches)} tensors cannot load because their shapes differ "
+                         f"(e.g. `{m.source_key}` {list(m.source_shape)} vs the model's {list(m.target_shape)}); "
+                         "nothing was written")
+    if plan.ambiguities:
+        raise FixRefused(f"the repair is ambiguous ({plan.ambiguities[0].reason}); nothing was written",
+                         hint="Resolve it with explicit --rename edits; `ckptdoctor check` shows the candidates.")
+    if plan.unexpected and not drop_unexpected:
+        kind = "known-harmless " if _harmless(plan.unexpected, HARMLESS_UNEXPECTED) else ""
+        raise FixRefused(f"{len(plan.unexpected)} {kind}checkpoint keys have no place in the model "
+                         f"(e.g. `{plan.unexpected[0]}`); nothing was written",
+                         hint="Pass --drop-unexpected to leave them out, or check the model spec.")
+    if plan.missing and not allow_missing:
+        kind = "known-harmless " if _harmless(plan.missing, HARMLESS_MISSING) else ""
+        raise FixRefused(f"{len(plan.missing)} {kind}model keys have no tensor in the checkpoint "
+                         f"(e.g. `{plan.missing[0]}`); nothing was written",
+                         hint="Pass --allow-missing to write it anyway (the model then needs strict=False).")
+    renamed = plan.mapping_dict()
+    mapping = tuple((old, renamed[new]) for old, new in edited if new in renamed)
+    back = {new: old for old, new in edited}
+    dropped = tuple(back[k] for k in plan.unexpected)
+    return RepairPlan(mapping, dropped, plan.missing, diagnosis, tuple(edits), tuple(spec.keys()))
+
+
+def repaired_entries(ckpt: Checkpoint, plan: RepairPlan) -> list[tuple[str, TensorRecord]]:
+    """The new state dict's (key, tensor) pairs: in the model's order when a spec gave one
+    (as ``model.state_dict()`` would write them), else in the file's order."""
+    by_key = {t.key: t.tensor for t in ckpt.tensors}
+    entries = [(new, by_key[old]) for old, new in plan.mapping]
+    if plan.target_order:
+        position = {k: i for i, k in enumerate(plan.target_order)}
+        entries.sort(key=lambda e: position.get(e[0], len(position)))
+    seen: set[str] = set()
+    for key, _ in entries:
+        if key in seen:
+            raise UsageError(f"two checkpoint keys would both become `{key}`")
+        seen.add(key)
+    return entries
+
+
+@dataclass(frozen=True)
+class MappingGroup:
+    """Keys renamed the same way: ``old_head.*`` → ``new_head.*`` for ``count`` keys."""
+
+    old: str
+    new: str
+    count: int
+    example: tuple[str, str]
+
+
+def group_mapping(pairs: Sequence[tuple[str, str]]) -> list[MappingGroup]:
+    """Group old → new pairs by what changed in front of their common key suffix.
+
+    ``module.layer1.0.conv1.weight → layer1.0.conv1.weight`` and 120 others become one row
+    ``module.* → *``, which is how people think of the repair; first-seen order.
+    """
+    groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for old, new in pairs:
+        a, b = old.split("."), new.split(".")
+        common = 0
+        while common < min(len(a), len(b)) - 0 and a[len(a) - 1 - common] == b[len(b) - 1 - common]:
+            common += 1
+        head = (".".join(a[: len(a) - common]), ".".join(b[: len(b) - common]))
+        groups.setdefault(head, []).append((old, new))
+    return [MappingGroup(old, new, len(items), items[0]) for (old, new), items in groups.items()]

@@ -1,0 +1,471 @@
+"""Tensor values, streamed: the one place that reads tensor bytes, in bounded chunks.
+
+Everything else in ckptdoctor works from metadata. ``diff --values``, ``spec --digests`` and the
+digest check need the values themselves, and the files can be tens of gigabytes, so:
+
+* bytes are read with ``os.pread`` from the storage's :class:`~ckptdoctor.checkpoint.ByteRange`,
+  never through ``mmap`` (pages touched through a memory map count as resident memory, so a
+  whole-file pass over a mapped 20 GB file looks like a 20 GB process to the OOM killer);
+* a tensor is produced in *logical* order (row-major over its shape, little-endian), whatever its
+  strides, so a transposed view and its contiguous copy yield the same bytes and the same digest;
+* at most about two chunks (``chunk_bytes``, 8 MiB by default) are alive at a time.
+
+Non-contiguous views are gathered from windows of the storage: with numpy (imported lazily,
+it is optional) by sorting a block's element addresses and reading each dense run once; without
+numpy by strided byte slicing of each innermost row. Element decoding for comparisons also uses
+numpy when present and falls back to :mod:`struct` (plus 256-entry tables for the float8
+formats, computed from their definitions) when not.
+"""
+
+from __future__ import annotations
+
+import cmath
+import hashlib
+import itertools
+import math
+import os
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..checkpoint import TensorRecord, itemsize
+from ..errors import CkptDoctorError, CorruptCheckpoint
+
+Progress = Callable[[int], None]
+
+DEFAULT_CHUNK = 8 << 20
+# A gap between needed elements larger than this starts a new read instead of reading through it.
+_GAP_BYTES = 64 << 10
+# Set to False to exercise the pure-Python paths (tests do); None means "use numpy if importable".
+_USE_NUMPY: bool | None = None
+
+
+class TensorBytesUnavailable(CkptDoctorError):
+    """The tensor's values are not in the file (meta tensors) or not laid out as a strided buffer."""
+
+    default_hint = "Only strided tensors stored in the file have values to read; compare keys and shapes instead."
+
+
+@dataclass(frozen=True)
+class ValueDiff:
+    """Outcome of comparing two tensors element by element.
+
+    ``max_abs_diff`` is the largest ``|a - b|`` over all elements (``inf`` when a NaN meets a
+    number or infinities differ; ``None`` when the dtypes cannot be compared numerically, such
+    as packed sub-byte types against anything else). ``differing`` counts elements that are not
+    equal (NaN equals NaN, ``-0.0`` equals ``0.0``) or, with tolerances, not within
+    ``atol + rtol * |b|``.
+    """
+
+    equal: bool
+    max_abs_diff: float | None
+    differing: int
+
+
+# ---------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class _View:
+    path: str
+    base: int  # byte offset of storage element 0 in the file
+    isz: int
+    offset: int  # storage offset of the view, in elements
+    shape: tuple[int, ...]  # size-1 dims dropped, mergeable dims merged
+    stride: tuple[int, ...]
+    numel: int
+    span_end: int  # one past the last byte the view touches, relative to ``base``
+
+    @property
+    def contiguous(self) -> bool:
+        return not self.shape or (len(self.shape) == 1 and self.stride[0] == 1)
+
+
+def _collapse(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Drop size-1 dims and merge neighbours that are contiguous with each other."""
+    dims = [(n, s) for n, s in zip(shape, stride) if n != 1]
+    merged: list[tuple[int, int]] = []
+    for n, s in dims:
+        if merged and merged[-1][1] == n * s:
+            prev_n, _ = merged[-1]
+            merged[-1] = (prev_n * n, s)
+        else:
+            merged.append((n, s))
+    return tuple(n for n, _ in merged), tuple(s for _, s in merged)
+
+
+def _view(tensor: TensorRecord) -> _View:
+    storage = tensor.storage
+    if storage is None or storage.source is None:
+        raise TensorBytesUnavailable("the tensor has no bytes in the file (a meta tensor)")
+    if tensor.layout not in ("strided", "quantized"):
+        raise TensorBytesUnavailable(f"{tensor.layout} tensors have no single strided buffer to read")
+    if any(n < 0 for n in tensor.shape) or any(s < 0 for s in tensor.stride) or tensor.storage_offset < 0:
+        raise CorruptCheckpoint(f"tensor has negative sizes or strides {tensor.shape}/{tensor.stride}",
+                                path=storage.source.path)
+    if len(tensor.shape) != len(tensor.stride):
+        raise CorruptCheckpoint(f"tensor shape {tensor.shape} and stride {tensor.stride} differ in length",
+                                path=storage.source.path)
+    isz = itemsize(tensor.dtype)
+    _, end = tensor.byte_span()
+    if tensor.numel and (end > storage.nbytes or storage.nbytes > storage.source.length):
+        raise CorruptCheckpoint(f"a {tensor.dtype}{list(tensor.shape)} view reaches byte {end} of a storage "
+                                f"holding {min(storage.nbytes, storage.source.length)}", path=storage.source.path)
+    shape, stride = _collapse(tensor.shape, tensor.stride)
+    return _View(storage.source.path, storage.source.offset, isz, tensor.storage_offset, shape, stride,
+                 tensor.numel, end)
+
+
+def _pread(fd: int, length: int, offset: int, path: str) -> bytes:
+    parts: list[bytes] = []
+    got = 0
+    while got < length:
+        piece = os.pread(fd, length - got, offset + got)
+        if not piece:
+            raise CorruptCheckpoint(f"the file ends at byte {offset + got}, before the tensor's last byte "
+                                    f"{offset + length} (truncated)", path=path)
+        parts.append(piece)
+        got += len(piece)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _numpy() -> Any:
+    if _USE_NUMPY is False:
+        return None
+    try:
+        import numpy  # noqa: PLC0415 - optional, imported only when values are read
+    except ImportError:
+        return None
+    return numpy
+
+
+# ---------------------------------------------------------------- chunk iteration
+
+
+def _swap_unit(dtype: str) -> int:
+    if dtype.startswith("complex"):
+        return itemsize(dtype) // 2
+    return itemsize(dtype)
+
+
+def _to_little(chunk: bytes, unit: int) -> bytes:
+    """Reverse the bytes of every ``unit``-byte element (big-endian legacy files)."""
+    out = bytearray(len(chunk))
+    for b in range(unit):
+        out[b::unit] = chunk[unit - 1 - b::unit]
+    return bytes(out)
+
+
+def iter_tensor_chunks(tensor: TensorRecord, chunk_bytes: int = DEFAULT_CHUNK, *, byteorder: str = "little",
+                       progress: Progress | None = None) -> Iterator[bytes]:
+    """Yield the tensor's elements in row-major order, little-endian, in bounded chunks.
+
+    Every chunk but the last holds exactly ``max(1, chunk_bytes // itemsize)`` elements, so two
+    tensors of the same dtype can be walked in lockstep. An empty tensor yields nothing; a 0-d
+    tensor yields its one element. ``byteorder`` is the file's (``Checkpoint.extra["byteorder"]``);
+    big-endian bytes are swapped. ``progress`` receives the number of bytes each chunk produced.
+    """
+    view = _view(tensor)
+    if view.numel == 0:
+        return
+    per = max(1, chunk_bytes // view.isz)
+    unit = _swap_unit(tensor.dtype) if byteorder == "big" else 1
+    fd = os.open(view.path, os.O_RDONLY)
+    try:
+        if view.contiguous:
+            chunks: Iterator[bytes] = _contiguous_chunks(fd, view, per)
+        elif _numpy() is not None:
+            chunks = _numpy_gather(fd, view, per, max(chunk_bytes, view.isz))
+        else:
+            chunks = _python_gather(fd, view, per, max(chunk_bytes, view.isz))
+        for chunk in chunks:
+            if unit > 1:
+                chunk = _to_little(chunk, unit)
+            if progress is not None:
+                progress(len(chunk))
+            yield chunk
+    finally:
+        os.close(fd)
+
+
+def _contiguous_chunks(fd: int, view: _View, per: int) -> Iterator[bytes]:
+    start = view.base + view.offset * view.isz
+    for first in range(0, view.numel, per):
+        count = min(per, view.numel - first)
+        yield _pread(fd, count * view.isz, start + first * view.isz, view.path)
+
+
+def _numpy_gather(fd: int, view: _View, per: int, window: int) -> Iterator[bytes]:
+    """Gather a strided view block by block: sort addresses, read each dense run once, scatter."""
+    np = _numpy()
+    isz = view.isz
+    item = np.dtype(f"V{isz}")
+    # Address arrays are int64: keep them about one chunk in size whatever the itemsize.
+    sub = max(1, window // 8)
+    for first in range(0, view.numel, per):
+        count = min(per, view.numel - first)
+        out = np.empty(count, dtype=item)
+        for lo in range(0, count, sub):
+            n = min(sub, count - lo)
+            idx = np.arange(first + lo, first + lo + n, dtype=np.int64)
+            addr = np.full(n, view.offset, dtype=np.int64)
+            for size, step in zip(reversed(view.shape), reversed(view.stride)):
+                addr += (idx % size) * step
+                idx //= size
+            order = np.argsort(addr, kind="stable")
+            sorted_addr = addr[order]
+            breaks = np.flatnonzero(np.diff(sorted_addr) * isz > _GAP_BYTES) + 1
+            bounds = [0, *breaks.tolist(), n]
+            for i, j in itertools.pairwise(bounds):
+                while i < j:
+                    # The longest prefix of this dense run that fits in one window.
+                    limit = int(sorted_addr[i]) + max(1, window // isz)
+                    k = int(np.searchsorted(sorted_addr[i:j], limit, side="left")) + i
+                    k = max(k, i + 1)
+                    start = int(sorted_addr[i])
+                    length = (int(sorted_addr[k - 1]) + 1 - start) * isz
+                    buf = np.frombuffer(_pread(fd, length, view.base + start * isz, view.path), dtype=item)
+                    out[lo + order[i:k]] = buf[sorted_addr[i:k] - start]
+                    i = k
+        yield out.tobytes()
+
+
+def _rows(view: _View) -> Iterator[tuple[int, int, int]]:
+    """(first element address, count, step) of each innermost row, in row-major order."""
+    *outer, inner = view.shape
+    *outer_strides, step = view.stride
+    index = [0] * len(outer)
+    addr = view.offset
+    while True:
+        yield addr, inner, step
+        d = len(outer) - 1
+        while d >= 0:
+            index[d] += 1
+            addr += outer_strides[d]
+            if index[d] < outer[d]:
+                break
+            addr -= outer_strides[d] * outer[d]
+            index[d] = 0
+            d -= 1
+        if d < 0:
+            return
+
+
+def _python_gather(fd: int, view: _View, per: int, window: int) -> Iterator[bytes]:
+    """Gather without numpy: strided slicing of each row out of a cached window of the storage."""
+    isz = view.isz
+    win_start, win = -1, b""
+    out = bytearray()
+    for addr, count, step in _rows(view):
+        # Split rows whose byte span exceeds the window into pieces that fit.
+        piece = max(1, window // (step * isz))
+        for first in range(0, count, piece):
+            n = min(piece, count - first)
+            a = (addr + first * step) * isz
+            span = ((n - 1) * step + 1) * isz
+            if not (win_start <= a and a + span <= win_start + len(win)):
+                win_start = a
+                win = _pread(fd, max(span, min(window, view.span_end - a)), view.base + a, view.path)
+            rel = a - win_start
+            if step == 1:
+                out += win[rel:rel + span]
+            else:
+                part = bytearray(n * isz)
+                for b in range(isz):
+                    part[b::isz] = win[rel + b:rel + span:step * isz]
+                out += part
+            while len(out) >= per * isz:
+                yield bytes(out[:per * isz])
+                del out[:per * isz]
+    if out:
+        yield bytes(out)
+
+
+def tensor_digest(tensor: TensorRecord, *, byteorder: str = "little", chunk_bytes: int = DEFAULT_CHUNK,
+                  progress: Progress | None = None) -> str:
+    """SHA-256 (hex) of the tensor's logical bytes: row-major, little-endian, independent of strides.
+
+    A contiguous tensor and a transposed-then-copied view with the same values hash the same;
+    the dtype and shape are *not* hashed (a spec records them next to the digest).
+    """
+    h = hashlib.sha256()
+    for chunk in iter_tensor_chunks(tensor, chunk_bytes, byteorder=byteorder, progress=progress):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _float8_table(exp_bits: int, man_bits: int, bias: int, kind: str) -> tuple[float, ...]:
+    """All 256 values of an 8-bit float format, from its definition (OCP FP8 / the fnuz variants).
+
+    ``kind``: ``ieee`` (e5m2: inf and NaN at the top exponent), ``fn`` (e4m3fn: no inf, NaN only
+    at all-ones), ``fnuz`` (no inf, no negative zero, NaN is 0x80).
+    """
+    values = []
+    top = (1 << exp_bits) - 1
+    man_max = (1 << man_bits) - 1
+    for b in range(256):
+        sign = -1.0 if b & 0x80 else 1.0
+        e = (b >> man_bits) & top
+        m = b & man_max
+        if kind == "fnuz" and b == 0x80:
+            values.append(math.nan)
+            continue
+        if kind == "ieee" and e == top:
+            values.append(sign * math.inf if m == 0 else math.nan)
+            continue
+        if kind == "fn" and e == top and m == man_max:
+            values.append(math.nan)
+            continue
+        if e == 0:
+            values.append(sign * math.ldexp(m / (1 << man_bits), 1 - bias))
+        else:
+            values.append(sign * math.ldexp(1 + m / (1 << man_bits), e - bias))
+    return tuple(values)
+
+
+FLOAT8_TABLES: dict[str, tuple[float, ...]] = {
+    "float8_e4m3fn": _float8_table(4, 3, 7, "fn"),
+    "float8_e5m2": _float8_table(5, 2, 15, "ieee"),
+    "float8_e4m3fnuz": _float8_table(4, 3, 8, "fnuz"),
+    "float8_e5m2fnuz": _float8_table(5, 2, 16, "fnuz"),
+    # Exponent only, no sign, no zero; 0xFF is NaN (OCP MX scale format).
+    "float8_e8m0fnu": tuple(math.nan if b == 255 else math.ldexp(1.0, b - 127) for b in range(256)),
+}
+
+# struct codes (little-endian) of the dtypes that decode directly. Quantized integers compare
+# by their stored integers (the scale and zero point are not part of the values).
+_STRUCT_CODES = {
+    "float64": "d", "float32": "f", "float16": "e", "int64": "q", "int32": "i", "int16": "h", "int8": "b",
+    "uint64": "Q", "uint32": "I", "uint16": "H", "uint8": "B", "bool": "B",
+    "qint8": "b", "quint8": "B", "qint32": "i",
+}
+_COMPLEX_PARTS = {"complex128": "d", "complex64": "f", "complex32": "e"}
+
+
+def _kind(dtype: str) -> str:
+    """``int``, ``float``, ``complex`` or ``raw`` (packed / bit types: bytes without numeric meaning)."""
+    if dtype in _COMPLEX_PARTS:
+        return "complex"
+    if dtype.startswith(("float", "bfloat")) and dtype != "float4_e2m1fn_x2":
+        return "float"
+    if dtype in _STRUCT_CODES:
+        return "int"
+    return "raw"
+
+
+def _decode_py(chunk: bytes, dtype: str) -> list[Any]:
+    if dtype in FLOAT8_TABLES:
+        table = FLOAT8_TABLES[dtype]
+        return [table[b] for b in chunk]
+    if dtype == "bfloat16":
+        halves = struct.unpack(f"<{len(chunk) // 2}H", chunk)
+        return list(struct.unpack(f"<{len(halves)}f", struct.pack(f"<{len(halves)}I", *(h << 16 for h in halves))))
+    if dtype in _COMPLEX_PARTS:
+        code = _COMPLEX_PARTS[dtype]
+        parts = struct.unpack(f"<{len(chunk) // struct.calcsize(code)}{code}", chunk)
+        return [complex(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+    if dtype in _STRUCT_CODES:
+        code = _STRUCT_CODES[dtype]
+        return list(struct.unpack(f"<{len(chunk) // struct.calcsize(code)}{code}", chunk))
+    width = itemsize(dtype)
+    return [int.from_bytes(chunk[i:i + width], "little") for i in range(0, len(chunk), width)]
+
+
+def _decode_np(np: Any, chunk: bytes, dtype: str) -> Any:
+    if dtype in FLOAT8_TABLES:
+        return np.asarray(FLOAT8_TABLES[dtype], dtype=np.float64)[np.frombuffer(chunk, dtype=np.uint8)]
+    if dtype == "bfloat16":
+        return (np.frombuffer(chunk, dtype="<u2").astype(np.uint32) << 16).view("<f4").astype(np.float64)
+    if dtype == "complex32":
+        parts = np.frombuffer(chunk, dtype="<f2").astype(np.float64)
+        return parts[0::2] + 1j * parts[1::2]
+    if dtype in _COMPLEX_PARTS:
+        return np.frombuffer(chunk, dtype="<c16" if dtype == "complex128" else "<c8").astype(np.complex128)
+    if dtype in _STRUCT_CODES:
+        arr = np.frombuffer(chunk, dtype="<" + _STRUCT_CODES[dtype])
+        return arr.astype(np.float64) if _kind(dtype) == "float" else arr
+    return np.frombuffer(chunk, dtype=f"<u{itemsize(dtype)}")
+
+
+@dataclass
+class _Tally:
+    differing: int = 0
+    max_abs: float = 0.0
+
+
+def _compare_np(np: Any, ca: bytes, cb: bytes, da: str, db: str, rtol: float, atol: float, tally: _Tally) -> None:
+    a = _decode_np(np, ca, da)
+    b = _decode_np(np, cb, db)
+    if da != db or a.dtype.kind not in "iub":
+        a = a.astype(np.complex128 if "complex" in (_kind(da), _kind(db)) else np.float64)
+        b = b.astype(a.dtype)
+        same = (a == b) | (np.isnan(a) & np.isnan(b))
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = np.abs(a - b)
+        diff[same] = 0.0
+        diff[np.isnan(diff)] = np.inf
+        ok = same | (diff <= atol + rtol * np.abs(b))
+    else:  # same integer dtype: compare exactly in the native type, measure in float64
+        ok = a == b
+        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    tally.differing += int(ok.size - np.count_nonzero(ok))
+    if diff.size:
+        tally.max_abs = max(tally.max_abs, float(diff.max()))
+
+
+def _isnan(v: Any) -> bool:
+    if isinstance(v, complex):
+        return cmath.isnan(v)
+    return isinstance(v, float) and math.isnan(v)
+
+
+def _compare_py(ca: bytes, cb: bytes, da: str, db: str, rtol: float, atol: float, tally: _Tally) -> None:
+    for x, y in zip(_decode_py(ca, da), _decode_py(cb, db)):
+        if x == y or (_isnan(x) and _isnan(y)):
+            continue
+        d = abs(x - y)
+        d = math.inf if _isnan(d) else float(d)
+        tally.max_abs = max(tally.max_abs, d)
+        if not d <= atol + rtol * abs(y):
+            tally.differing += 1
+
+
+def compare_tensors(a: TensorRecord, b: TensorRecord, rtol: float | None = None, atol: float | None = None, *,
+                    byteorder_a: str = "little", byteorder_b: str = "little", chunk_bytes: int = DEFAULT_CHUNK,
+                    progress: Progress | None = None) -> ValueDiff:
+    """Compare two same-shaped tensors element by element, streaming both in lockstep.
+
+    Exact by default (same dtype: byte-equal chunks are skipped without decoding; different
+    dtypes: values compared after upcasting to float64/complex128). With ``rtol``/``atol`` an
+    element passes when ``|a - b| <= atol + rtol * |b|``. Memory: one chunk of each tensor.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"cannot compare values of shapes {a.shape} and {b.shape}")
+    rtol_f, atol_f = float(rtol or 0.0), float(atol or 0.0)
+    ka, kb = _kind(a.dtype), _kind(b.dtype)
+    numeric = (a.dtype == b.dtype) or ("raw" not in (ka, kb))
+    per = max(1, chunk_bytes // max(itemsize(a.dtype), itemsize(b.dtype)))
+    stream_a = iter_tensor_chunks(a, per * itemsize(a.dtype), byteorder=byteorder_a, progress=progress)
+    stream_b = iter_tensor_chunks(b, per * itemsize(b.dtype), byteorder=byteorder_b, progress=progress)
+    np = _numpy()
+    tally = _Tally()
+    raw_equal = True
+    for ca, cb in zip(stream_a, stream_b):
+        if a.dtype == b.dtype and ca == cb:
+            continue
+        if not numeric:
+            raw_equal = raw_equal and ca == cb
+            continue
+        if np is not None:
+            _compare_np(np, ca, cb, a.dtype, b.dtype, rtol_f, atol_f, tally)
+        else:
+            _compare_py(ca, cb, a.dtype, b.dtype, rtol_f, atol_f, tally)
+    if not numeric:
+        # Packed / bit types against another dtype: no numeric meaning, only byte identity.
+        same = raw_equal and itemsize(a.dtype) == itemsize(b.dtype)
+        return ValueDiff(equal=same, max_abs_diff=None, differing=0 if same else a.numel)
+    return ValueDiff(equal=tally.differing == 0, max_abs_diff=tally.max_abs, differing=tally.differing)
