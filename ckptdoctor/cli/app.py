@@ -94,4 +94,4 @@ def main() -> None:
         sys.exit(0)
 
 
-from . import check_cmd, fix_cmd, inspect_cmd  # noqa: E402, F401  - registers the commands
+from . import check_cmd, diff_cmd, fix_cmd, inspect_cmd, scan_cmd, spec_cmd  # noqa: E402, F401  - registers the commands

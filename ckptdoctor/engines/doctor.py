@@ -33,7 +33,8 @@ class CheckResult:
     """What ``check`` reports: the diagnosis, digest and dtype findings, the suggested fix."""
 
     path: str
-    spec_source: str
+    spec_arg: str  # SPEC as the user gave it
+    spec_source: str  # what the spec was made from (the callable, or the checkpoint behind a spec file)
     spec_kind: str
     checkpoint: Checkpoint
     diagnosis: Diagnosis
@@ -94,7 +95,7 @@ def check_checkpoint(ckpt: Checkpoint, spec: ModelSpec, *, spec_arg: str) -> Che
     suggestion = suggested_fix_args(diagnosis.plan, ckpt.path, spec_arg) if not diagnosis.ok else None
     have = {s.key: s.shape for s in source}
     want = {t.key: t.shape for t in target}
-    return CheckResult(path=ckpt.path, spec_source=spec.source, spec_kind=spec.kind, checkpoint=ckpt,
+    return CheckResult(path=ckpt.path, spec_arg=spec_arg, spec_source=spec.source, spec_kind=spec.kind, checkpoint=ckpt,
                        diagnosis=diagnosis, findings=findings, digest_mismatches=digests,
                        suggested_fix=tuple(suggestion) if suggestion else None,
                        notes=(*ckpt.notes, *spec.notes),

@@ -44,12 +44,12 @@ def render_check(result: CheckResult) -> None:
     d = result.diagnosis
     errors = [f for f in result.findings if f.severity == "error"]
     if result.ok:
-        console.print(f"[bold green]✓ loads as is[/] into {escape(result.spec_source)} "
+        console.print(f"[bold green]✓ loads as is[/] into {escape(result.spec_arg)} "
                       f"({len(result.checkpoint.tensors)} tensors, strict=True)")
     else:
         n = len(errors) or 1
         console.print(f"[bold red]✗ {n} problem{'s' if n != 1 else ''}[/]: "
-                      f"{escape(result.path)} does not load strictly into {escape(result.spec_source)}")
+                      f"{escape(result.path)} does not load strictly into {escape(result.spec_arg)}")
         console.print(f"  as it is: {len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected, "
                       f"{len(result.shape_mismatches)} shape mismatches")
     for f in result.findings:
@@ -79,7 +79,8 @@ def check_document(result: CheckResult) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "path": result.path,
-        "spec": result.spec_source,
+        "spec": result.spec_arg,
+        "spec_source": result.spec_source,
         "spec_kind": result.spec_kind,
         "format": result.checkpoint.format,
         "state_dict_path": list(result.checkpoint.state_dict_path),

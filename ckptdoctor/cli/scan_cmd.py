@@ -1,0 +1,35 @@
+"""``ckptdoctor scan``: a static safety report of every pickle and archive quirk in the files."""
+
+from __future__ import annotations
+
+import typer
+
+from .app import app, handle_errors
+
+
+@app.command("scan")
+@handle_errors
+def scan_command(
+    paths: list[str] = typer.Argument(..., help="Checkpoint files or directories (directories scan every checkpoint)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document (schema_version 1)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="List weights-only globals too."),
+) -> int:
+    """Report every global the files' pickles would import or call, and archive anomalies. Never runs anything.
+
+    Exit 0 when every file is loadable under torch.load(weights_only=True) rules and nothing
+    suspicious was seen, 1 otherwise, 2 when a file cannot be read at all.
+
+    Example: ckptdoctor scan downloaded.bin ./hf-model/
+    """
+    from ..engines.scan import scan  # noqa: PLC0415 - keep --help fast
+    from ..engines.scan_types import ScanReport  # noqa: PLC0415
+    from ..render import scan_view  # noqa: PLC0415
+
+    report = ScanReport(files=tuple(f for path in paths for f in scan(path).files))
+    if json_out:
+        from ..render.console import print_json  # noqa: PLC0415
+
+        print_json(scan_view.scan_document(report))
+    else:
+        scan_view.render_scan(report, verbose=verbose)
+    return 0 if report.safe else 1

@@ -1,0 +1,36 @@
+"""``ckptdoctor spec``: write a spec (keys, shapes, dtypes, optional digests) for CI checks."""
+
+from __future__ import annotations
+
+import typer
+
+from .app import app, handle_errors
+
+
+@app.command("spec")
+@handle_errors
+def spec_command(
+    source: str = typer.Argument(..., help="A checkpoint, a spec JSON, or package.module:Model / file.py:Model."),
+    out: str = typer.Option(..., "-o", "--out", help="Where to write the spec JSON."),
+    digests: bool = typer.Option(False, "--digests", help="Record a SHA-256 per tensor (needs a checkpoint)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Also print a JSON summary on stdout."),
+) -> int:
+    """Record what a model or released checkpoint holds, so CI can check later files against it.
+
+    Example: ckptdoctor spec released.safetensors --digests -o released.spec.json
+             ckptdoctor check candidate.safetensors --against released.spec.json
+    """
+    from ..engines.spec import build_spec, write_spec  # noqa: PLC0415 - keep --help fast
+    from ..render.console import print_json, stdout_console  # noqa: PLC0415
+    from ..render.progress import byte_progress  # noqa: PLC0415
+
+    with byte_progress("hashing tensors", 1 << 40 if digests else 0) as progress:
+        doc = build_spec(source, digests=digests, progress=progress)
+    write_spec(doc, out, force=force)
+    count = len(doc.get("tensors", []))
+    if json_out:
+        print_json({"schema_version": 1, "out": out, "source": source, "tensors": count, "digests": digests})
+    else:
+        stdout_console().print(f"✓ wrote {out}: {count} tensors" + (" with SHA-256 digests" if digests else ""))
+    return 0
