@@ -341,6 +341,18 @@ def build_spec(source: str, digests: bool = False, progress: Progress | None = N
     return doc
 
 
+def _dumps(doc: Mapping[str, Any]) -> str:
+    """JSON with one line per tensor, so a committed spec diffs line by line in review."""
+    parts = []
+    for key, value in doc.items():
+        if key == "tensors" and isinstance(value, list) and value:
+            rows = ",\n".join("  " + json.dumps(entry) for entry in value)
+            parts.append(f' "tensors": [\n{rows}\n ]')
+        else:
+            parts.append(f" {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
 def write_spec(doc: Mapping[str, Any], out: str, force: bool = False) -> None:
     """Write ``doc`` to ``out`` atomically (temp file, fsync, rename); refuse to overwrite without ``force``."""
     if os.path.isdir(out):
@@ -350,7 +362,7 @@ def write_spec(doc: Mapping[str, Any], out: str, force: bool = False) -> None:
     directory = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(directory):
         raise OutputError("the output directory does not exist", path=out, hint="Create the directory first.")
-    text = json.dumps(doc, indent=1) + "\n"
+    text = _dumps(doc)
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(out)}.", suffix=".tmp")
     except OSError as exc:

@@ -7,14 +7,15 @@ Two jobs every writer shares:
   renamed over OUT and followed by an fsync of the directory, so a crash or Ctrl-C leaves
   either the old state or the complete new file, never a partial one (design.md, "Reliability").
 * :class:`SourceFiles` / :func:`copy_range` copy storage bytes from a checkpoint into the
-  output in fixed-size chunks through one reused buffer, so memory stays flat however large
-  the storages are. No memory map is used: pages touched through a map count as resident
-  memory, plain reads into the page cache do not.
+  output in fixed-size chunks (kernel copies, or one reused buffer), so memory stays flat
+  however large the storages are. The source is never mapped whole: pages touched through a
+  map count as resident memory; only the CRC pass maps one 16 MiB window at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import tempfile
 import zlib
@@ -124,6 +125,7 @@ class SourceFiles:
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
         self.buffer = bytearray(CHUNK)
+        self.crc_buffer = bytearray(CHUNK)  # used by the CRC thread while the kernel copies
 
     def fd(self, path: str) -> int:
         if path not in self._fds:
@@ -166,37 +168,73 @@ def _check_source_length(sources: SourceFiles, path: str, offset: int, length: i
         raise _truncated(path, offset, length)
 
 
+def _window_crc(fd: int, offset: int, length: int, crc: int) -> int:
+    """CRC-32 of one window read through a temporary mapping of just that window.
+
+    zlib.crc32 over a mapping runs about twice as fast as over a ``pread`` copy (no memcpy
+    out of the page cache). At most one CHUNK is mapped at a time and it is unmapped at once,
+    so the resident memory it adds stays bounded, unlike mapping the whole source.
+    """
+    delta = offset % mmap.ALLOCATIONGRANULARITY
+    mapping = mmap.mmap(fd, length + delta, offset=offset - delta, access=mmap.ACCESS_READ)
+    try:
+        with memoryview(mapping) as view, view[delta:] as window:
+            return zlib.crc32(window, crc)
+    finally:
+        mapping.close()
+
+
+def _crc_of(sources: SourceFiles, path: str, offset: int, length: int, buffer: bytearray) -> int:
+    """CRC-32 of ``length`` source bytes, window by window (read into ``buffer`` if mapping fails)."""
+    fd = sources.fd(path)
+    crc = 0
+    view = memoryview(buffer)
+    for done in range(0, length, CHUNK):
+        n = min(CHUNK, length - done)
+        try:
+            crc = _window_crc(fd, offset + done, n, crc)
+        except (OSError, ValueError):
+            chunk = view[:n]
+            read_into(sources, path, offset + done, chunk)
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
 def copy_range(sources: SourceFiles, path: str, offset: int, length: int, out_fd: int, *,
                with_crc: bool, progress: Progress | None = None,
                pool: ThreadPoolExecutor | None = None) -> int:
     """Append ``length`` bytes from ``offset`` of ``path`` to ``out_fd``; return their CRC-32 (or 0).
 
-    Without a CRC the kernel copies (``os.copy_file_range``, no user-space buffer). With one,
-    each chunk is read into the reused buffer, and its CRC is computed on ``pool`` while the
-    chunk is written (``zlib.crc32`` and ``os.write`` both release the GIL), which hides most
-    of the CRC's cost behind the write.
+    The kernel copies (``os.copy_file_range``: no user-space buffer, no GIL). A CRC, when asked
+    for, is computed on ``pool`` from the source bytes at the same time, so on two cores the
+    copy costs about as much as the CRC alone (``zlib.crc32`` releases the GIL). Without
+    ``copy_file_range`` (or on a filesystem pair that refuses it) each chunk is read into the
+    reused buffer, checksummed and written.
     """
     _check_source_length(sources, path, offset, length)
-    if not with_crc and _kernel_copy(sources.fd(path), offset, length, out_fd, progress):
+    src_fd = sources.fd(path)
+    if with_crc and pool is not None:
+        future = pool.submit(_crc_of, sources, path, offset, length, sources.crc_buffer)
+        try:
+            copied = _kernel_copy(src_fd, offset, length, out_fd, progress)
+        except BaseException:
+            future.cancel()
+            raise
+        if copied:
+            return future.result()
+        future.cancel()
+    elif not with_crc and _kernel_copy(src_fd, offset, length, out_fd, progress):
         return 0
     crc = 0
     view = memoryview(sources.buffer)
-    done = 0
-    while done < length:
-        n = min(CHUNK, length - done)
-        chunk = view[:n]
+    for done in range(0, length, CHUNK):
+        chunk = view[:min(CHUNK, length - done)]
         read_into(sources, path, offset + done, chunk)
-        if with_crc and pool is not None:
-            future = pool.submit(zlib.crc32, chunk, crc)
-            write_all(out_fd, chunk)
-            crc = future.result()
-        else:
-            if with_crc:
-                crc = zlib.crc32(chunk, crc)
-            write_all(out_fd, chunk)
-        done += n
+        if with_crc:
+            crc = zlib.crc32(chunk, crc)
+        write_all(out_fd, chunk)
         if progress:
-            progress(n)
+            progress(len(chunk))
     return crc
 
 
