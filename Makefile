@@ -20,21 +20,21 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	rm -rf $(DEMO)
-	$(PY) examples/demo.py $(DEMO)
+	@$(PY) examples/demo.py $(DEMO)
 	@echo; echo "$$ ckptdoctor inspect $(DEMO)/example1.pth --keys"
-	$(CKPT) inspect $(DEMO)/example1.pth --keys
+	@$(CKPT) inspect $(DEMO)/example1.pth --keys
 	@echo; echo "$$ ckptdoctor inspect $(DEMO)/example2.pth"
-	$(CKPT) inspect $(DEMO)/example2.pth
+	@$(CKPT) inspect $(DEMO)/example2.pth
 	@echo; echo "$$ ckptdoctor inspect $(DEMO)/example3_dataparallel.pth"
-	$(CKPT) inspect $(DEMO)/example3_dataparallel.pth
+	@$(CKPT) inspect $(DEMO)/example3_dataparallel.pth
 	@echo; echo "$$ ckptdoctor check $(DEMO)/example3_dataparallel.pth --against examples/seed_models.py:CNNWithWrappedStage"
-	$(CKPT) check $(DEMO)/example3_dataparallel.pth --against examples/seed_models.py:CNNWithWrappedStage; \
+	@$(CKPT) check $(DEMO)/example3_dataparallel.pth --against examples/seed_models.py:CNNWithWrappedStage; \
 		test $$? -eq 1
 	@echo; echo "$$ ckptdoctor fix $(DEMO)/example3_dataparallel.pth --against examples/seed_models.py:CNNWithWrappedStage -o $(DEMO)/example3_fixed.pth"
-	$(CKPT) fix $(DEMO)/example3_dataparallel.pth --against examples/seed_models.py:CNNWithWrappedStage \
+	@$(CKPT) fix $(DEMO)/example3_dataparallel.pth --against examples/seed_models.py:CNNWithWrappedStage \
 		-o $(DEMO)/example3_fixed.pth
 	@echo; echo "$$ ckptdoctor check $(DEMO)/example3_fixed.pth --against examples/seed_models.py:CNNWithWrappedStage"
-	$(CKPT) check $(DEMO)/example3_fixed.pth --against examples/seed_models.py:CNNWithWrappedStage
+	@$(CKPT) check $(DEMO)/example3_fixed.pth --against examples/seed_models.py:CNNWithWrappedStage
 	@echo; echo "demo finished: the broken checkpoint was diagnosed, repaired and now loads strictly."
 
 test: setup

@@ -6,6 +6,7 @@ import shlex
 from typing import Any
 
 from rich.markup import escape
+from rich.table import Table
 
 from ..engines.diagnose import Finding, group_keys
 from ..engines.doctor import CheckResult, RepairPlan, group_mapping
@@ -35,8 +36,8 @@ def suggested_command(args: tuple[str, ...] | list[str], path: str) -> str:
     return "ckptdoctor " + shlex.join([*args, "-o", out])
 
 
-def _finding_line(f: Finding) -> str:
-    return f"[{_STYLE.get(f.severity, 'white')}]{f.severity:>7}[/]  [dim]{f.code}[/]  {_code(f.message)}"
+_LIST_KEYS = {"missing-keys", "unexpected-keys", "harmless-missing", "harmless-unexpected", "dtype-changed",
+              "digest-mismatch", "wrong-variant"}
 
 
 def render_check(result: CheckResult) -> None:
@@ -52,14 +53,18 @@ def render_check(result: CheckResult) -> None:
                       f"{escape(result.path)} does not load strictly into {escape(result.spec_arg)}")
         console.print(f"  as it is: {len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected, "
                       f"{len(result.shape_mismatches)} shape mismatches")
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(justify="right", no_wrap=True)
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
     for f in result.findings:
-        console.print(_finding_line(f))
-        if f.keys and f.code in ("missing-keys", "unexpected-keys", "harmless-missing", "harmless-unexpected",
-                                 "dtype-changed", "digest-mismatch", "wrong-variant"):
-            console.print(f"           [dim]{_patterns(f.keys)}[/]")
+        grid.add_row(f"[{_STYLE.get(f.severity, 'white')}]{f.severity}[/]", f"[dim]{f.code}[/]", _code(f.message))
+        if f.keys and f.code in _LIST_KEYS:
+            grid.add_row("", "", f"[dim]{_patterns(f.keys)}[/]")
     for m in d.shape_mismatches[:MAX_PATTERNS]:
-        console.print(f"           [dim]{escape(m.source_key)}: checkpoint {list(m.source_shape)}, "
-                      f"model {list(m.target_shape)}[/]")
+        grid.add_row("", "", f"[dim]{escape(m.source_key)}: checkpoint {list(m.source_shape)}, "
+                             f"model {list(m.target_shape)}[/]")
+    console.print(grid)
     for note in result.notes:
         stderr_console().print(f"[dim]Note:[/] {escape(note)}")
     if result.suggested_fix:
