@@ -53,6 +53,10 @@ class CheckResult:
             f.severity == "error" for f in self.findings)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _dtype_findings(ckpt: Checkpoint, spec: ModelSpec, plan: Plan) -> list[Finding]:
     """Dtype changes matter for pinned specs (released weights), not for model callables.
 
@@ -69,7 +73,7 @@ def _dtype_findings(ckpt: Checkpoint, spec: ModelSpec, plan: Plan) -> list[Findi
         return []
     first = changed[0]
     return [Finding("dtype-changed", "error",
-                    f"{len(changed)} tensors have another dtype than the spec records "
+                    f"the dtype differs from the spec for {_count(len(changed), 'tensor')} "
                     f"(e.g. `{first[0]}`: {first[1]} where the spec has {first[2]})",
                     tuple(c[0] for c in changed), len(changed))]
 
@@ -80,7 +84,8 @@ def _digest_finding(mismatches: Sequence[DigestMismatch]) -> list[Finding]:
     names = ", ".join(f"`{m.key}`" for m in mismatches[:5])
     more = f" (+{len(mismatches) - 5} more)" if len(mismatches) > 5 else ""
     return [Finding("digest-mismatch", "error",
-                    f"{len(mismatches)} tensors differ from the spec's pinned SHA-256 digests: {names}{more}",
+                    f"the spec's pinned SHA-256 digest differs for {_count(len(mismatches), 'tensor')}: "
+                    f"{names}{more}",
                     tuple(m.key for m in mismatches), len(mismatches),
                     {"tensors": [{"key": m.key, "expected": m.expected, "actual": m.actual} for m in mismatches]})]
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..checkpoint import TensorRecord, itemsize
 from ..errors import UnsupportedFormat
-from .atomic import CHUNK, SourceFiles, copy_range, write_all
+from .atomic import CHUNK, EarlyWriteback, SourceFiles, copy_range, write_all
 from .tensor_bytes import iter_tensor_chunks
 
 # torch dtype name -> safetensors dtype (safetensors/src/tensor.rs `Dtype`, bindings/python torch.py _TYPES).
@@ -113,7 +113,9 @@ def write_safetensors(fd: int, entries: Sequence[tuple[str, TensorRecord]], meta
     layout = _layout(entries)
     header = build_header(layout, metadata)
     write_all(fd, header)
+    writeback = EarlyWriteback(fd)
     with SourceFiles() as sources:
-        for _key, tensor, _begin, _end in sorted(layout, key=lambda item: item[2]):
+        for _key, tensor, _begin, end in sorted(layout, key=lambda item: item[2]):
             write_view(sources, tensor, fd, byteorder, progress)
+            writeback.advance(len(header) + end)
     return len(header) + sum(t.nbytes for _, t in entries)

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..checkpoint import GlobalRef, OpaqueObject, StorageInfo, TensorRecord, itemsize
 from ..errors import CorruptCheckpoint, UnsupportedFormat
-from .atomic import CHUNK, SourceFiles, copy_range, progress_counter, write_all
+from .atomic import CHUNK, EarlyWriteback, SourceFiles, copy_range, progress_counter, write_all
 from .safe_pickle import STORAGE_TYPES, DtypeRef, LayoutRef, StorageType
 from .tensor_bytes import iter_tensor_chunks
 
@@ -430,6 +430,7 @@ class ZipArchiveWriter:
         self.pos = 0
         self.entries: list[tuple[bytes, int, int, int]] = []  # (name, crc, size, header offset)
         self.digest = hashlib.blake2b(digest_size=16)
+        self.writeback = EarlyWriteback(fd)
 
     def _local_header(self, name: bytes, size: int) -> bytes:
         zip64 = size >= U32_MAX
@@ -456,6 +457,7 @@ class ZipArchiveWriter:
         self.entries.append((name, crc, size, offset))
         self.digest.update(struct.pack("<IQ", crc, size))
         self.pos += size
+        self.writeback.advance(self.pos)
 
     def add_bytes(self, member: str, data: bytes) -> None:
         name, offset = self._begin(member, len(data))

@@ -49,8 +49,9 @@ def render_check(result: CheckResult) -> None:
                       f"({len(result.checkpoint.tensors)} tensors, strict=True)")
     else:
         n = len(errors) or 1
+        verdict = ("loads, but does not match" if d.ok else "does not load strictly into")
         console.print(f"[bold red]✗ {n} problem{'s' if n != 1 else ''}[/]: "
-                      f"{escape(result.path)} does not load strictly into {escape(result.spec_arg)}")
+                      f"{escape(result.path)} {verdict} {escape(result.spec_arg)}")
         console.print(f"  as it is: {len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected, "
                       f"{len(result.shape_mismatches)} shape mismatches")
     grid = Table.grid(padding=(0, 2))
@@ -70,7 +71,7 @@ def render_check(result: CheckResult) -> None:
     if result.suggested_fix:
         console.print(f"\n[bold]Fix:[/] {escape(suggested_command(result.suggested_fix, result.path))}",
                       soft_wrap=True)
-    elif not result.ok:
+    elif not d.ok:
         console.print("\n[bold]No key-by-key repair[/] can make this load; see the findings above.")
 
 
