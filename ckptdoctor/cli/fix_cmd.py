@@ -32,24 +32,27 @@ def fix_command(
 
     Example: ckptdoctor fix model.pth --strip module. -o fixed.pth
     """
-    from ..engines.doctor import plan_repair, repaired_entries  # noqa: PLC0415 - keep --help fast
-    from ..engines.match_edits import AddPrefix, Strip, parse_rename  # noqa: PLC0415
+    from ..engines.doctor import plan_repair, remap_metadata, repaired_entries  # noqa: PLC0415 - keep --help fast
+    from ..engines.match_edits import AddPrefix, Edit, Strip, parse_rename  # noqa: PLC0415
     from ..engines.spec import load_spec  # noqa: PLC0415
     from ..formats import open_checkpoint  # noqa: PLC0415
-    from ..formats.writer import write_checkpoint  # noqa: PLC0415
+    from ..formats.writer import source_metadata, write_checkpoint  # noqa: PLC0415
     from ..render import doctor_view  # noqa: PLC0415
 
     if out is None and not dry_run:
         raise UsageError("fix needs -o OUT (or --dry-run to only print the mapping)")
     if not (strip or add_prefix or rename or against):
         raise UsageError("nothing to do: give --strip, --add-prefix, --rename or --against SPEC")
-    edits = [*(Strip(p) for p in strip), *(AddPrefix(p) for p in add_prefix), *(parse_rename(r) for r in rename)]
+    edits: list[Edit] = [*(Strip(p) for p in strip), *(AddPrefix(p) for p in add_prefix),
+                         *(parse_rename(r) for r in rename)]
     ckpt = open_checkpoint(path, entry)
     spec = load_spec(against) if against else None
     plan = plan_repair(ckpt, edits=edits, spec=spec, drop_unexpected=drop_unexpected, allow_missing=allow_missing)
     report = None
     if not dry_run and out is not None:
-        report = write_checkpoint(ckpt, repaired_entries(ckpt, plan), out, extract=extract, force=force)
+        metadata = remap_metadata(source_metadata(ckpt), plan.mapping, plan.missing)
+        report = write_checkpoint(ckpt, repaired_entries(ckpt, plan), out, extract=extract, force=force,
+                                  metadata=metadata)
     if json_out:
         from ..render.console import print_json  # noqa: PLC0415
 

@@ -435,7 +435,9 @@ def suggested_fix_args(plan: Plan, path: str, spec: str) -> list[str] | None:
     if any(_leaf(k) == "_flat_param" or _LORA.search(k) for k, _ in plan.mapping):
         return None
     extra = (["--drop-unexpected"] if plan.unexpected else []) + (["--allow-missing"] if plan.missing else [])
-    edits = _edits_for(plan)
+    # --drop-unexpected / --allow-missing only mean something against a spec: with leftovers,
+    # always suggest --against so fix knows which keys the model lacks or wants.
+    edits = _edits_for(plan) if not extra else None
     if edits is not None:
         mapped = dict(plan.mapping)
         try:

@@ -8,20 +8,56 @@ plus :func:`adapt_state` for the Python API. The same :class:`~.match_rules.Plan
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..checkpoint import Checkpoint, TensorRecord
 from ..errors import FixRefused, UsageError
+from ..formats.locate import state_dict_metadata
 from .diagnose import HARMLESS_MISSING, HARMLESS_UNEXPECTED, Diagnosis, Finding, diagnose, suggested_fix_args
 from .match_edits import Edit, apply_edits
 from .match_rules import KeyShape, Plan
-from .matcher import infer_plan
 from .spec import DigestMismatch, ModelSpec, check_digests
 
 
 def checkpoint_keys(ckpt: Checkpoint) -> list[KeyShape]:
     return [KeyShape(t.key, tuple(t.shape), t.dtype) for t in ckpt.tensors]
+
+
+def implicit_counters(ckpt: Checkpoint) -> dict[str, str]:
+    """BatchNorm ``num_batches_tracked`` keys torch itself fills in when loading this file.
+
+    ``_BatchNorm._load_from_state_dict`` adds a zero counter when the module's ``_metadata``
+    version is absent or below 2 (files from before torch 0.4.1, or saved without metadata),
+    so such a file loads strictly although the key is missing. Returns counter key → the
+    ``running_var`` key it belongs after.
+    """
+    metadata = state_dict_metadata(ckpt)
+    present = {t.key for t in ckpt.tensors}
+    out: dict[str, str] = {}
+    for key in present:
+        prefix, _, leaf = key.rpartition(".")
+        counter = f"{prefix}.num_batches_tracked" if prefix else "num_batches_tracked"
+        if leaf != "running_var" or counter in present:
+            continue
+        local = metadata.get(prefix, {}) if isinstance(metadata, Mapping) else {}
+        version = local.get("version") if isinstance(local, Mapping) else None
+        if not isinstance(version, int) or version < 2:
+            out[counter] = key
+    return out
+
+
+def _with_implicit(keys: list[KeyShape], implicit: Mapping[str, str]) -> list[KeyShape]:
+    """``keys`` with each implicit counter placed right after its ``running_var``, as torch orders them."""
+    after = {v: k for k, v in implicit.items()}
+    out: list[KeyShape] = []
+    for ks in keys:
+        out.append(ks)
+        if ks.key in after:
+            out.append(KeyShape(after[ks.key], (), "int64"))
+    return out
 
 
 def spec_keys(spec: ModelSpec) -> list[KeyShape]:
@@ -78,6 +114,15 @@ def _dtype_findings(ckpt: Checkpoint, spec: ModelSpec, plan: Plan) -> list[Findi
                     tuple(c[0] for c in changed), len(changed))]
 
 
+def _implicit_finding(implicit: Mapping[str, str]) -> list[Finding]:
+    if not implicit:
+        return []
+    return [Finding("harmless-missing", "info",
+                    f"{_count(len(implicit), 'BatchNorm counter')} (`num_batches_tracked`) absent, with no module "
+                    "version saved: torch fills them in on load (files from before torch 0.4.1 look like this)",
+                    tuple(sorted(implicit)), len(implicit))]
+
+
 def _digest_finding(mismatches: Sequence[DigestMismatch]) -> list[Finding]:
     if not mismatches:
         return []
@@ -92,11 +137,13 @@ def _digest_finding(mismatches: Sequence[DigestMismatch]) -> list[Finding]:
 
 def check_checkpoint(ckpt: Checkpoint, spec: ModelSpec, *, spec_arg: str) -> CheckResult:
     """Would ``model.load_state_dict(state_dict, strict=True)`` succeed, and if not, why."""
-    source, target = checkpoint_keys(ckpt), spec_keys(spec)
+    implicit = implicit_counters(ckpt)
+    source, target = _with_implicit(checkpoint_keys(ckpt), implicit), spec_keys(spec)
     diagnosis = diagnose(source, target, state_dict_path=ckpt.state_dict_path)
     digests = tuple(check_digests(ckpt, spec, mapping=diagnosis.plan.mapping_dict())) if any(
         t.digest for t in spec.tensors) else ()
-    findings = (*diagnosis.findings, *_dtype_findings(ckpt, spec, diagnosis.plan), *_digest_finding(digests))
+    findings = (*diagnosis.findings, *_implicit_finding(implicit), *_dtype_findings(ckpt, spec, diagnosis.plan),
+                *_digest_finding(digests))
     suggestion = suggested_fix_args(diagnosis.plan, ckpt.path, spec_arg) if not diagnosis.ok else None
     have = {s.key: s.shape for s in source}
     want = {t.key: t.shape for t in target}
@@ -137,11 +184,17 @@ def plan_repair(ckpt: Checkpoint, *, edits: Sequence[Edit] = (), spec: ModelSpec
     Raises :class:`FixRefused` (exit 1) when the result would not load strictly into the spec
     and the flags do not allow the leftovers, so nothing is written.
     """
-    edited = apply_edits(ckpt.keys(), list(edits)) if edits else [(k, k) for k in ckpt.keys()]
+    keys = [t.key for t in ckpt.tensors]
     if spec is None:
+        edited = apply_edits(keys, list(edits)) if edits else [(k, k) for k in keys]
         return RepairPlan(tuple(edited), (), (), None, tuple(edits))
-    shapes = {t.key: tuple(t.shape) for t in ckpt.tensors}
-    dtypes = {t.key: t.dtype for t in ckpt.tensors}
+    # Counters torch fills in on load take part in the matching (so renames move them), but
+    # they have no tensor to write: they are left out of the mapping below.
+    implicit = implicit_counters(ckpt)
+    all_keys = [ks.key for ks in _with_implicit(checkpoint_keys(ckpt), implicit)]
+    edited = apply_edits(all_keys, list(edits)) if edits else [(k, k) for k in all_keys]
+    shapes = {t.key: tuple(t.shape) for t in ckpt.tensors} | dict.fromkeys(implicit, ())
+    dtypes = {t.key: t.dtype for t in ckpt.tensors} | dict.fromkeys(implicit, "int64")
     source = [KeyShape(new, shapes[old], dtypes[old]) for old, new in edited]
     diagnosis = diagnose(source, spec_keys(spec), state_dict_path=ckpt.state_dict_path)
     plan = diagnosis.plan
@@ -164,9 +217,9 @@ def plan_repair(ckpt: Checkpoint, *, edits: Sequence[Edit] = (), spec: ModelSpec
                          f"(e.g. `{plan.missing[0]}`); nothing was written",
                          hint="Pass --allow-missing to write it anyway (the model then needs strict=False).")
     renamed = plan.mapping_dict()
-    mapping = tuple((old, renamed[new]) for old, new in edited if new in renamed)
+    mapping = tuple((old, renamed[new]) for old, new in edited if new in renamed and old not in implicit)
     back = {new: old for old, new in edited}
-    dropped = tuple(back[k] for k in plan.unexpected)
+    dropped = tuple(back[k] for k in plan.unexpected if back[k] not in implicit)
     return RepairPlan(mapping, dropped, plan.missing, diagnosis, tuple(edits), tuple(spec.keys()))
 
 
@@ -211,3 +264,43 @@ def group_mapping(pairs: Sequence[tuple[str, str]]) -> list[MappingGroup]:
         head = (".".join(a[: len(a) - common]), ".".join(b[: len(b) - common]))
         groups.setdefault(head, []).append((old, new))
     return [MappingGroup(old, new, len(items), items[0]) for (old, new), items in groups.items()]
+
+
+def remap_metadata(metadata: Any, mapping: Sequence[tuple[str, str]], missing: Sequence[str] = ()) -> Any:
+    """Carry the state dict's ``_metadata`` (module prefix → ``{"version": n}``) over a renaming.
+
+    torch's ``_load_from_state_dict`` reads each module's version from ``_metadata`` (BatchNorm
+    uses it to decide whether ``num_batches_tracked`` may be absent), so after ``module.conv1``
+    became ``conv1`` the entry must move too. A prefix moves the way the keys under it moved;
+    prefixes whose keys moved inconsistently, or were dropped, lose their entry (torch then
+    treats the module as current).
+
+    A BatchNorm whose ``num_batches_tracked`` is ``missing`` (files from before torch 0.4.1)
+    loses its version, exactly as such old files had none: torch then fills the counter in
+    and the file loads strictly (torch/nn/modules/batchnorm.py ``_load_from_state_dict``).
+    """
+    if not isinstance(metadata, Mapping):
+        return metadata
+    out: OrderedDict[str, Any] = OrderedDict()
+    for prefix, value in metadata.items():
+        if not isinstance(prefix, str):
+            continue
+        targets = {_moved_prefix(prefix, old, new) for old, new in mapping
+                   if prefix == "" or old.startswith(prefix + ".")}
+        targets.discard(None)
+        if len(targets) == 1:
+            out[targets.pop()] = value  # type: ignore[index]
+    for key in missing:
+        prefix, _, leaf = key.rpartition(".")
+        if leaf == "num_batches_tracked" and isinstance(out.get(prefix), Mapping):
+            out[prefix] = {k: v for k, v in out[prefix].items() if k != "version"}
+    return out
+
+
+def _moved_prefix(prefix: str, old: str, new: str) -> str | None:
+    rest = old[len(prefix) + 1:] if prefix else old
+    if new == rest:
+        return ""
+    if new.endswith("." + rest):
+        return new[: -len(rest) - 1]
+    return None

@@ -80,6 +80,20 @@ class MatchState:
     def landed(self, moves: dict[int, str]) -> int:
         return sum(1 for i, n in moves.items() if self.lands(i, n))
 
+    def conflicts(self, a: dict[int, str], b: dict[int, str]) -> bool:
+        """Do two proposals land the same source key on different targets, or two keys on one target?
+
+        Only landing moves count: where a key goes when it lands nowhere is no claim about it.
+        """
+        if a == b:
+            return False
+        landed_a = {i: n for i, n in a.items() if self.lands(i, n)}
+        landed_b = {i: n for i, n in b.items() if self.lands(i, n)}
+        if any(i in landed_b and landed_b[i] != n for i, n in landed_a.items()):
+            return True
+        owners = {n: i for i, n in landed_a.items()}
+        return any(n in owners and owners[n] != i for i, n in landed_b.items())
+
     def apply(self, moves: dict[int, str]) -> None:
         for i in moves:
             del self.owner[self.names[i]]

@@ -16,7 +16,6 @@ from functools import partial
 
 from ckptdoctor.engines.match_rules import (
     WRAPPER_SEGMENTS,
-    Ambiguity,
     InsertSegment,
     PrependPrefix,
     ReplacePrefix,
@@ -48,6 +47,7 @@ class TextCandidate:
     rule: TextRule
     moves: dict[int, str]
     gain: int
+    rank: tuple[int, int]  # (_PRIORITY of the kind, length of its text): lower is preferred
 
 
 def _prefix(segs: list[str], k: int) -> str:
@@ -188,50 +188,22 @@ def _text_of(rule: TextRule) -> str:
     return ".".join(rule.segments)
 
 
-def _conflicts(a: dict[int, str], b: dict[int, str], state: MatchState) -> bool:
-    """Do two rules land the same source key on different targets, or two keys on one target?"""
-    if a == b:
-        return False
-    landed_a = {i: n for i, n in a.items() if state.lands(i, n)}
-    landed_b = {i: n for i, n in b.items() if state.lands(i, n)}
-    if any(i in landed_b and landed_b[i] != n for i, n in landed_a.items()):
-        return True
-    owners = {n: i for i, n in landed_a.items()}
-    return any(n in owners and owners[n] != i for i, n in landed_b.items())
+def text_candidates(state: MatchState) -> list[TextCandidate]:
+    """Every textual rule that gains pairs now, best first (gain, then the rule a user can type).
 
-
-def best_text_rule(state: MatchState) -> tuple[TextCandidate | None, list[Ambiguity]]:
-    """The textual rule that gains the most pairs now (None when none does).
-
-    Two rules that gain equally but send keys to different places are an ambiguity: neither
-    is applied (a weaker, unambiguous rule still may be).
+    Choosing among them, and against structural rules, is the caller's business (see
+    ``matcher._choose``): equally good rules that disagree are an ambiguity there.
     """
     loose = state.unmatched_source()
     free = state.unmatched_target()
     if not loose or not free:
-        return None, []
-    scored: list[tuple[tuple[int, int, int], TextCandidate]] = []
+        return []
+    scored: list[TextCandidate] = []
     for rule, raw in _proposals(state, loose, free):
         moves = state.trim(raw)
         gain = state.gain(moves)
         if gain > 0:
-            rank = (-gain, _PRIORITY[rule.kind], len(_text_of(rule)))
             rule = _with_evidence(rule, state.landed(moves), len(moves))
-            scored.append((rank, TextCandidate(rule, moves, gain)))
-    scored.sort(key=lambda rc: rc[0])
-    ambiguous: list[Ambiguity] = []
-    for rank, cand in scored:
-        # Equal gain but weaker kind (a replace against a plain strip/add) is no rival: keeping
-        # the names below the prefix is evidence the replace lacks.
-        rivals = [c for r, c in scored
-                  if c is not cand and r[:2] == rank[:2] and _conflicts(cand.moves, c.moves, state)]
-        if not rivals:
-            return cand, ambiguous
-        keys = sorted({state.src[i].key for i in cand.moves if state.lands(i, cand.moves[i])})
-        targets = sorted({n for c in [cand, *rivals] for i, n in c.moves.items() if state.lands(i, n)})
-        ambiguous.append(Ambiguity(
-            tuple(keys[:8]),
-            tuple(targets[:8]),
-            "equally good renames disagree: " + "; ".join(c.rule.describe() for c in [cand, *rivals][:4]),
-        ))
-    return None, ambiguous
+            scored.append(TextCandidate(rule, moves, gain, (_PRIORITY[rule.kind], len(_text_of(rule)))))
+    scored.sort(key=lambda c: (-c.gain, c.rank))
+    return scored

@@ -3,12 +3,15 @@
 Public entry point of the matcher (see design.md, "Repairs are inferred and explained").
 ``infer_plan`` runs a greedy search: at each step it scores every candidate rule by the
 shape-consistent (key and shape equal) pairs it would gain and applies the best, until
-nothing improves. Candidates come in tiers by strength of evidence: textual rules first
-(prefixes and path segments, where the key text itself agrees), then renumbering of numbered
-children (order + shapes), then renames of whole subtrees (shapes + order only). A weaker tier
-is consulted only when no stronger rule gains anything, which keeps plans small and keeps
-guesses from pre-empting evidence. Ties that send keys to different places are reported as
-ambiguities and not applied.
+nothing improves. Candidates come from three tiers, by strength of evidence: textual rules
+(prefixes and path segments, where the key text itself agrees), renumbering of numbered children
+(order + shapes), renames of whole subtrees (shapes + order only). All tiers compete on the
+same score, the number of keys a rule explains; the tier only breaks ties between rules that
+agree. A weaker-evidence rule that explains *fewer* keys must not pre-empt a stronger
+explanation: inserting a coincidental ``stem.`` into ``3.weight`` explains 5 keys, renumbering
+the container those keys live in explains 10, and applying the insert first would send the
+values of two layers to the wrong places. Two rules that explain equally many keys but send them
+to different places are an ambiguity: neither is applied, nor anything that disagrees with them.
 
 Pure functions over :class:`KeyShape` sequences: no I/O, no torch.
 """
@@ -16,6 +19,7 @@ Pure functions over :class:`KeyShape` sequences: no I/O, no torch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from ckptdoctor.engines.match_edits import AddPrefix, Edit, Rename, Strip, apply_edits, parse_rename
 from ckptdoctor.engines.match_rules import (
@@ -35,7 +39,7 @@ from ckptdoctor.engines.match_rules import (
 )
 from ckptdoctor.engines.match_state import MatchState
 from ckptdoctor.engines.match_structure import rename_candidates, renumber_candidates
-from ckptdoctor.engines.match_text import best_text_rule
+from ckptdoctor.engines.match_text import text_candidates
 
 __all__ = [
     "WRAPPER_SEGMENTS",
@@ -65,26 +69,77 @@ __all__ = [
 # pathological inputs (a real plan has a handful of rules).
 MAX_STEPS = 512
 
+# Tiers, strongest evidence first; see the module docstring.
+TEXT, RENUMBER, RENAME = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class _Option:
+    """A candidate rule from any tier, with the moves it makes and the pairs it gains."""
+
+    rule: Rule
+    moves: dict[int, str]
+    gain: int
+    explained: int  # keys the rule lands, counting those it re-lands (a renumber keeps order)
+    tier: int
+    rank: tuple[int, int] = (0, 0)  # tie-break inside the tier (text rules: kind, then length)
+
+    def order(self) -> tuple[int, int, int, tuple[int, int]]:
+        return (-self.gain, -self.explained, self.tier, self.rank)
+
+
+def _options(state: MatchState) -> tuple[list[_Option], list[Ambiguity]]:
+    """Every candidate of every tier that gains pairs now, best first."""
+    options = [_Option(c.rule, c.moves, c.gain, c.rule.count, TEXT, c.rank) for c in text_candidates(state)]
+    renumbers, amb_r = renumber_candidates(state)
+    options += [_Option(c.rule, c.moves, c.gain, c.rule.count, RENUMBER) for c in renumbers]
+    renames, amb_g = rename_candidates(state)
+    options += [_Option(c.rule, c.moves, c.gain, c.rule.count, RENAME) for c in renames]
+    options.sort(key=_Option.order)
+    return options, [*amb_r, *amb_g]
+
+
+def _rivals(a: _Option, b: _Option, state: MatchState) -> bool:
+    """Are ``a`` and ``b`` equally good explanations that disagree?
+
+    Equally good means the same gain and the same number of keys explained: a renumbering that
+    re-lands a key already in place (``2→1, 4→2``) explains more than a rename of the one
+    leftover (``4 → 1``) that gains as much but breaks the children's order. Between two textual rules of different kinds, equal gain is no rivalry: a plain strip/add
+    keeps every name below the prefix, evidence a replace lacks. Across tiers it is: a text
+    rule that happens to fit as many keys as a renumbering has no better claim to them.
+    """
+    if (a.gain, a.explained) != (b.gain, b.explained):
+        return False
+    if a.tier == b.tier == TEXT and a.rank[0] != b.rank[0]:
+        return False
+    return state.conflicts(a.moves, b.moves)
+
+
+def _ambiguity(state: MatchState, options: Sequence[_Option]) -> Ambiguity:
+    first = options[0]
+    keys = sorted({state.src[i].key for i, n in first.moves.items() if state.lands(i, n)})
+    targets = sorted({n for o in options for i, n in o.moves.items() if state.lands(i, n)})
+    return Ambiguity(
+        tuple(keys[:8]),
+        tuple(targets[:8]),
+        "equally good renames disagree: " + "; ".join(o.rule.describe() for o in options[:4]),
+    )
+
 
 def _step(state: MatchState) -> tuple[list[Rule], list[Ambiguity]]:
-    """Apply the best rule(s) of the strongest tier that gains anything."""
-    text, ambiguous = best_text_rule(state)
-    if text:
-        state.apply(text.moves)
-        return [text.rule], []
-    renumbers, amb_r = renumber_candidates(state)
-    if renumbers:
-        best = max(renumbers, key=lambda c: c.gain)
-        state.apply(best.moves)
-        return [best.rule], []
-    renames, amb_g = rename_candidates(state)
-    applied: list[Rule] = []
-    for cand in renames:  # disjoint by construction: apply them together
-        moves = state.trim(cand.moves)
-        if state.gain(moves) > 0:
-            state.apply(moves)
-            applied.append(cand.rule)
-    return applied, [*ambiguous, *amb_r, *amb_g]
+    """Apply the candidate that explains the most keys, unless an equal one disagrees with it."""
+    options, ambiguous = _options(state)
+    held: list[_Option] = []  # ambiguous candidates: nothing that disagrees with them is applied
+    for opt in options:
+        if any(state.conflicts(opt.moves, h.moves) for h in held):
+            continue
+        rivals = [o for o in options if o is not opt and _rivals(opt, o, state)]
+        if not rivals:
+            state.apply(opt.moves)
+            return [opt.rule], []
+        ambiguous.append(_ambiguity(state, [opt, *rivals]))
+        held += [opt, *rivals]
+    return [], ambiguous
 
 
 def _dedupe(items: Sequence[Ambiguity]) -> tuple[Ambiguity, ...]:

@@ -215,3 +215,14 @@ def build_checkpoint(path: str, fmt: str, file_size: int, root: Any, *, entry: s
                          "module's parameters and buffers without importing the class")
     return Checkpoint(path=path, format=fmt, file_size=file_size, root=root, state_dict_path=sd_path,
                       tensors=tuple(tensors), extra=dict(extra or {}), notes=tuple(notes_out))
+
+
+def state_dict_metadata(ckpt: Checkpoint) -> Any:
+    """The state dict's ``_metadata`` (module prefix → ``{"version": n}``), or None when absent."""
+    node: Any = ckpt.root
+    try:
+        for name in ckpt.state_dict_path:
+            node = child(node, name)
+    except KeyError:
+        return None
+    return getattr(node, "_metadata", None)

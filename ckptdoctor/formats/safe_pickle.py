@@ -266,8 +266,12 @@ _DATA_TYPES: dict[str, Any] = {
     "builtins.bytearray": bytearray,
     "builtins.complex": complex,
     "builtins.slice": slice,
+    # Protocol-2 pickles name builtins `__builtin__` (pickle's fix_imports, as torch.save writes).
     "__builtin__.set": set,
     "__builtin__.frozenset": frozenset,
+    "__builtin__.bytearray": bytearray,
+    "__builtin__.complex": complex,
+    "__builtin__.slice": slice,
 }
 
 _LAYOUTS = {"strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "_mkldnn", "jagged",

@@ -26,7 +26,7 @@ from typing import Any
 from ..checkpoint import Checkpoint, OpaqueObject, TensorRecord
 from ..errors import CkptDoctorError, CorruptCheckpoint, UsageError
 from .atomic import atomic_output, progress_counter
-from .locate import child, children, is_module_object
+from .locate import child, children, is_module_object, state_dict_metadata
 
 TORCH_ZIP = "torch-zip"
 SAFETENSORS = "safetensors"
@@ -127,9 +127,9 @@ def _replace_at(node: Any, path: Sequence[str], new: Any) -> Any:
     raise KeyError(name)
 
 
-def _source_metadata(ckpt: Checkpoint) -> Any:
-    node = _node_at(ckpt.root, ckpt.state_dict_path)
-    return getattr(node, "_metadata", None)
+def source_metadata(ckpt: Checkpoint) -> Any:
+    """The source state dict's ``_metadata`` (module prefix → version info), or None."""
+    return state_dict_metadata(ckpt)
 
 
 def _new_state_dict(ckpt: Checkpoint, entries: Sequence[tuple[str, Any]], metadata: Any) -> OrderedDict[str, Any]:
@@ -144,7 +144,7 @@ def _new_state_dict(ckpt: Checkpoint, entries: Sequence[tuple[str, Any]], metada
     if not entries:
         raise UsageError("nothing to write: the new state dict is empty")
     state_dict: OrderedDict[str, Any] = OrderedDict(entries)
-    chosen = _source_metadata(ckpt) if isinstance(metadata, _Keep) else metadata
+    chosen = source_metadata(ckpt) if isinstance(metadata, _Keep) else metadata
     if chosen is not None:
         state_dict._metadata = chosen  # type: ignore[attr-defined]
     return state_dict
