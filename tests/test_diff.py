@@ -335,3 +335,28 @@ def test_roundtrip_diff_is_empty(sd: dict[str, torch.Tensor]) -> None:
         save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(d, "b.safetensors"))
         r = diff(a, open_checkpoint(os.path.join(d, "b.safetensors")), values=True)
         assert r.identical, r
+
+
+def test_fast_byte_path_agrees_with_the_general_path(tmp_path):  # type: ignore[no-untyped-def]
+    """Mapped-window equality (contiguous, same dtype) and the chunked decoder give the same answer."""
+    import torch
+
+    from ckptdoctor.formats import open_checkpoint, tensor_bytes
+
+    base = torch.arange(3 * 1024 * 1024 + 3, dtype=torch.float32)  # spans several windows, odd length
+    other = base.clone()
+    other[-1] += 1
+    torch.save({"t": base}, tmp_path / "a.pt")
+    torch.save({"t": base.clone()}, tmp_path / "same.pt")
+    torch.save({"t": other}, tmp_path / "b.pt")
+    a, same, b = (open_checkpoint(tmp_path / n).tensors[0].tensor for n in ("a.pt", "same.pt", "b.pt"))
+    old_window = tensor_bytes._WINDOW
+    tensor_bytes._WINDOW = 1 << 20
+    try:
+        assert tensor_bytes.bytes_equal(a, same) is True
+        assert tensor_bytes.bytes_equal(a, b) is False
+        diff = tensor_bytes.compare_tensors(a, b)
+        assert (diff.equal, diff.differing, diff.max_abs_diff) == (False, 1, 1.0)
+        assert tensor_bytes.compare_tensors(a, same).equal
+    finally:
+        tensor_bytes._WINDOW = old_window
