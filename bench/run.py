@@ -6,7 +6,8 @@ run (files in the page cache for both sides), and prints median wall times, thei
 peak resident memory. Medians and ratios, because shared machines are noisy.
 
 Cases (targets from the issues):
-  inspect-2.4GB   inspect of 384 float32 tensors (2.4 GB, `module.` keys) vs torch.load(mmap) + print: <= 0.15x, <= 80 MB
+  inspect-2.4GB   inspect of 384 float32 tensors (2.4 GB, `module.` keys) vs torch.load(mmap) + print:
+                  <= 0.15x, <= 80 MB
   inspect-20k     inspect of a 20,000-tensor file vs the same torch way: <= 0.3x
   inspect-bytes   inspect of the 2.4 GB file vs a file with the same keys and 10x smaller tensors: within 10%
   fix-strip       fix --strip module. on the 2.4 GB file vs `cp SRC DST && sync DST`: <= 1.5x, <= 200 MB

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from examples.seed_models import CNN, CNNWithStage, wrapped_example3  # noqa: E402
+from examples.seed_models import CNN, CNNWithStage, wrapped_example3
 
 
 def main(out: Path) -> None:

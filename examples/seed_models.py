@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F  # noqa: N812 - as in the seed
+import torch.nn.functional as F
 from torch import nn
 from torch.nn import DataParallel
 

@@ -52,16 +52,22 @@ def _containers(names: Sequence[str]) -> set[str]:
 Member = tuple[str, str, tuple[int, ...]]  # (key, rest below the group, shape)
 
 
-def _children(items: Sequence[tuple[str, tuple[int, ...]]], container: str) -> dict[int, list[Member]]:
-    """Numbered children of ``container``: index → [(key, rest, shape)]."""
-    head = f"{container}." if container else ""
-    out: dict[int, list[tuple[str, str, tuple[int, ...]]]] = {}
+def _children(
+    items: Sequence[tuple[str, tuple[int, ...]]], wanted: set[str]
+) -> dict[str, dict[int, list[Member]]]:
+    """Numbered children of every container in ``wanted``: container → index → [(key, rest, shape)].
+
+    One pass over ``items`` for all containers, so a step costs the same however many there are.
+    """
+    out: dict[str, dict[int, list[Member]]] = {}
     for key, shape in items:
-        if not key.startswith(head):
-            continue
-        idx, _, rest = key[len(head):].partition(".")
-        if idx.isdigit() and rest:
-            out.setdefault(int(idx), []).append((key, rest, shape))
+        segs = key.split(".")
+        for p in range(len(segs) - 1):
+            if segs[p].isdigit():
+                container = ".".join(segs[:p])
+                if container in wanted:
+                    rest = ".".join(segs[p + 1:])
+                    out.setdefault(container, {}).setdefault(int(segs[p]), []).append((key, rest, shape))
     return out
 
 
@@ -89,11 +95,20 @@ def align(a: Sequence[Signature], b: Sequence[Signature]) -> tuple[list[tuple[in
     A pair is *usable* when it lies on some maximum alignment. The maximum alignment is unique
     exactly when the usable pairs number the LCS length (then they all lie on every optimum);
     otherwise two optimal alignments disagree and the caller must not guess.
+
+    Signatures found on one side only can never be paired, so they are dropped before the
+    (quadratic) tables are built; that changes no alignment.
     """
+    common = set(a) & set(b)
+    ai = [i for i, sig in enumerate(a) if sig in common]
+    bj = [j for j, sig in enumerate(b) if sig in common]
+    if not ai:
+        return [], 0
+    a, b = [a[i] for i in ai], [b[j] for j in bj]
     pre, suf = _lcs_tables(a, b)
     best = pre[len(a)][len(b)]
     usable = [
-        (i, j)
+        (ai[i], bj[j])
         for i in range(len(a))
         for j in range(len(b))
         if a[i] == b[j] and pre[i][j] + 1 + suf[i + 1][j + 1] == best
@@ -106,9 +121,9 @@ def _same_index_pairs(src: dict[int, list[Member]], tgt: dict[int, list[Member]]
     return sum(1 for idx in src if idx in tgt and _signature(src[idx]) == _signature(tgt[idx]))
 
 
-def _renumber_one(state: MatchState, container: str) -> tuple[Candidate | None, Ambiguity | None]:
-    src = _children([(n, state.shape(i)) for i, n in enumerate(state.names)], container)
-    tgt = _children([(t.key, tuple(t.shape)) for t in state.tgt], container)
+def _renumber_one(
+    state: MatchState, container: str, src: dict[int, list[Member]], tgt: dict[int, list[Member]]
+) -> tuple[Candidate | None, Ambiguity | None]:
     if not src or not tgt or len(src) > MAX_CHILDREN or len(tgt) > MAX_CHILDREN:
         return None, None
     s_idx, t_idx = sorted(src), sorted(tgt)
@@ -145,10 +160,15 @@ def _renumber_one(state: MatchState, container: str) -> tuple[Candidate | None, 
 def renumber_candidates(state: MatchState) -> tuple[list[Candidate], list[Ambiguity]]:
     """Renumberings that gain pairs, for containers holding at least one unmatched key."""
     loose = [state.names[i] for i in state.unmatched_source()] + list(state.unmatched_target())
+    wanted = _containers(loose)
     found: list[Candidate] = []
     ambiguous: list[Ambiguity] = []
-    for container in sorted(_containers(loose), key=lambda c: (c.count("."), c)):
-        cand, amb = _renumber_one(state, container)
+    if not wanted:
+        return found, ambiguous
+    src = _children([(n, state.shape(i)) for i, n in enumerate(state.names)], wanted)
+    tgt = _children([(t.key, tuple(t.shape)) for t in state.tgt], wanted)
+    for container in sorted(wanted & set(src) & set(tgt), key=lambda c: (c.count("."), c)):
+        cand, amb = _renumber_one(state, container, src[container], tgt[container])
         if cand:
             found.append(cand)
         if amb:

@@ -3,15 +3,18 @@
 Public entry point of the matcher (see design.md, "Repairs are inferred and explained").
 ``infer_plan`` runs a greedy search: at each step it scores every candidate rule by the
 shape-consistent (key and shape equal) pairs it would gain and applies the best, until
-nothing improves. Candidates come from three tiers, by strength of evidence: textual rules
-(prefixes and path segments, where the key text itself agrees), renumbering of numbered children
-(order + shapes), renames of whole subtrees (shapes + order only). All tiers compete on the
-same score, the number of keys a rule explains; the tier only breaks ties between rules that
-agree. A weaker-evidence rule that explains *fewer* keys must not pre-empt a stronger
-explanation: inserting a coincidental ``stem.`` into ``3.weight`` explains 5 keys, renumbering
-the container those keys live in explains 10, and applying the insert first would send the
-values of two layers to the wrong places. Two rules that explain equally many keys but send them
-to different places are an ambiguity: neither is applied, nor anything that disagrees with them.
+nothing improves. Candidates come in tiers by strength of evidence: textual rules (prefixes and
+path segments, where the key text itself agrees), renumbering of numbered children (order +
+shapes), renames of whole subtrees (shapes + order only).
+
+Textual rules and renumberings compete on the same score, the number of keys a rule explains;
+the tier only breaks ties between rules that agree. A text rule must not pre-empt a better
+explanation just because it is text: inserting a coincidental ``stem.`` into ``3.weight``
+explains 5 keys, renumbering the container those keys live in explains 10, and applying the
+insert first would send the values of two layers to the wrong places. Renames stay a last
+resort, consulted only when nothing else can be applied (see ``_step``). Two rules that explain
+equally many keys but send them to different places are an ambiguity: neither is applied, nor
+anything that disagrees with them.
 
 Pure functions over :class:`KeyShape` sequences: no I/O, no torch.
 """
@@ -89,22 +92,27 @@ class _Option:
 
 
 def _options(state: MatchState) -> tuple[list[_Option], list[Ambiguity]]:
-    """Every candidate of every tier that gains pairs now, best first."""
+    """Text and renumbering candidates that gain pairs now, best first."""
     options = [_Option(c.rule, c.moves, c.gain, c.rule.count, TEXT, c.rank) for c in text_candidates(state)]
-    renumbers, amb_r = renumber_candidates(state)
+    renumbers, ambiguous = renumber_candidates(state)
     options += [_Option(c.rule, c.moves, c.gain, c.rule.count, RENUMBER) for c in renumbers]
-    renames, amb_g = rename_candidates(state)
-    options += [_Option(c.rule, c.moves, c.gain, c.rule.count, RENAME) for c in renames]
     options.sort(key=_Option.order)
-    return options, [*amb_r, *amb_g]
+    return options, ambiguous
+
+
+def _rename_options(state: MatchState) -> tuple[list[_Option], list[Ambiguity]]:
+    renames, ambiguous = rename_candidates(state)
+    options = [_Option(c.rule, c.moves, c.gain, c.rule.count, RENAME) for c in renames]
+    options.sort(key=_Option.order)
+    return options, ambiguous
 
 
 def _rivals(a: _Option, b: _Option, state: MatchState) -> bool:
     """Are ``a`` and ``b`` equally good explanations that disagree?
 
-    Equally good means the same gain and the same number of keys explained: a renumbering that
-    re-lands a key already in place (``2→1, 4→2``) explains more than a rename of the one
-    leftover (``4 → 1``) that gains as much but breaks the children's order. Between two textual rules of different kinds, equal gain is no rivalry: a plain strip/add
+    Equally good means the same gain and the same number of keys explained (a renumbering that
+    re-lands a child already in place explains it too, and is that much better supported).
+    Between two textual rules of different kinds, equal gain is no rivalry: a plain strip/add
     keeps every name below the prefix, evidence a replace lacks. Across tiers it is: a text
     rule that happens to fit as many keys as a renumbering has no better claim to them.
     """
@@ -126,20 +134,46 @@ def _ambiguity(state: MatchState, options: Sequence[_Option]) -> Ambiguity:
     )
 
 
-def _step(state: MatchState) -> tuple[list[Rule], list[Ambiguity]]:
-    """Apply the candidate that explains the most keys, unless an equal one disagrees with it."""
-    options, ambiguous = _options(state)
-    held: list[_Option] = []  # ambiguous candidates: nothing that disagrees with them is applied
+def _choose(
+    state: MatchState, options: Sequence[_Option], held: list[_Option], ambiguous: list[Ambiguity]
+) -> _Option | None:
+    """The best option no equal option disagrees with, and that disagrees with nothing ``held``.
+
+    Options found ambiguous are added to ``held`` and reported in ``ambiguous``.
+    """
     for opt in options:
         if any(state.conflicts(opt.moves, h.moves) for h in held):
             continue
         rivals = [o for o in options if o is not opt and _rivals(opt, o, state)]
         if not rivals:
-            state.apply(opt.moves)
-            return [opt.rule], []
+            return opt
         ambiguous.append(_ambiguity(state, [opt, *rivals]))
         held += [opt, *rivals]
-    return [], ambiguous
+    return None
+
+
+def _step(state: MatchState) -> tuple[list[Rule], list[Ambiguity]]:
+    """Apply the candidate that explains the most keys, unless an equal one disagrees with it.
+
+    Renames (shapes and order of subtrees, nothing else) are consulted only when no text rule or
+    renumbering can be applied. Letting a big subtree rename win on gain splits a prefix rule's
+    keys between steps and leaves the rest to coincidences: with ``module.`` on every key and
+    the root renumbered, renaming ``module.5`` → ``3`` first makes ``strip module.`` land
+    ``module.4.0`` on ``4.0``, where the renumbering would have sent it to ``2.0``. A renumbering
+    can still correct a text rule's coincidental landing later (it re-aligns matched children
+    too); a rename cannot (it only moves loose keys).
+    """
+    held: list[_Option] = []
+    options, ambiguous = _options(state)
+    best = _choose(state, options, held, ambiguous)
+    if best is None:
+        renames, amb_g = _rename_options(state)
+        ambiguous += amb_g
+        best = _choose(state, renames, held, ambiguous)
+    if best is None:
+        return [], ambiguous
+    state.apply(best.moves)
+    return [best.rule], []
 
 
 def _dedupe(items: Sequence[Ambiguity]) -> tuple[Ambiguity, ...]:
