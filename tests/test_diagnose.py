@@ -152,12 +152,13 @@ def test_harmless_leftovers_are_named_and_repairable() -> None:
     d = diagnose(old, ks(TinyResNet()))
     assert codes(d) == ["harmless-missing"] and d.repairable
     assert d.findings[0].severity == "warning"
-    assert suggested_fix_args(d.plan, "a.pt", "m:f") == ["fix", "a.pt", "--allow-missing"]
+    # --allow-missing / --drop-unexpected only act against a spec, so leftovers always suggest --against.
+    assert suggested_fix_args(d.plan, "a.pt", "m:f") == ["fix", "a.pt", "--against", "m:f", "--allow-missing"]
 
     profiled = [*ks(TinyResNet(), "module."), KeyShape("module.total_ops", (1,)), KeyShape("module.total_params", (1,))]
     d = diagnose(profiled, ks(TinyResNet()))
     assert codes(d) == ["wrapper-prefix", "harmless-missing"]
-    assert suggested_fix_args(d.plan, "a.pt", "m:f") == ["fix", "a.pt", "--strip", "module.", "--drop-unexpected"]
+    assert suggested_fix_args(d.plan, "a.pt", "m:f") == ["fix", "a.pt", "--against", "m:f", "--drop-unexpected"]
 
     d = diagnose(ks(TinyViT(persistent=True)), ks(TinyViT(persistent=False)))
     assert codes(d) == ["harmless-missing"] and d.unexpected_keys == ("position_ids",)
