@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import zipfile
 from collections import Counter
 from typing import Any
@@ -32,8 +33,8 @@ class TorchZipArchive:
     def __init__(self, path: str) -> None:
         self.path = path
         try:
-            self.zip = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            self.zip = _open_zip(path)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
             raise CorruptCheckpoint(f"not a readable zip archive ({exc})", path=path) from None
         infos = self.zip.infolist()
         if len(infos) > MAX_MEMBERS:
@@ -62,9 +63,12 @@ class TorchZipArchive:
         info = self.members[self.prefix + name]
         if info.file_size > limit:
             raise LimitExceeded(f"member {info.filename} declares {info.file_size} bytes", path=self.path)
+        if info.flag_bits & 0x1:
+            raise CorruptCheckpoint(f"member {info.filename} is flagged as encrypted; torch.save never encrypts",
+                                    path=self.path, hint="Run `ckptdoctor scan PATH` to see the archive's anomalies.")
         try:
             return self.zip.read(info)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
             raise CorruptCheckpoint(f"member {info.filename} cannot be read ({exc})", path=self.path) from None
 
     def data_offset(self, name: str) -> tuple[int, int]:
@@ -83,6 +87,25 @@ class TorchZipArchive:
         if start + info.file_size > self.file_size:
             raise CorruptCheckpoint(f"member {name} extends past the end of the file (truncated?)", path=self.path)
         return start, info.file_size
+
+
+_ZIP_VERSION_LOCK = threading.Lock()
+
+
+def _open_zip(path: str) -> zipfile.ZipFile:
+    """Open the archive as torch does: ignoring the "version needed to extract" field.
+
+    torch's reader (miniz, caffe2/serialize/inline_container.cc) never checks it, so a file
+    claiming version 12.7 loads with torch.load; Python's zipfile refuses anything above 6.3.
+    The field says nothing about stored members, so it is lifted while the directory is read.
+    """
+    with _ZIP_VERSION_LOCK:
+        saved = getattr(zipfile, "MAX_EXTRACT_VERSION", 63)
+        setattr(zipfile, "MAX_EXTRACT_VERSION", 0xFFFF)  # noqa: B010 - the name is not in typeshed
+        try:
+            return zipfile.ZipFile(path)
+        finally:
+            setattr(zipfile, "MAX_EXTRACT_VERSION", saved)  # noqa: B010
 
 
 def _location(value: Any) -> str:
