@@ -50,3 +50,43 @@ def test_check_agrees_with_torch_on_missing_counters(tmp_path: Path) -> None:
         assert result.json()["ok"] is torch_loads, path
     assert run_cli("check", plain, "--against", spec).exit_code == 0
     assert run_cli("check", versioned, "--against", spec).exit_code == 1
+
+
+GPT_LIKE = '''
+import torch
+from torch import nn
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_attn = nn.Linear(8, 24)
+        # A causal mask: saved by old code, non-persistent in today's (like GPT-2's attn.bias).
+        self.register_buffer("bias", torch.tril(torch.ones(1, 1, 4, 4)), persistent=False)
+
+
+class GPTLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.h = nn.ModuleList(Attention() for _ in range(2))
+'''
+
+
+def test_saved_non_persistent_buffers_are_harmless_and_dropped(tmp_path: Path) -> None:
+    """An old file that saved a buffer the model no longer persists: named harmless, fix drops it."""
+    (tmp_path / "gpt_like.py").write_text(GPT_LIKE)
+    spec = f"{tmp_path / 'gpt_like.py'}:GPTLike"
+    state: dict[str, torch.Tensor] = {}
+    for i in range(2):
+        state[f"h.{i}.c_attn.weight"] = torch.randn(24, 8)
+        state[f"h.{i}.c_attn.bias"] = torch.randn(24)
+        state[f"h.{i}.bias"] = torch.tril(torch.ones(1, 1, 4, 4))
+    torch.save(state, tmp_path / "old.pt")
+    doc = run_cli("check", tmp_path / "old.pt", "--against", spec, "--json").json()
+    assert not doc["ok"]
+    assert [f["code"] for f in doc["findings"]] == ["harmless-missing"]
+    assert doc["suggested_fix"] == ["fix", str(tmp_path / "old.pt"), "--against", spec, "--drop-unexpected"]
+    out = tmp_path / "new.pt"
+    assert run_cli(*doc["suggested_fix"], "-o", out).exit_code == 0
+    assert sorted(torch.load(out, weights_only=True)) == sorted(k for k in state if not k.endswith(".bias")
+                                                                or "c_attn" in k)

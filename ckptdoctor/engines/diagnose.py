@@ -199,16 +199,25 @@ def _leaf(key: str) -> str:
     return key.rpartition(".")[2]
 
 
-def _harmless(keys: Sequence[str], names: Sequence[str], present: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+def _is_buffer_of(key: str, buffers: Iterable[str]) -> bool:
+    """``key`` names one of the model's non-persistent buffers (possibly under a wrapper prefix)."""
+    return any(key == b or key.endswith("." + b) for b in buffers)
+
+
+def _harmless(keys: Sequence[str], names: Sequence[str], present: Iterable[str] = (),
+              buffers: Sequence[str] = ()) -> tuple[list[str], list[str]]:
     """Split ``keys`` into known-harmless and the rest.
 
     With ``present`` (keys that do get a value), a harmless name only counts when its module
     is otherwise present: a missing ``num_batches_tracked`` of a block that is missing as a whole
-    is part of that block, not an old-file quirk.
+    is part of that block, not an old-file quirk. ``buffers`` are the model's non-persistent
+    buffers (GPT-2's ``attn.bias`` mask, ``position_ids``): an old file that saved them has
+    them as unexpected keys, harmless once dropped.
     """
     alive = {k.rpartition(".")[0] for k in present}
     check_alive = bool(alive)
-    ok = [k for k in keys if _leaf(k) in names and (not check_alive or k.rpartition(".")[0] in alive)]
+    ok = [k for k in keys if (_leaf(k) in names and (not check_alive or k.rpartition(".")[0] in alive))
+          or (buffers and _is_buffer_of(k, buffers))]
     chosen = set(ok)
     return ok, [k for k in keys if k not in chosen]
 
@@ -295,10 +304,11 @@ def _same_parent(a: str, b: str) -> bool:
     return a.rpartition(".")[0] == b.rpartition(".")[0]
 
 
-def _leftover_findings(plan: Plan, source: Sequence[KeyShape], target: Sequence[KeyShape]) -> list[Finding]:
+def _leftover_findings(plan: Plan, source: Sequence[KeyShape], target: Sequence[KeyShape],
+                       buffers: Sequence[str] = ()) -> list[Finding]:
     found: list[Finding] = []
     ok_missing, missing = _harmless(plan.missing, HARMLESS_MISSING, (t for _, t in plan.mapping))
-    ok_unexpected, unexpected = _harmless(plan.unexpected, HARMLESS_UNEXPECTED)
+    ok_unexpected, unexpected = _harmless(plan.unexpected, HARMLESS_UNEXPECTED, buffers=buffers)
     if ok_missing or ok_unexpected:
         keys = (*ok_missing, *ok_unexpected)
         parts = [f"missing {_short(ok_missing)}" if ok_missing else "",
@@ -366,11 +376,14 @@ def diagnose(
     plan: Plan | None = None,
     *,
     state_dict_path: Sequence[str] = (),
+    non_persistent: Sequence[str] = (),
 ) -> Diagnosis:
     """Diagnose ``source`` (the checkpoint's state dict) against ``target`` (the model's).
 
     ``state_dict_path`` is where the reader found the state dict inside the file (``()`` at the
     root); a nested one is reported as information, it does not stop the weights loading.
+    ``non_persistent`` names the model's buffers that ``state_dict()`` leaves out: a checkpoint
+    that still has them gets them as known-harmless unexpected keys.
     """
     plan = plan if plan is not None else infer_plan(source, target)
     as_is = {s.key: tuple(s.shape) for s in source}
@@ -379,7 +392,7 @@ def diagnose(
     if not ok:
         findings += [_rule_finding(r, len(source)) for r in plan.rules]
         findings += _mismatch_findings(plan, target)[0]
-        findings += _leftover_findings(plan, source, target)
+        findings += _leftover_findings(plan, source, target, non_persistent)
         findings += _ambiguity_findings(plan)
     repairable = not ok and not any(f.code in _BLOCKING for f in findings)
     return Diagnosis(ok, tuple(findings), plan, plan.missing, plan.unexpected, plan.shape_mismatches, repairable)
@@ -418,7 +431,7 @@ def _edit_args(edits: Sequence[Edit]) -> list[str]:
     return args
 
 
-def suggested_fix_args(plan: Plan, path: str, spec: str) -> list[str] | None:
+def suggested_fix_args(plan: Plan, path: str, spec: str, non_persistent: Sequence[str] = ()) -> list[str] | None:
     """Arguments after ``ckptdoctor`` for a ``fix`` that repairs the checkpoint, or None.
 
     Manual edits are suggested only when replaying them with :func:`apply_edits` reproduces the
@@ -427,7 +440,7 @@ def suggested_fix_args(plan: Plan, path: str, spec: str) -> list[str] | None:
     is left is not known-harmless (new head, other variant, flat params).
     """
     _, missing = _harmless(plan.missing, HARMLESS_MISSING, (t for _, t in plan.mapping))
-    _, unexpected = _harmless(plan.unexpected, HARMLESS_UNEXPECTED)
+    _, unexpected = _harmless(plan.unexpected, HARMLESS_UNEXPECTED, buffers=non_persistent)
     if missing or unexpected or plan.shape_mismatches or plan.ambiguities:
         return None
     if not plan.rules and not plan.missing and not plan.unexpected:

@@ -139,12 +139,13 @@ def check_checkpoint(ckpt: Checkpoint, spec: ModelSpec, *, spec_arg: str) -> Che
     """Would ``model.load_state_dict(state_dict, strict=True)`` succeed, and if not, why."""
     implicit = implicit_counters(ckpt)
     source, target = _with_implicit(checkpoint_keys(ckpt), implicit), spec_keys(spec)
-    diagnosis = diagnose(source, target, state_dict_path=ckpt.state_dict_path)
+    diagnosis = diagnose(source, target, state_dict_path=ckpt.state_dict_path, non_persistent=spec.non_persistent)
     digests = tuple(check_digests(ckpt, spec, mapping=diagnosis.plan.mapping_dict())) if any(
         t.digest for t in spec.tensors) else ()
     findings = (*diagnosis.findings, *_implicit_finding(implicit), *_dtype_findings(ckpt, spec, diagnosis.plan),
                 *_digest_finding(digests))
-    suggestion = suggested_fix_args(diagnosis.plan, ckpt.path, spec_arg) if not diagnosis.ok else None
+    suggestion = (suggested_fix_args(diagnosis.plan, ckpt.path, spec_arg, spec.non_persistent)
+                  if not diagnosis.ok else None)
     have = {s.key: s.shape for s in source}
     want = {t.key: t.shape for t in target}
     return CheckResult(path=ckpt.path, spec_arg=spec_arg, spec_source=spec.source, spec_kind=spec.kind, checkpoint=ckpt,
@@ -196,7 +197,8 @@ def plan_repair(ckpt: Checkpoint, *, edits: Sequence[Edit] = (), spec: ModelSpec
     shapes = {t.key: tuple(t.shape) for t in ckpt.tensors} | dict.fromkeys(implicit, ())
     dtypes = {t.key: t.dtype for t in ckpt.tensors} | dict.fromkeys(implicit, "int64")
     source = [KeyShape(new, shapes[old], dtypes[old]) for old, new in edited]
-    diagnosis = diagnose(source, spec_keys(spec), state_dict_path=ckpt.state_dict_path)
+    diagnosis = diagnose(source, spec_keys(spec), state_dict_path=ckpt.state_dict_path,
+                         non_persistent=spec.non_persistent)
     plan = diagnosis.plan
     if plan.shape_mismatches:
         m = plan.shape_mismatches[0]
