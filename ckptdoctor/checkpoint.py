@@ -66,6 +66,7 @@ class StorageInfo:
     device: str = "cpu"
     source: ByteRange | None = None
     name: str = ""  # the name the format gives it (zip record key, safetensors tensor name...)
+    crc32: int | None = None  # the archive's CRC-32 of exactly these bytes, when the format records one
 
 
 @dataclass(frozen=True)

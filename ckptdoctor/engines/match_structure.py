@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ckptdoctor.engines.match_rules import Ambiguity, RenameGroup, Renumber
+from ckptdoctor.engines.match_rules import WRAPPER_SEGMENTS, Ambiguity, RenameGroup, Renumber
 from ckptdoctor.engines.match_state import PARKED, MatchState
 
 Signature = tuple[tuple[str, tuple[int, ...]], ...]
@@ -75,6 +75,21 @@ def _signature(entries: Sequence[tuple[str, str, tuple[int, ...]]]) -> Signature
     return tuple(sorted((rest, shape) for _, rest, shape in entries))
 
 
+def _unwrapped(rest: str) -> str:
+    segs = rest.split(".")
+    return ".".join([s for s in segs[:-1] if s not in WRAPPER_SEGMENTS] + segs[-1:])
+
+
+def _child_signature(entries: Sequence[Member]) -> Signature:
+    """A numbered child's signature for alignment, wrapper segments inside it ignored.
+
+    A wrapper around part of a child (``3.enc.module.weight``) is still that child: aligning it
+    lets the renumbering move it (``2.enc.module.weight``) and the wrapper strip land it after.
+    Otherwise the child stays unaligned and its other keys are parked for good.
+    """
+    return tuple(sorted((_unwrapped(rest), shape) for _, rest, shape in entries))
+
+
 def _lcs_tables(a: Sequence[Signature], b: Sequence[Signature]) -> tuple[list[list[int]], list[list[int]]]:
     """Prefix and suffix LCS lengths, used to find pairs that lie on *some* optimal alignment."""
     n, m = len(a), len(b)
@@ -118,7 +133,7 @@ def align(a: Sequence[Signature], b: Sequence[Signature]) -> tuple[list[tuple[in
 
 def _same_index_pairs(src: dict[int, list[Member]], tgt: dict[int, list[Member]]) -> int:
     """How many children already line up by keeping their index."""
-    return sum(1 for idx in src if idx in tgt and _signature(src[idx]) == _signature(tgt[idx]))
+    return sum(1 for idx in src if idx in tgt and _child_signature(src[idx]) == _child_signature(tgt[idx]))
 
 
 def _renumber_one(
@@ -127,7 +142,7 @@ def _renumber_one(
     if not src or not tgt or len(src) > MAX_CHILDREN or len(tgt) > MAX_CHILDREN:
         return None, None
     s_idx, t_idx = sorted(src), sorted(tgt)
-    pairs, best = align([_signature(src[i]) for i in s_idx], [_signature(tgt[j]) for j in t_idx])
+    pairs, best = align([_child_signature(src[i]) for i in s_idx], [_child_signature(tgt[j]) for j in t_idx])
     unique = len(pairs) == best
     moved = [(s_idx[i], t_idx[j]) for i, j in pairs if s_idx[i] != t_idx[j]]
     if not moved:

@@ -3,18 +3,23 @@
 Public entry point of the matcher (see design.md, "Repairs are inferred and explained").
 ``infer_plan`` runs a greedy search: at each step it scores every candidate rule by the
 shape-consistent (key and shape equal) pairs it would gain and applies the best, until
-nothing improves. Candidates come in tiers by strength of evidence: textual rules (prefixes and
-path segments, where the key text itself agrees), renumbering of numbered children (order +
-shapes), renames of whole subtrees (shapes + order only).
+nothing improves. Candidates come in tiers by strength of evidence, and a tier is consulted only
+when no stronger one has a rule to apply:
 
-Textual rules and renumberings compete on the same score, the number of keys a rule explains;
-the tier only breaks ties between rules that agree. A text rule must not pre-empt a better
-explanation just because it is text: inserting a coincidental ``stem.`` into ``3.weight``
-explains 5 keys, renumbering the container those keys live in explains 10, and applying the
-insert first would send the values of two layers to the wrong places. Renames stay a last
-resort, consulted only when nothing else can be applied (see ``_step``). Two rules that explain
-equally many keys but send them to different places are an ambiguity: neither is applied, nor
-anything that disagrees with them.
+1. leading prefixes (``module.``, ``model.`` → ``backbone.``) and wrapper segments anywhere in
+   the key (``stage2.module.0``): the key text agrees below the edit, and the edit is a known
+   artefact. Applied first even when they land few keys: a renumbering can still re-align a
+   child such a rule landed by coincidence (it re-aligns matched children too).
+2. other path segments inserted or removed inside keys (``stem.``), and renumbering of numbered
+   children (order + shapes). These compete on one score, the keys they explain: inserting a
+   coincidental ``stem.`` into ``3.weight`` explains 5 keys where renumbering the container
+   explains 10, and applying the insert first sends two layers' values to the wrong places.
+3. renames of whole subtrees (shapes + order only), a last resort: moving the largest subtree
+   first because it gains most splits a prefix rule's keys between steps and leaves the rest
+   to coincidences, and a rename cannot be corrected later (it only moves loose keys).
+
+Two rules of a tier that explain equally many keys but send them to different places are an
+ambiguity: neither is applied, nor anything (in any tier) that disagrees with them.
 
 Pure functions over :class:`KeyShape` sequences: no I/O, no torch.
 """
@@ -73,7 +78,7 @@ __all__ = [
 MAX_STEPS = 512
 
 # Tiers, strongest evidence first; see the module docstring.
-TEXT, RENUMBER, RENAME = 0, 1, 2
+TEXT, INNER, RENAME = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -87,17 +92,30 @@ class _Option:
     tier: int
     rank: tuple[int, int] = (0, 0)  # tie-break inside the tier (text rules: kind, then length)
 
-    def order(self) -> tuple[int, int, int, tuple[int, int]]:
-        return (-self.gain, -self.explained, self.tier, self.rank)
+    def order(self) -> tuple[int, int, tuple[int, int]]:
+        return (-self.gain, -self.explained, self.rank)
 
 
-def _options(state: MatchState) -> tuple[list[_Option], list[Ambiguity]]:
-    """Text and renumbering candidates that gain pairs now, best first."""
-    options = [_Option(c.rule, c.moves, c.gain, c.rule.count, TEXT, c.rank) for c in text_candidates(state)]
+def _known_text(rule: Rule) -> bool:
+    """A leading-prefix rule, or a segment rule that only moves wrapper segments."""
+    if isinstance(rule, StripSegment | InsertSegment):
+        return all(s in WRAPPER_SEGMENTS for s in rule.segments)
+    return True
+
+
+def _options(state: MatchState) -> tuple[list[_Option], list[_Option], list[Ambiguity]]:
+    """(tier 1, tier 2) candidates that gain pairs now, each best first."""
+    text: list[_Option] = []
+    inner: list[_Option] = []
+    for c in text_candidates(state):
+        known = _known_text(c.rule)
+        (text if known else inner).append(_Option(c.rule, c.moves, c.gain, c.rule.count, TEXT if known else INNER,
+                                                  c.rank))
     renumbers, ambiguous = renumber_candidates(state)
-    options += [_Option(c.rule, c.moves, c.gain, c.rule.count, RENUMBER) for c in renumbers]
-    options.sort(key=_Option.order)
-    return options, ambiguous
+    inner += [_Option(c.rule, c.moves, c.gain, c.rule.count, INNER, (3, 0)) for c in renumbers]
+    text.sort(key=_Option.order)
+    inner.sort(key=_Option.order)
+    return text, inner, ambiguous
 
 
 def _rename_options(state: MatchState) -> tuple[list[_Option], list[Ambiguity]]:
@@ -108,17 +126,17 @@ def _rename_options(state: MatchState) -> tuple[list[_Option], list[Ambiguity]]:
 
 
 def _rivals(a: _Option, b: _Option, state: MatchState) -> bool:
-    """Are ``a`` and ``b`` equally good explanations that disagree?
+    """Are ``a`` and ``b`` (same tier) equally good explanations that disagree?
 
     Equally good means the same gain and the same number of keys explained (a renumbering that
     re-lands a child already in place explains it too, and is that much better supported).
-    Between two textual rules of different kinds, equal gain is no rivalry: a plain strip/add
-    keeps every name below the prefix, evidence a replace lacks. Across tiers it is: a text
-    rule that happens to fit as many keys as a renumbering has no better claim to them.
+    Between two leading-prefix rules of different kinds, equal gain is no rivalry: a plain
+    strip/add keeps every name below the prefix, evidence a replace lacks. Between an inner
+    segment and a renumbering it is: neither has a better claim to the keys.
     """
     if (a.gain, a.explained) != (b.gain, b.explained):
         return False
-    if a.tier == b.tier == TEXT and a.rank[0] != b.rank[0]:
+    if a.tier == TEXT and a.rank[0] != b.rank[0]:
         return False
     return state.conflicts(a.moves, b.moves)
 
@@ -153,19 +171,10 @@ def _choose(
 
 
 def _step(state: MatchState) -> tuple[list[Rule], list[Ambiguity]]:
-    """Apply the candidate that explains the most keys, unless an equal one disagrees with it.
-
-    Renames (shapes and order of subtrees, nothing else) are consulted only when no text rule or
-    renumbering can be applied. Letting a big subtree rename win on gain splits a prefix rule's
-    keys between steps and leaves the rest to coincidences: with ``module.`` on every key and
-    the root renumbered, renaming ``module.5`` → ``3`` first makes ``strip module.`` land
-    ``module.4.0`` on ``4.0``, where the renumbering would have sent it to ``2.0``. A renumbering
-    can still correct a text rule's coincidental landing later (it re-aligns matched children
-    too); a rename cannot (it only moves loose keys).
-    """
+    """Apply the best candidate of the strongest tier that has one (see the module docstring)."""
     held: list[_Option] = []
-    options, ambiguous = _options(state)
-    best = _choose(state, options, held, ambiguous)
+    text, inner, ambiguous = _options(state)
+    best = _choose(state, text, held, ambiguous) or _choose(state, inner, held, ambiguous)
     if best is None:
         renames, amb_g = _rename_options(state)
         ambiguous += amb_g

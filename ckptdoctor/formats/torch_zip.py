@@ -137,8 +137,9 @@ def read_torch_zip(path: str, entry: str | None = None) -> Checkpoint:
             if numel < 0 or nbytes > length:
                 raise CorruptCheckpoint(f"storage {key!r} declares {nbytes} bytes but holds {length}", path=path)
             device = _location(location)
+            crc = archive.members[member].CRC if nbytes == length else None
             info = StorageInfo(id=key, dtype=storage_type.dtype, nbytes=nbytes, device=device,
-                               source=ByteRange(path, offset, nbytes), name=member)
+                               source=ByteRange(path, offset, nbytes), name=member, crc32=crc)
             storages[key] = info
             return info
 
