@@ -10,6 +10,7 @@ tensor bytes"); engines that need values read them through ``ckptdoctor.formats.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -82,11 +83,13 @@ class TensorRecord:
     requires_grad: bool = False
     layout: str = "strided"  # "strided", "sparse_coo", "quantized", "meta", "nested", ...
 
-    @property
+    # Cached: engines ask for these per tensor many times (a frozen dataclass without slots
+    # keeps the cache in its __dict__; equality and hashing still use the fields only).
+    @functools.cached_property
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return self.numel * itemsize(self.dtype)
 

@@ -29,6 +29,7 @@ import pickle
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, ClassVar
 
 from ..checkpoint import DTYPE_ALIASES, DTYPE_BITS, GlobalRef, OpaqueObject, StorageInfo, TensorRecord
@@ -159,18 +160,18 @@ def _rebuild_parameter(data: Any, requires_grad: Any = True, backward_hooks: Any
                        state: Any = None) -> TensorRecord:
     if not isinstance(data, TensorRecord):
         raise CorruptCheckpoint("a Parameter wraps something that is not a tensor")
-    return TensorRecord(**{**data.__dict__, "is_parameter": True, "requires_grad": bool(requires_grad)})
+    return replace(data, is_parameter=True, requires_grad=bool(requires_grad))
 
 
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
     # Tensor subclasses and tensors with Python attributes (torch/_tensor.py). `func` is one of
     # our stand-ins (anything else was refused by find_class before it reached the stack).
-    if not callable(func) or func not in _TORCH_FUNCTIONS.values() or not isinstance(args, tuple):
+    if not callable(func) or func not in _STAND_INS or not isinstance(args, tuple):
         raise CorruptCheckpoint("_rebuild_from_type_v2 with an unexpected rebuild function")
     result = func(*args)
     if (isinstance(result, TensorRecord) and isinstance(new_type, GlobalRef)
             and new_type.dotted in ("torch.nn.parameter.Parameter", "torch.nn.Parameter")):
-            return TensorRecord(**{**result.__dict__, "is_parameter": True})
+            return replace(result, is_parameter=True)
     return result
 
 
@@ -192,7 +193,7 @@ def _rebuild_device_tensor_from_cpu_tensor(data: Any, dtype: Any, device: Any, r
 def _rebuild_qtensor(storage: Any, storage_offset: Any, size: Any, stride: Any, quantizer_params: Any,
                      requires_grad: Any, backward_hooks: Any) -> TensorRecord:
     record = _make_tensor(storage, storage_offset, size, stride, requires_grad=requires_grad)
-    return TensorRecord(**{**record.__dict__, "layout": "quantized"})
+    return replace(record, layout="quantized")
 
 
 def _rebuild_sparse_tensor(layout: Any, data: Any) -> OpaqueObject:
@@ -274,6 +275,10 @@ _DATA_TYPES: dict[str, Any] = {
     "__builtin__.slice": slice,
 }
 
+# Membership sets for the per-call checks (a 20,000-tensor pickle makes 40,000 calls).
+_STAND_INS = frozenset(_TORCH_FUNCTIONS.values())
+_CALLABLE = _STAND_INS | frozenset(_DATA_TYPES.values())
+
 _LAYOUTS = {"strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "_mkldnn", "jagged",
             "per_tensor_affine", "per_channel_affine", "per_channel_affine_float_qparams",
             "per_tensor_symmetric", "per_channel_symmetric"}
@@ -349,7 +354,7 @@ class SafeUnpickler(_PyUnpickler):
             if func.dotted in RECORDED_VALUE_TYPES:
                 return OpaqueObject(GlobalRef(func.module, func.name), args=args, via="reduce")
             self._refuse_call(func)
-        if func in _TORCH_FUNCTIONS.values() or func in _DATA_TYPES.values():
+        if func in _CALLABLE:
             try:
                 return func(*args)
             except (TypeError, ValueError) as exc:
@@ -373,7 +378,7 @@ class SafeUnpickler(_PyUnpickler):
             return OpaqueObject(GlobalRef(cls.module, cls.name), args=tuple(args), via="newobj")
         if cls is OrderedDict or cls in (set, frozenset, bytearray):
             return cls(*args)
-        if isinstance(cls, StorageType) or cls in _TORCH_FUNCTIONS.values():
+        if isinstance(cls, StorageType) or cls in _STAND_INS:
             raise CorruptCheckpoint("NEWOBJ on a torch function or storage type")
         self._refuse_call(cls)
         return None
@@ -507,18 +512,11 @@ class SafeUnpickler(_PyUnpickler):
                     (index,) = unpack_from("<I", data, pos)
                     memo[index] = stack[-1]
                     pos += 4
-                elif op == 0x6A:  # LONG_BINGET
-                    (index,) = unpack_from("<I", data, pos)
-                    append(memo[index])
-                    pos += 4
-                elif op == 0x71:  # BINPUT
-                    memo[data[pos]] = stack[-1]
+                elif op == 0x4B:  # BININT1
+                    append(data[pos])
                     pos += 1
                 elif op == 0x68:  # BINGET
                     append(memo[data[pos]])
-                    pos += 1
-                elif op == 0x4B:  # BININT1
-                    append(data[pos])
                     pos += 1
                 elif op == 0x28:  # MARK
                     if len(metastack) >= MAX_MARK_DEPTH:
@@ -526,11 +524,6 @@ class SafeUnpickler(_PyUnpickler):
                     metastack.append(stack)
                     stack = []
                     append = stack.append
-                elif op == 0x74:  # TUPLE
-                    items = tuple(stack)
-                    stack = metastack.pop()
-                    append = stack.append
-                    append(items)
                 elif op in (0x58, 0x8C):  # BINUNICODE, SHORT_BINUNICODE
                     if op == 0x58:
                         (size,) = unpack_from("<I", data, pos)
@@ -542,25 +535,37 @@ class SafeUnpickler(_PyUnpickler):
                         raise EOFError("string runs past the end of the pickle")
                     append(str(data[pos:pos + size], "utf-8", "surrogatepass"))
                     pos += size
+                elif op == 0x74:  # TUPLE
+                    items = tuple(stack)
+                    stack = metastack.pop()
+                    append = stack.append
+                    append(items)
+                elif op == 0x86:  # TUPLE2
+                    stack[-2:] = [(stack[-2], stack[-1])]
                 elif op == 0x52:  # REDUCE
                     args = stack.pop()
                     stack[-1] = call(stack[-1], args)
                 elif op == 0x51:  # BINPERSID
                     stack[-1] = self.persistent_load(stack[-1])
-                elif op == 0x94:  # MEMOIZE
-                    memo[len(memo)] = stack[-1]
                 elif op == 0x89:  # NEWFALSE
                     append(False)
+                elif op == 0x29:  # EMPTY_TUPLE
+                    append(())
+                elif op == 0x6A:  # LONG_BINGET
+                    (index,) = unpack_from("<I", data, pos)
+                    append(memo[index])
+                    pos += 4
+                elif op == 0x71:  # BINPUT
+                    memo[data[pos]] = stack[-1]
+                    pos += 1
+                elif op == 0x94:  # MEMOIZE
+                    memo[len(memo)] = stack[-1]
                 elif op == 0x88:  # NEWTRUE
                     append(True)
                 elif op == 0x4E:  # NONE
                     append(None)
-                elif op == 0x29:  # EMPTY_TUPLE
-                    append(())
                 elif op == 0x85:  # TUPLE1
                     stack[-1] = (stack[-1],)
-                elif op == 0x86:  # TUPLE2
-                    stack[-2:] = [(stack[-2], stack[-1])]
                 elif op == 0x87:  # TUPLE3
                     stack[-3:] = [(stack[-3], stack[-2], stack[-1])]
                 elif op == 0x7D:  # EMPTY_DICT
