@@ -90,3 +90,11 @@ def test_saved_non_persistent_buffers_are_harmless_and_dropped(tmp_path: Path) -
     assert run_cli(*doc["suggested_fix"], "-o", out).exit_code == 0
     assert sorted(torch.load(out, weights_only=True)) == sorted(k for k in state if not k.endswith(".bias")
                                                                 or "c_attn" in k)
+
+
+def test_leftover_flags_need_a_spec(tmp_path: Path) -> None:
+    torch.save(CNN().state_dict(), tmp_path / "a.pt")
+    result = run_cli("fix", tmp_path / "a.pt", "--strip", "module.", "--drop-unexpected", "-o", tmp_path / "b.pt")
+    assert result.exit_code == 2
+    assert "need --against" in result.stderr
+    assert not (tmp_path / "b.pt").exists()

@@ -41,6 +41,9 @@ def fix_command(
 
     if out is None and not dry_run:
         raise UsageError("fix needs -o OUT (or --dry-run to only print the mapping)")
+    if (drop_unexpected or allow_missing) and not against:
+        raise UsageError("--drop-unexpected and --allow-missing need --against SPEC (only a spec says which keys "
+                         "the model lacks or wants)")
     if not (strip or add_prefix or rename or against):
         raise UsageError("nothing to do: give --strip, --add-prefix, --rename or --against SPEC")
     edits: list[Edit] = [*(Strip(p) for p in strip), *(AddPrefix(p) for p in add_prefix),
