@@ -461,6 +461,104 @@ def test_ambiguous_renumbering_is_reported_not_guessed() -> None:
     assert not any(isinstance(r, Renumber) for r in plan.rules)
 
 
+def _stem_holder() -> nn.Module:
+    holder = nn.Module()
+    holder.stem = nn.BatchNorm1d(1)
+    return holder
+
+
+def test_renumbering_beats_a_coincidental_inner_segment() -> None:
+    # Found by the property test: `3.*` → `3.stem.*` fits 5 keys by coincidence (every layer is a
+    # BatchNorm1d(1)), renumbering the root explains 10; inserting first put two layers' values
+    # on each other's slots (`insert stem.` then `rename 4.stem → 2`).
+    model = nn.Sequential(nn.BatchNorm1d(1), nn.BatchNorm1d(1), nn.BatchNorm1d(1), _stem_holder())
+    src = randomised(nn.Sequential(nn.BatchNorm1d(1), nn.BatchNorm1d(1), nn.BatchNorm1d(1), _stem_holder()))
+    gaps = {"0": "0", "1": "1", "2": "3", "3": "4"}
+    source = renamed_sd(src, sub(r"^(\d+)\.", lambda m: gaps[m.group(1)] + "."))
+    back = {v: k for k, v in gaps.items()}
+    plan = check_restores(source, model, sub(r"^(\d+)\.", lambda m: back[m.group(1)] + "."))
+    assert [type(r) for r in plan.rules] == [Renumber]
+
+
+def test_prefix_strip_then_renumber_is_not_pre_empted_by_a_big_subtree_rename() -> None:
+    # Every layer the same shape, `module.` on every key and the root renumbered: renaming the
+    # largest subtree (`module.5` → `3`) first would leave `strip module.` to land `module.4.0`
+    # on `4.0`; the strip must come first so the renumbering can re-align every child.
+    def net() -> nn.Module:
+        return nn.Sequential(
+            nn.BatchNorm1d(1), nn.ReLU(), nn.Sequential(nn.BatchNorm1d(1)),
+            nn.Sequential(*(nn.BatchNorm1d(1) for _ in range(4))), nn.Sequential(nn.BatchNorm1d(1), nn.BatchNorm1d(1)),
+        )
+
+    gaps = {"0": "0", "2": "4", "3": "5", "4": "6"}
+    source = renamed_sd(randomised(net()), sub(r"^(\d+)\.", lambda m: f"module.{gaps[m.group(1)]}."))
+    back = {v: k for k, v in gaps.items()}
+    plan = check_restores(source, net(), sub(r"^module\.(\d+)\.", lambda m: back[m.group(1)] + "."))
+    assert [type(r) for r in plan.rules] == [StripPrefix, Renumber]
+
+
+def test_text_rule_and_renumbering_equally_good_is_ambiguous() -> None:
+    # One checkpoint layer, two same-shaped model slots: `1.w` is either `1.stem.w` (insert a
+    # segment) or `0.w` (renumber). Each explains one key; nothing says which, so neither applies.
+    src = [KeyShape("1.w", (3,))]
+    tgt = [KeyShape("0.w", (3,)), KeyShape("1.stem.w", (3,))]
+    plan = infer_plan(src, tgt)
+    assert plan.mapping == () and plan.rules == ()
+    assert plan.ambiguities and plan.unexpected == ("1.w",)
+
+
+def test_renumbering_that_keeps_order_beats_a_rename_of_the_leftover() -> None:
+    # `features.2` already lands on `features.2`; renaming the leftover `4` → `1` gains as much
+    # as renumbering `2→1, 4→2`, but only the renumbering keeps the children's order.
+    src = [KeyShape(f"features.{i}.weight", (3, 3)) for i in (0, 2, 4)]
+    tgt = [KeyShape(f"features.{i}.weight", (3, 3)) for i in (0, 1, 2)]
+    plan = infer_plan(src, tgt)
+    assert plan.mapping_dict() == {"features.0.weight": "features.0.weight",
+                                   "features.2.weight": "features.1.weight",
+                                   "features.4.weight": "features.2.weight"}
+    assert [type(r) for r in plan.rules] == [Renumber] and not plan.ambiguities
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [
+        # Found by the property test (weights all (1, 1)): the inner `module.` must be stripped
+        # before the renumbering, which then re-aligns every child (the strip alone lands
+        # `2.enc.module.weight` on `2.enc.weight` or `3.stem.module.weight` on `3.stem.weight`
+        # by coincidence; renumbering first would leave the wrapped child unaligned).
+        (["2.stem.weight", "2.enc.module.weight", "3.weight", "4.stem.weight", "4.enc.weight"],
+         ["0.stem.weight", "0.enc.weight", "1.weight", "2.stem.weight", "2.enc.weight"]),
+        (["0.weight", "1.weight", "3.stem.module.weight", "3.enc.weight", "4.stem.weight"],
+         ["0.weight", "1.weight", "2.stem.weight", "2.enc.weight", "3.stem.weight"]),
+    ],
+)
+def test_wrapper_segment_comes_before_renumbering(source: list[str], target: list[str]) -> None:
+    plan = infer_plan([KeyShape(k, (1, 1)) for k in source], [KeyShape(k, (1, 1)) for k in target])
+    assert plan.mapping_dict() == dict(zip(source, target, strict=True))
+    assert plan.loads_strictly and not plan.ambiguities
+    assert [type(r) for r in plan.rules] == [StripSegment, Renumber]
+
+
+def test_renumbering_aligns_a_child_that_holds_a_wrapper() -> None:
+    # Found by the property test: child `3` holds a wrapped `enc` (`3.enc.module.*`, a BatchNorm
+    # that lands nowhere until the renumbering), so the wrapper strip gains nothing yet. Child 3
+    # must still align with `2` (wrapper segments ignored in its signature), or `3.stem.weight`
+    # is pushed aside by `4.stem` → `3.stem` and never mapped.
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+    def keys(stem_lin: str, enc_bn: str, stem_bn: str, enc_lin: str) -> list[KeyShape]:
+        out = [KeyShape("0.weight", (1, 1)), KeyShape("1.weight", (1, 1)), KeyShape(stem_lin, (1, 1))]
+        out += [KeyShape(f"{enc_bn}.{b}", () if b == "num_batches_tracked" else (1,)) for b in bn]
+        out += [KeyShape(f"{stem_bn}.{b}", () if b == "num_batches_tracked" else (1,)) for b in bn]
+        return [*out, KeyShape(enc_lin, (1, 1))]
+
+    source = keys("3.stem.weight", "3.enc.module", "4.stem", "4.enc.weight")
+    target = keys("2.stem.weight", "2.enc", "3.stem", "3.enc.weight")
+    plan = infer_plan(source, target)
+    assert plan.mapping_dict() == {s.key: t.key for s, t in zip(source, target, strict=True)}
+    assert plan.loads_strictly and not plan.ambiguities
+
+
 def test_twenty_thousand_prefixed_keys() -> None:
     target = [KeyShape(f"model.layers.{i // 10}.block{i % 10}.weight", (i % 7 + 1, 4)) for i in range(20_000)]
     source = [KeyShape("module._orig_mod." + t.key, t.shape) for t in target]

@@ -105,7 +105,9 @@ def test_plan_inverts_random_corruptions(data: st.DataObject) -> None:
     source = [KeyShape(fsrc(k), s) for k, s in original]
     target = [KeyShape(ftgt(k), s) for k, s in original]
     plan = infer_plan(source, target)
-    assert plan.mapping_dict() == {fsrc(k): ftgt(k) for k in keys}, [r.describe() for r in plan.rules]
+    why = ([r.describe() for r in plan.rules], [a.describe() for a in plan.ambiguities],
+           [s.key for s in source], [t.key for t in target])
+    assert plan.mapping_dict() == {fsrc(k): ftgt(k) for k in keys}, why
     assert plan.loads_strictly and not plan.ambiguities
 
 
