@@ -22,20 +22,16 @@ from typing import Any
 from ..checkpoint import TensorRecord, itemsize
 from ..errors import UnsupportedFormat
 from .atomic import CHUNK, EarlyWriteback, SourceFiles, copy_range, write_all
+from .safetensors_format import SAFETENSORS_DTYPES
 from .tensor_bytes import iter_tensor_chunks
 
-# torch dtype name -> safetensors dtype (safetensors/src/tensor.rs `Dtype`, bindings/python torch.py _TYPES).
-SAFETENSORS_DTYPES: dict[str, str] = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
-    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
-    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "float8_e4m3fnuz": "F8_E4M3FNUZ",
-    "float8_e5m2fnuz": "F8_E5M2FNUZ", "float8_e8m0fnu": "F8_E8M0", "complex64": "C64",
-}
+# torch dtype name -> safetensors dtype: the reader's table inverted, without float4 (its
+# element count differs between the two libraries, see safetensors_format).
+TORCH_TO_SAFETENSORS: dict[str, str] = {torch: st for st, torch in SAFETENSORS_DTYPES.items() if st != "F4"}
 
 
 def _check_tensor(key: str, tensor: TensorRecord) -> None:
-    if tensor.dtype not in SAFETENSORS_DTYPES:
+    if tensor.dtype not in TORCH_TO_SAFETENSORS:
         raise UnsupportedFormat(f"tensor {key!r} is {tensor.dtype}, which safetensors cannot store",
                                 hint="Write a torch.save file instead (an OUT not ending in .safetensors).")
     if tensor.layout != "strided" or (tensor.storage is None and tensor.numel):
@@ -65,7 +61,7 @@ def build_header(layout: Sequence[tuple[str, TensorRecord, int, int]], metadata:
     """The length-prefixed, space-padded JSON header; keys in state-dict order."""
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     for key, tensor, begin, end in layout:
-        header[key] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+        header[key] = {"dtype": TORCH_TO_SAFETENSORS[tensor.dtype], "shape": list(tensor.shape),
                        "data_offsets": [begin, end]}
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-(8 + len(text)) % 8)
