@@ -36,7 +36,8 @@ from ..checkpoint import DTYPE_BITS, ByteRange, Checkpoint, GlobalRef, OpaqueObj
 from ..errors import CkptDoctorError, CorruptCheckpoint, LimitExceeded, UnsupportedFormat
 from .directory import member_path
 from .locate import build_checkpoint
-from .safe_pickle import StorageType, contiguous_stride, load_pickle
+from .pickle_globals import StorageType, contiguous_stride
+from .safe_pickle import load_pickle
 from .torch_zip import LOCAL_HEADER, ZIP_MAGIC
 
 DCP_MODULE = "torch.distributed.checkpoint.metadata"

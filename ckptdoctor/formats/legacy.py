@@ -16,7 +16,8 @@ from typing import Any
 from ..checkpoint import ByteRange, Checkpoint, StorageInfo, itemsize
 from ..errors import CorruptCheckpoint, LimitExceeded, UnsupportedFormat
 from .locate import build_checkpoint
-from .safe_pickle import PendingStorage, StorageType, UnknownGlobal, read_pickle_stream
+from .pickle_globals import PendingStorage, StorageType, UnknownGlobal
+from .safe_pickle import read_pickle_stream
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001

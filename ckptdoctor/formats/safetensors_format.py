@@ -25,7 +25,7 @@ from typing import Any
 from ..checkpoint import ByteRange, Checkpoint, StorageInfo, TensorRecord, itemsize
 from ..errors import CorruptCheckpoint, EntryNotFound, LimitExceeded, UnsupportedFormat
 from .locate import build_checkpoint
-from .safe_pickle import contiguous_stride
+from .pickle_globals import contiguous_stride
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own MAX_HEADER_SIZE (src/tensor.rs)
 MAX_DIMS = 64

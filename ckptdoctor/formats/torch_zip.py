@@ -19,7 +19,8 @@ from typing import Any
 from ..checkpoint import ByteRange, Checkpoint, StorageInfo, itemsize
 from ..errors import CorruptCheckpoint, LimitExceeded, UnsafeContent, UnsupportedFormat
 from .locate import build_checkpoint
-from .safe_pickle import StorageType, load_pickle
+from .pickle_globals import StorageType
+from .safe_pickle import load_pickle
 
 ZIP_MAGIC = b"PK\x03\x04"
 MAX_MEMBERS = 5_000_000

@@ -27,7 +27,7 @@ from typing import Any
 from ..checkpoint import GlobalRef, OpaqueObject, StorageInfo, TensorRecord, itemsize
 from ..errors import CorruptCheckpoint, UnsupportedFormat
 from .atomic import CHUNK, EarlyWriteback, SourceFiles, copy_range, progress_counter, write_all
-from .safe_pickle import STORAGE_TYPES, DtypeRef, LayoutRef, StorageType
+from .pickle_globals import STORAGE_TYPES, DtypeRef, LayoutRef, StorageType
 from .tensor_bytes import iter_tensor_chunks
 
 # dtype -> typed storage class name (torch/storage.py `_dtype_to_storage_type_map`). Every other
