@@ -500,10 +500,10 @@ def test_backbone_into_larger_model_needs_allow_missing(models: Models, tmp_path
     spec = models.spec("vgg_with_head")
     doc = check_json(path, spec)
     assert doc["ok"] is False
-    assert "missing-container-prefix" in codes(doc) and "missing-keys" in codes(doc)
+    assert "missing-container-prefix" in codes(doc) and "new-head" in codes(doc)
     assert set(doc["missing_keys"]) >= {"head.weight", "head.bias"}
-    # head.* have no tensor anywhere: no fix loads strictly
-    assert doc["suggested_fix"] is None
+    # head.* have no tensor anywhere: the suggestion writes the backbone and says the head stays missing
+    assert doc["suggested_fix"] == ["fix", str(path), "--against", spec, "--allow-missing"]
 
     refused = tmp_path / "refused.pt"
     r = run_cli("fix", str(path), "--against", spec, "-o", str(refused))
@@ -529,7 +529,8 @@ def test_larger_model_into_backbone_needs_drop_unexpected(models: Models, tmp_pa
     torch.save(big, path)
     spec = models.spec("vgg_relu")
     doc = check_json(path, spec)
-    assert "unexpected-keys" in codes(doc)
+    assert "dropped-head" in codes(doc)
+    assert doc["suggested_fix"] == ["fix", str(path), "--against", spec, "--drop-unexpected"]
     refused = tmp_path / "refused.pt"
     r = run_cli("fix", str(path), "--against", spec, "-o", str(refused))
     assert r.exit_code == 1 and not refused.exists()

@@ -287,6 +287,11 @@ def _mismatch_findings(plan: Plan, target: Sequence[KeyShape]) -> tuple[list[Fin
     return found, len(by_code.get("shape-mismatch", [])) + len(by_code.get("same-numel-different-shape", []))
 
 
+def _head_only(keys: Sequence[str]) -> bool:
+    """Every key lies under a task head (``classifier.*``, ``lm_head.*``, ``cls.predictions.*``...)."""
+    return bool(keys) and all(any(seg in _HEAD_NAMES for seg in k.split(".")[:-1]) for k in keys)
+
+
 def _whole_blocks(keys: Sequence[str], all_keys: Sequence[str]) -> list[str]:
     """Numbered children (``layer3.4``) whose every key is in ``keys`` while siblings are not."""
     block_re = re.compile(r"^((?:[^.]+\.)*?\d+)\.")
@@ -326,6 +331,19 @@ def _leftover_findings(plan: Plan, source: Sequence[KeyShape], target: Sequence[
                              f"the checkpoint is a different variant of this architecture (depth or width "
                              f"differs): {what}; no renaming can fix that", tuple(blocks), len(blocks) or generic,
                              {"blocks": blocks, "generic_mismatches": generic}))
+    if missing and _head_only(missing):
+        found.append(Finding("new-head", "error",
+                             f"the model has a task head the checkpoint lacks ({_short(missing)}): the checkpoint is "
+                             "a backbone / base model; `fix --allow-missing` writes it under the model's names, then "
+                             "initialise the head and load with strict=False",
+                             tuple(missing), len(missing), {"patterns": group_keys(missing)}))
+        missing = []
+    if unexpected and _head_only(unexpected):
+        found.append(Finding("dropped-head", "error",
+                             f"the checkpoint has a task head the model lacks ({_short(unexpected)}): "
+                             "`fix --drop-unexpected` leaves it out and the rest loads strictly",
+                             tuple(unexpected), len(unexpected), {"patterns": group_keys(unexpected)}))
+        unexpected = []
     if missing:
         found.append(Finding("missing-keys", "error", f"{len(missing)} model key(s) get no value: {_short(missing)}",
                              tuple(missing), len(missing), {"patterns": group_keys(missing)}))
@@ -441,6 +459,9 @@ def suggested_fix_args(plan: Plan, path: str, spec: str, non_persistent: Sequenc
     """
     _, missing = _harmless(plan.missing, HARMLESS_MISSING, (t for _, t in plan.mapping))
     _, unexpected = _harmless(plan.unexpected, HARMLESS_UNEXPECTED, buffers=non_persistent)
+    # A new or dropped task head is repaired with the same flags (the findings say what they do).
+    missing = [] if _head_only(missing) and len(missing) < len(plan.mapping) else missing
+    unexpected = [] if _head_only(unexpected) and len(unexpected) < len(plan.mapping) else unexpected
     if missing or unexpected or plan.shape_mismatches or plan.ambiguities:
         return None
     if not plan.rules and not plan.missing and not plan.unexpected:

@@ -8,6 +8,7 @@ plus :func:`adapt_state` for the Python API. The same :class:`~.match_rules.Plan
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -174,6 +175,9 @@ class RepairPlan:
         return tuple((a, b) for a, b in self.mapping if a != b)
 
 
+_LORA_KEY = re.compile(r"(^|\.)(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)(\.|$)")
+
+
 def _harmless(keys: Sequence[str], names: Sequence[str]) -> bool:
     return all(k.rpartition(".")[2] in names for k in keys)
 
@@ -208,6 +212,11 @@ def plan_repair(ckpt: Checkpoint, *, edits: Sequence[Edit] = (), spec: ModelSpec
     if plan.ambiguities:
         raise FixRefused(f"the repair is ambiguous ({plan.ambiguities[0].reason}); nothing was written",
                          hint="Resolve it with explicit --rename edits; `ckptdoctor check` shows the candidates.")
+    lora = [k for k in plan.unexpected if _LORA_KEY.search(k)]
+    if lora:
+        raise FixRefused(f"{len(lora)} LoRA adapter tensors (e.g. `{lora[0]}`) would be dropped: the result would be "
+                         "the base model without the fine-tuning; nothing was written",
+                         hint="Merge the adapters into the weights first (PEFT: model.merge_and_unload()), then fix.")
     if plan.unexpected and not drop_unexpected:
         kind = "known-harmless " if _harmless(plan.unexpected, HARMLESS_UNEXPECTED) else ""
         raise FixRefused(f"{len(plan.unexpected)} {kind}checkpoint keys have no place in the model "

@@ -1,0 +1,104 @@
+"""Hugging Face style base model ↔ task model, and LoRA adapters: suggested repairs and refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tests.cli_helpers import run_cli
+
+MODELS = '''
+from torch import nn
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embeddings = nn.Embedding(50, 16)
+        self.layer = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+        self.pooler = nn.Linear(16, 16)
+
+
+class ForClassification(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bert = Encoder()
+        self.classifier = nn.Linear(16, 4)
+
+
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 2)
+'''
+
+
+def _models(tmp_path: Path) -> Path:
+    path = tmp_path / "hf_like.py"
+    path.write_text(MODELS)
+    return path
+
+
+def _load(module_path: Path, name: str) -> torch.nn.Module:
+    namespace: dict[str, object] = {}
+    exec(compile(module_path.read_text(), str(module_path), "exec"), namespace)  # the test's own module text
+    return namespace[name]()  # type: ignore[operator]
+
+
+def test_base_model_into_task_model_suggests_allow_missing(tmp_path: Path) -> None:
+    models = _models(tmp_path)
+    base = _load(models, "Encoder")
+    torch.save(base.state_dict(), tmp_path / "base.pt")
+    spec = f"{models}:ForClassification"
+    doc = run_cli("check", tmp_path / "base.pt", "--against", spec, "--json").json()
+    codes = [f["code"] for f in doc["findings"]]
+    assert "new-head" in codes and "missing-container-prefix" in codes
+    assert doc["suggested_fix"] == ["fix", str(tmp_path / "base.pt"), "--against", spec, "--allow-missing"]
+    out = tmp_path / "cls.pt"
+    assert run_cli(*doc["suggested_fix"], "-o", out).exit_code == 0
+    model = _load(models, "ForClassification")
+    result = model.load_state_dict(torch.load(out, weights_only=True), strict=False)
+    assert sorted(result.missing_keys) == ["classifier.bias", "classifier.weight"]
+    assert not result.unexpected_keys
+    for key, value in base.state_dict().items():
+        assert torch.equal(model.state_dict()[f"bert.{key}"], value)
+
+
+def test_task_model_into_base_model_suggests_drop_unexpected(tmp_path: Path) -> None:
+    models = _models(tmp_path)
+    task = _load(models, "ForClassification")
+    torch.save(task.state_dict(), tmp_path / "cls.pt")
+    spec = f"{models}:Encoder"
+    doc = run_cli("check", tmp_path / "cls.pt", "--against", spec, "--json").json()
+    assert "dropped-head" in [f["code"] for f in doc["findings"]]
+    assert doc["suggested_fix"] == ["fix", str(tmp_path / "cls.pt"), "--against", spec, "--drop-unexpected"]
+    out = tmp_path / "base.pt"
+    assert run_cli(*doc["suggested_fix"], "-o", out).exit_code == 0
+    model = _load(models, "Encoder")
+    model.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, task.state_dict()[f"bert.{key}"])
+
+
+def test_unmerged_lora_is_never_dropped(tmp_path: Path) -> None:
+    """Dropping lora_A/lora_B would silently give back the base model: refused even with --drop-unexpected."""
+    models = _models(tmp_path)
+    plain = _load(models, "Plain").state_dict()
+    state = {}
+    for name in ("proj", "out"):
+        state[f"base_model.model.{name}.base_layer.weight"] = plain[f"{name}.weight"]
+        state[f"base_model.model.{name}.base_layer.bias"] = plain[f"{name}.bias"]
+        state[f"base_model.model.{name}.lora_A.default.weight"] = torch.randn(2, 8)
+        state[f"base_model.model.{name}.lora_B.default.weight"] = torch.randn(plain[f"{name}.weight"].shape[0], 2)
+    torch.save(state, tmp_path / "peft.pt")
+    spec = f"{models}:Plain"
+    doc = run_cli("check", tmp_path / "peft.pt", "--against", spec, "--json").json()
+    assert "lora-unmerged" in [f["code"] for f in doc["findings"]]
+    assert doc["suggested_fix"] is None
+    out = tmp_path / "out.pt"
+    result = run_cli("fix", tmp_path / "peft.pt", "--against", spec, "--drop-unexpected", "-o", out)
+    assert result.exit_code == 1
+    assert "LoRA" in result.stderr
+    assert not out.exists()
