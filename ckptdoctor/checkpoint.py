@@ -217,6 +217,9 @@ class Checkpoint:
     tensors: tuple[TensorInfo, ...]
     extra: Mapping[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    # State-dict keys whose values are not plain tensors (``_extra_state``, quantized packed
+    # parameters, sparse tensors): torch's strict load counts them as keys too.
+    extra_keys: tuple[str, ...] = ()
 
     def __iter__(self) -> Iterator[TensorInfo]:
         return iter(self.tensors)

@@ -128,8 +128,11 @@ def _rule_line(rule: Any, complete: bool) -> str:
     return f"A's keys become B's keys by: {rule.describe()}"
 
 
+NOT_A_TENSOR = (-1,)  # the shape non-tensor entries match with: only each other (as in engines.doctor)
+
+
 def _pair(a: Checkpoint, b: Checkpoint) -> _Pairing:
-    keys_a, keys_b = a.keys(), b.keys()
+    keys_a, keys_b = [*a.keys(), *a.extra_keys], [*b.keys(), *b.extra_keys]
     set_b = set(keys_b)
     if set(keys_a) == set_b:
         return _Pairing(tuple((k, k) for k in keys_a), (), (), ())
@@ -140,8 +143,10 @@ def _pair(a: Checkpoint, b: Checkpoint) -> _Pairing:
         set_a = set(keys_a)
         return _Pairing(tuple((k, k) for k in common), tuple(k for k in keys_a if k not in set_b),
                         tuple(k for k in keys_b if k not in set_a), ())
-    plan = infer_plan([KeyShape(t.key, t.shape, t.dtype) for t in a],
-                      [KeyShape(t.key, t.shape, t.dtype) for t in b])
+    plan = infer_plan([*(KeyShape(t.key, t.shape, t.dtype) for t in a),
+                       *(KeyShape(k, NOT_A_TENSOR, "object") for k in a.extra_keys)],
+                      [*(KeyShape(t.key, t.shape, t.dtype) for t in b),
+                       *(KeyShape(k, NOT_A_TENSOR, "object") for k in b.extra_keys)])
     partner = dict(plan.mapping)
     partner.update({m.source_key: m.target_key for m in plan.shape_mismatches})
     pairs = tuple((k, partner[k]) for k in keys_a if k in partner)
@@ -228,7 +233,7 @@ def diff(a: Checkpoint, b: Checkpoint, *, values: bool = False, rtol: float | No
     """
     pairing = _pair(a, b)
     info_a, info_b = a.by_key(), b.by_key()
-    pairs = [(info_a[ka], info_b[kb]) for ka, kb in pairing.pairs]
+    pairs = [(info_a[ka], info_b[kb]) for ka, kb in pairing.pairs if ka in info_a and kb in info_b]
     shape_changed: list[ShapeChange] = []
     dtype_changed: list[DtypeChange] = []
     value_changed: list[ValueChange] = []
@@ -272,6 +277,11 @@ def diff(a: Checkpoint, b: Checkpoint, *, values: bool = False, rtol: float | No
         explanations.append(f"values of {len(not_compared)} tensors could not be read (no bytes in the file); "
                             "they were compared by key, shape and dtype only")
     explanations += _sharing_lines(a, b, pairing.pairs)
+    # Non-tensor state-dict entries (_extra_state, packed params, sparse tensors) pair by key only.
+    shared_extra = sum(1 for ka, _ in pairing.pairs if ka in set(a.extra_keys))
+    if shared_extra:
+        explanations.append(f"{shared_extra} state-dict entries that are not plain tensors (extra state, packed or "
+                            "sparse tensors) are in both files and were compared by key only")
     return DiffResult(
         identical=not differs,
         only_in_a=pairing.only_a,

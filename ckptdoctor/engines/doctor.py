@@ -14,17 +14,27 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..checkpoint import Checkpoint, TensorRecord
+from ..checkpoint import Checkpoint
 from ..errors import FixRefused, UsageError
-from ..formats.locate import state_dict_metadata
+from ..formats.locate import state_dict_metadata, state_dict_order, state_dict_values
 from .diagnose import HARMLESS_MISSING, HARMLESS_UNEXPECTED, Diagnosis, Finding, diagnose, suggested_fix_args
 from .match_edits import Edit, apply_edits
 from .match_rules import KeyShape, Plan
 from .spec import DigestMismatch, ModelSpec, check_digests
 
+# Non-tensor state-dict entries (``_extra_state``, packed params) take part in matching with a
+# shape no tensor has, so they pair only with each other and follow the same renames.
+NOT_A_TENSOR = (-1,)
+
 
 def checkpoint_keys(ckpt: Checkpoint) -> list[KeyShape]:
-    return [KeyShape(t.key, tuple(t.shape), t.dtype) for t in ckpt.tensors]
+    """The state dict's keys in file order, tensors with their shapes, other entries as NOT_A_TENSOR."""
+    keys = [KeyShape(t.key, tuple(t.shape), t.dtype) for t in ckpt.tensors]
+    if not ckpt.extra_keys:
+        return keys
+    position = {k: i for i, k in enumerate(state_dict_order(ckpt))}
+    keys += [KeyShape(k, NOT_A_TENSOR, "object") for k in ckpt.extra_keys]
+    return sorted(keys, key=lambda ks: position.get(ks.key, len(position)))
 
 
 def implicit_counters(ckpt: Checkpoint) -> dict[str, str]:
@@ -62,7 +72,8 @@ def _with_implicit(keys: list[KeyShape], implicit: Mapping[str, str]) -> list[Ke
 
 
 def spec_keys(spec: ModelSpec) -> list[KeyShape]:
-    return [KeyShape(t.key, tuple(t.shape), t.dtype) for t in spec.tensors]
+    keys = [KeyShape(t.key, tuple(t.shape), t.dtype) for t in spec.tensors]
+    return keys + [KeyShape(k, NOT_A_TENSOR, "object") for k in spec.extra_keys]
 
 
 @dataclass(frozen=True)
@@ -189,17 +200,18 @@ def plan_repair(ckpt: Checkpoint, *, edits: Sequence[Edit] = (), spec: ModelSpec
     Raises :class:`FixRefused` (exit 1) when the result would not load strictly into the spec
     and the flags do not allow the leftovers, so nothing is written.
     """
-    keys = [t.key for t in ckpt.tensors]
+    own = checkpoint_keys(ckpt)  # tensors and non-tensor entries (renamed alike)
+    keys = [ks.key for ks in own]
     if spec is None:
         edited = apply_edits(keys, list(edits)) if edits else [(k, k) for k in keys]
         return RepairPlan(tuple(edited), (), (), None, tuple(edits))
     # Counters torch fills in on load take part in the matching (so renames move them), but
     # they have no tensor to write: they are left out of the mapping below.
     implicit = implicit_counters(ckpt)
-    all_keys = [ks.key for ks in _with_implicit(checkpoint_keys(ckpt), implicit)]
+    all_keys = [ks.key for ks in _with_implicit(own, implicit)]
     edited = apply_edits(all_keys, list(edits)) if edits else [(k, k) for k in all_keys]
-    shapes = {t.key: tuple(t.shape) for t in ckpt.tensors} | dict.fromkeys(implicit, ())
-    dtypes = {t.key: t.dtype for t in ckpt.tensors} | dict.fromkeys(implicit, "int64")
+    shapes = {ks.key: tuple(ks.shape) for ks in own} | dict.fromkeys(implicit, ())
+    dtypes = {ks.key: ks.dtype for ks in own} | dict.fromkeys(implicit, "int64")
     source = [KeyShape(new, shapes[old], dtypes[old]) for old, new in edited]
     diagnosis = diagnose(source, spec_keys(spec), state_dict_path=ckpt.state_dict_path,
                          non_persistent=spec.non_persistent)
@@ -234,10 +246,12 @@ def plan_repair(ckpt: Checkpoint, *, edits: Sequence[Edit] = (), spec: ModelSpec
     return RepairPlan(mapping, dropped, plan.missing, diagnosis, tuple(edits), tuple(spec.keys()))
 
 
-def repaired_entries(ckpt: Checkpoint, plan: RepairPlan) -> list[tuple[str, TensorRecord]]:
+def repaired_entries(ckpt: Checkpoint, plan: RepairPlan) -> list[tuple[str, Any]]:
     """The new state dict's (key, tensor) pairs: in the model's order when a spec gave one
     (as ``model.state_dict()`` would write them), else in the file's order."""
-    by_key = {t.key: t.tensor for t in ckpt.tensors}
+    by_key: dict[str, Any] = {t.key: t.tensor for t in ckpt.tensors}
+    if ckpt.extra_keys:
+        by_key.update(state_dict_values(ckpt, ckpt.extra_keys))
     entries = [(new, by_key[old]) for old, new in plan.mapping]
     if plan.target_order:
         position = {k: i for i, k in enumerate(plan.target_order)}

@@ -37,7 +37,7 @@ SCHEMA_VERSION = 1
 MAX_SPEC_BYTES = 256 << 20
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-_TOP_FIELDS = {"schema_version", "source", "kind", "tensors", "non_persistent", "notes"}
+_TOP_FIELDS = {"schema_version", "source", "kind", "tensors", "non_persistent", "extra_keys", "notes"}
 _TENSOR_FIELDS = {"key", "shape", "dtype", "digest"}
 
 SpecKind = Literal["callable", "spec-file", "checkpoint"]
@@ -72,6 +72,7 @@ class ModelSpec:
     tensors: tuple[SpecTensor, ...]
     non_persistent: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    extra_keys: tuple[str, ...] = ()  # state-dict keys whose values are not tensors (``_extra_state``)
 
     def keys(self) -> list[str]:
         return [t.key for t in self.tensors]
@@ -127,7 +128,7 @@ def _looks_like_json(path: str) -> bool:
 
 def _checkpoint_spec(source: str, ckpt: Checkpoint) -> ModelSpec:
     tensors = tuple(SpecTensor(t.key, tuple(t.shape), t.dtype) for t in ckpt)
-    return ModelSpec(source, "checkpoint", tensors, notes=tuple(ckpt.notes))
+    return ModelSpec(source, "checkpoint", tensors, notes=tuple(ckpt.notes), extra_keys=ckpt.extra_keys)
 
 
 # ---------------------------------------------------------------- spec files
@@ -208,7 +209,7 @@ def parse_spec_document(doc: Any, path: str = "<spec>") -> ModelSpec:
             raise _fail(path, f"{where} ({key}): digest must be 64 lowercase hex digits (SHA-256)")
         tensors.append(SpecTensor(key, shape, dtype, digest))
     return ModelSpec(source or path, "spec-file", tuple(tensors), _strings(doc, "non_persistent", path),
-                     _strings(doc, "notes", path))
+                     _strings(doc, "notes", path), _strings(doc, "extra_keys", path))
 
 
 # ---------------------------------------------------------------- callables (user code runs here)
@@ -290,13 +291,14 @@ def _callable_spec(spec: str, module: Any, name: str) -> ModelSpec:
                         hint="The callable must take no arguments and return the model (an nn.Module).")
     state = model.state_dict()
     tensors = []
+    extra: list[str] = []
     for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            notes.append(f"`{key}` is not a tensor (extra state); it is not part of the spec")
+        if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+            extra.append(key)  # extra state, packed params, sparse tensors: keys, but no shape to check
             continue
         tensors.append(SpecTensor(key, tuple(value.shape), str(value.dtype).removeprefix("torch.")))
     non_persistent = tuple(n for n, _ in model.named_buffers() if n not in state)
-    return ModelSpec(spec, "callable", tuple(tensors), non_persistent, tuple(notes))
+    return ModelSpec(spec, "callable", tuple(tensors), non_persistent, tuple(notes), tuple(extra))
 
 
 # ---------------------------------------------------------------- building and checking
@@ -336,6 +338,8 @@ def build_spec(source: str, digests: bool = False, progress: Progress | None = N
         entries.append(entry)
     doc: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "source": source, "kind": spec.kind,
                            "tensors": entries, "non_persistent": list(spec.non_persistent)}
+    if spec.extra_keys:
+        doc["extra_keys"] = list(spec.extra_keys)
     if spec.notes:
         doc["notes"] = list(spec.notes)
     return doc

@@ -9,7 +9,7 @@ the same for every format.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from ..checkpoint import Checkpoint, OpaqueObject, TensorInfo, TensorRecord
@@ -116,9 +116,19 @@ def tensor_entries(node: Any) -> list[tuple[str, TensorRecord]] | None:
     if not isinstance(node, Mapping) or not node:
         return None
     tensors = [(k, v) for k, v in node.items() if isinstance(k, str) and isinstance(v, TensorRecord)]
-    if not tensors or len(tensors) * 2 < len(node):
+    tensorish = sum(1 for v in node.values() if _tensor_like(v))
+    if not tensorish or tensorish * 2 < len(node):
         return None
     return tensors
+
+
+def _tensor_like(value: Any) -> bool:
+    """A tensor, or a value torch rebuilds from tensors (sparse/nested tensors, packed params)."""
+    if isinstance(value, TensorRecord):
+        return True
+    if isinstance(value, OpaqueObject):
+        return value.cls.module == "torch._utils"
+    return isinstance(value, tuple) and any(isinstance(v, TensorRecord) for v in value)
 
 
 def find_state_dict(root: Any) -> tuple[tuple[str, ...], list[tuple[str, TensorRecord]]]:
@@ -209,12 +219,36 @@ def build_checkpoint(path: str, fmt: str, file_size: int, root: Any, *, entry: s
     target = root
     for name in sd_path:
         target = child(target, name)
+    extra_keys: tuple[str, ...] = ()
+    mapping = target.items if isinstance(target, OpaqueObject) and not is_module_object(target) else target
+    if isinstance(mapping, Mapping):
+        extra_keys = tuple(str(k) for k, v in mapping.items() if not isinstance(v, TensorRecord))
+        if extra_keys:
+            shown = ", ".join(f"{k} ({_kind(mapping[k])})" for k in extra_keys[:4])
+            more = f" (+{len(extra_keys) - 4} more)" if len(extra_keys) > 4 else ""
+            notes_out.append(f"{len(extra_keys)} state-dict entries are not plain tensors: {shown}{more}")
+    subclassed = [t.key for t in tensors if t.tensor.layout.startswith("subclass:")]
+    if subclassed:
+        kind = tensors[[t.key for t in tensors].index(subclassed[0])].tensor.layout.removeprefix("subclass:")
+        notes_out.append(f"{len(subclassed)} tensors are {kind} instances (e.g. {subclassed[0]}): sharded or "
+                         "wrapped values that cannot be read or rewritten as plain tensors; save a full state "
+                         "dict (e.g. torch.distributed.checkpoint.state_dict.get_model_state_dict with "
+                         "full_state_dict=True) instead")
     if is_module_object(target):
         cls = target.cls.dotted if isinstance(target, OpaqueObject) else "?"
         notes_out.append(f"the file pickles a whole module ({cls}); its state dict was rebuilt from the "
                          "module's parameters and buffers without importing the class")
     return Checkpoint(path=path, format=fmt, file_size=file_size, root=root, state_dict_path=sd_path,
-                      tensors=tuple(tensors), extra=dict(extra or {}), notes=tuple(notes_out))
+                      tensors=tuple(tensors), extra=dict(extra or {}), notes=tuple(notes_out),
+                      extra_keys=extra_keys)
+
+
+def _kind(value: Any) -> str:
+    if type(value).__name__ == "DtypeRef":
+        return "dtype"
+    if isinstance(value, OpaqueObject):
+        return value.cls.dotted.rsplit(".", 1)[-1].lstrip("_")
+    return type(value).__name__
 
 
 def state_dict_metadata(ckpt: Checkpoint) -> Any:
@@ -226,3 +260,25 @@ def state_dict_metadata(ckpt: Checkpoint) -> Any:
     except KeyError:
         return None
     return getattr(node, "_metadata", None)
+
+
+def _state_dict_node(ckpt: Checkpoint) -> Any:
+    node: Any = ckpt.root
+    for name in ckpt.state_dict_path:
+        node = child(node, name)
+    return node.items if isinstance(node, OpaqueObject) and not is_module_object(node) else node
+
+
+def state_dict_order(ckpt: Checkpoint) -> list[str]:
+    """Every key of the state dict mapping in order, tensors or not."""
+    node = _state_dict_node(ckpt)
+    return [str(k) for k in node] if isinstance(node, Mapping) else [t.key for t in ckpt.tensors]
+
+
+def state_dict_values(ckpt: Checkpoint, keys: Iterable[str]) -> dict[str, Any]:
+    """The values (as read: records, bytes, tuples) of the given state-dict keys."""
+    node = _state_dict_node(ckpt)
+    if not isinstance(node, Mapping):
+        return {}
+    wanted = set(keys)
+    return {str(k): v for k, v in node.items() if str(k) in wanted}

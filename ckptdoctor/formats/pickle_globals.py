@@ -146,9 +146,13 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> An
     if not callable(func) or func not in STAND_INS or not isinstance(args, tuple):
         raise CorruptCheckpoint("_rebuild_from_type_v2 with an unexpected rebuild function")
     result = func(*args)
-    if (isinstance(result, TensorRecord) and isinstance(new_type, GlobalRef)
-            and new_type.dotted in ("torch.nn.parameter.Parameter", "torch.nn.Parameter")):
+    if isinstance(result, TensorRecord) and isinstance(new_type, GlobalRef):
+        if new_type.dotted in ("torch.nn.parameter.Parameter", "torch.nn.Parameter"):
             return replace(result, is_parameter=True)
+        if new_type.dotted not in ("torch.Tensor", "torch._tensor.Tensor"):
+            # A tensor subclass (DTensor, a quantization wrapper...): its values live in the
+            # subclass's state, which a plain rebuild would lose; the layout says so.
+            return replace(result, layout=f"subclass:{new_type.dotted}")
     return result
 
 
@@ -174,12 +178,13 @@ def _rebuild_qtensor(storage: Any, storage_offset: Any, size: Any, stride: Any, 
 
 
 def _rebuild_sparse_tensor(layout: Any, data: Any) -> OpaqueObject:
-    return OpaqueObject(GlobalRef("torch", f"sparse_tensor[{layout}]"), args=tuple(data), via="reduce")
+    # Recorded as the call itself, so a writer can re-emit it exactly (its parts are tensors).
+    return OpaqueObject(GlobalRef("torch._utils", "_rebuild_sparse_tensor"), args=(layout, data), via="reduce")
 
 
 def _rebuild_nested_tensor(buffer: Any, sizes: Any, strides: Any, storage_offsets: Any) -> OpaqueObject:
-    return OpaqueObject(GlobalRef("torch", "nested_tensor"), args=(buffer, sizes, strides, storage_offsets),
-                        via="reduce")
+    return OpaqueObject(GlobalRef("torch._utils", "_rebuild_nested_tensor"),
+                        args=(buffer, sizes, strides, storage_offsets), via="reduce")
 
 
 def _torch_size(dims: Any = ()) -> tuple[int, ...]:
@@ -256,6 +261,8 @@ DATA_TYPES: dict[str, Any] = {
 STAND_INS = frozenset(TORCH_FUNCTIONS.values())
 CALLABLE_STAND_INS = STAND_INS | frozenset(DATA_TYPES.values())
 
+TENSOR_LAYOUTS = frozenset({"strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc",
+                            "_mkldnn", "jagged"})
 _LAYOUTS = {"strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "_mkldnn", "jagged",
             "per_tensor_affine", "per_channel_affine", "per_channel_affine_float_qparams",
             "per_tensor_symmetric", "per_channel_symmetric"}

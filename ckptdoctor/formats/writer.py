@@ -166,8 +166,8 @@ def _dropped_non_tensors(ckpt: Checkpoint, entries: Sequence[tuple[str, Any]]) -
     source = _node_at(ckpt.root, ckpt.state_dict_path)
     if not isinstance(source, Mapping):
         return []
-    keys = {k for k, _ in entries}
-    missing = [str(k) for k, v in source.items() if not isinstance(v, TensorRecord) and k not in keys]
+    passed = {id(v) for _, v in entries}  # entries may carry them under new (renamed) keys
+    missing = [str(k) for k, v in source.items() if not isinstance(v, TensorRecord) and id(v) not in passed]
     if not missing:
         return []
     return [f"state-dict entries that are not tensors were not written: {_listed(missing)} "
@@ -234,6 +234,9 @@ def _walk_tensors(node: Any, seen: set[int] | None = None, depth: int = 0) -> It
     seen.add(id(node))
     for _, sub in children(node):
         yield from _walk_tensors(sub, seen, depth + 1)
+    if isinstance(node, OpaqueObject):  # a recorded call (sparse tensor) keeps tensors in its arguments
+        for sub in node.args:
+            yield from _walk_tensors(sub, seen, depth + 1)
 
 
 def _sharing(tensors: Sequence[TensorRecord]) -> list[int]:

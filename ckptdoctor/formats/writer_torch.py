@@ -27,7 +27,7 @@ from typing import Any
 from ..checkpoint import GlobalRef, OpaqueObject, StorageInfo, TensorRecord, itemsize
 from ..errors import CorruptCheckpoint, UnsupportedFormat
 from .atomic import CHUNK, EarlyWriteback, SourceFiles, copy_range, progress_counter, write_all
-from .pickle_globals import STORAGE_TYPES, DtypeRef, LayoutRef, StorageType
+from .pickle_globals import STORAGE_TYPES, TENSOR_LAYOUTS, DtypeRef, LayoutRef, StorageType
 from .tensor_bytes import iter_tensor_chunks
 
 # dtype -> typed storage class name (torch/storage.py `_dtype_to_storage_type_map`). Every other
@@ -160,6 +160,13 @@ class TreePickler:
         self.save_str("latin1")
         self.out += TUPLE2 + REDUCE
 
+    def save_layout(self, name: str) -> None:
+        # torch.layout pickles as torch.serialization._get_layout("torch.<name>") (torch/csrc/Layout.cpp);
+        # quantization schemes, also LayoutRef here, are plain globals.
+        self.save_global("torch.serialization", "_get_layout")
+        self.save_str(f"torch.{name}")
+        self.out += TUPLE1 + REDUCE
+
     # -- containers ------------------------------------------------------------------------
     def save_tuple(self, values: Sequence[Any]) -> None:
         if not values:
@@ -290,12 +297,21 @@ class TreePickler:
         A Parameter wraps that in ``_rebuild_parameter(data, requires_grad, OrderedDict())``, its
         data having requires_grad=False, as ``Parameter.__reduce_ex__`` passes ``self.data``.
         """
+        if tensor.layout.startswith("subclass:"):
+            raise UnsupportedFormat(
+                f"cannot re-write a {tensor.layout.removeprefix('subclass:')} value: a tensor subclass keeps its "
+                "data in its own state (a DTensor holds only this rank's shard)",
+                hint="Save a full, plain state dict first (torch.distributed.checkpoint.state_dict."
+                     "get_model_state_dict with full_state_dict=True), then fix that.")
         if tensor.layout == "meta" or tensor.storage is None:
             self._save_meta_tensor(tensor)
             return
         if tensor.layout != "strided" or tensor.dtype in QUANTIZED:
             raise UnsupportedFormat(f"cannot re-write a {tensor.layout} {tensor.dtype} tensor; only strided "
-                                    "tensors can be written")
+                                    "tensors can be written",
+                                    hint="Quantized, sparse and tensor-subclass (DTensor) values cannot be copied "
+                                         "key by key; rename them in Python with ckptdoctor.adapt(path, model) or "
+                                         "save a plain full state dict first.")
         if tensor.is_parameter:
             self.save_global("torch._utils", "_rebuild_parameter")
         v3 = tensor.dtype not in TYPED_STORAGE
@@ -355,6 +371,8 @@ class TreePickler:
             self.save_bytes(obj)
         elif kind is tuple:
             self.save_tuple(obj)
+        elif isinstance(obj, LayoutRef) and str(obj) in TENSOR_LAYOUTS:
+            self.save_layout(str(obj))
         elif isinstance(obj, (DtypeRef, LayoutRef)):
             self.save_global("torch", str(obj))
         elif isinstance(obj, StorageType):

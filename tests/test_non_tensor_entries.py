@@ -1,0 +1,148 @@
+"""State-dict entries that are not plain tensors: `_extra_state`, sparse and quantized tensors, DTensors.
+
+torch's strict load counts them as keys, so check must too; fix must carry them through
+renames or refuse, never drop them silently; diff must notice when one side lacks them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.cli_helpers import run_cli
+
+MODELS = '''
+import torch
+from torch import nn
+
+
+class WithExtra(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.scale = 3
+
+    def get_extra_state(self):
+        return {"scale": self.scale, "blob": b"\\x00\\x01"}
+
+    def set_extra_state(self, state):
+        self.scale = state["scale"]
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = WithExtra()
+        self.head = nn.Linear(4, 2)
+
+
+class Sparse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.register_buffer("adj", torch.eye(3).to_sparse())
+
+
+def quantized():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+'''
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> dict[str, object]:
+    path = tmp_path / "xs_models.py"
+    path.write_text(MODELS)
+    namespace: dict[str, object] = {}
+    exec(compile(MODELS, str(path), "exec"), namespace)  # the test's own module text
+    namespace["__path__"] = path
+    return namespace
+
+
+def test_extra_state_is_a_key_and_survives_fix(tmp_path: Path, models: dict[str, object]) -> None:
+    net = models["Net"]()  # type: ignore[operator]
+    net.block.scale = 7
+    src = tmp_path / "ddp.pt"
+    torch.save(torch.nn.DataParallel(net).state_dict(), src)
+    spec = f"{models['__path__']}:Net"
+    doc = run_cli("check", src, "--against", spec, "--json").json()
+    assert "module.block._extra_state" in doc["unexpected_keys"]
+    assert "block._extra_state" in doc["missing_keys"]
+    out = tmp_path / "fixed.pt"
+    result = run_cli(*doc["suggested_fix"], "-o", out)
+    assert result.exit_code == 0 and "not written" not in result.stdout
+    fresh = models["Net"]()  # type: ignore[operator]
+    fresh.load_state_dict(torch.load(out, weights_only=False), strict=True)
+    assert fresh.block.scale == 7
+    assert run_cli("check", out, "--against", spec).exit_code == 0
+    # A file that lost its extra state does not load strictly, and check says so.
+    state = torch.load(out, weights_only=False)
+    del state["block._extra_state"]
+    torch.save(state, tmp_path / "lost.pt")
+    lost = run_cli("check", tmp_path / "lost.pt", "--against", spec, "--json").json()
+    assert lost["ok"] is False and lost["missing_keys"] == ["block._extra_state"]
+
+
+def test_sparse_buffers_are_keys(tmp_path: Path, models: dict[str, object]) -> None:
+    state = models["Sparse"]().state_dict()  # type: ignore[operator]
+    torch.save(state, tmp_path / "sparse.pt")
+    spec = f"{models['__path__']}:Sparse"
+    assert run_cli("check", tmp_path / "sparse.pt", "--against", spec).exit_code == 0
+    del state["adj"]
+    torch.save(state, tmp_path / "dense_only.pt")
+    assert run_cli("check", tmp_path / "dense_only.pt", "--against", spec).exit_code == 1
+    diff = run_cli("diff", tmp_path / "sparse.pt", tmp_path / "dense_only.pt", "--json")
+    assert diff.exit_code == 1 and diff.json()["only_in_a"] == ["adj"]
+    out = tmp_path / "renamed.pt"
+    assert run_cli("fix", tmp_path / "sparse.pt", "--add-prefix", "net.", "-o", out).exit_code == 0
+    written = torch.load(out, weights_only=True)
+    assert written["net.adj"].is_sparse and torch.equal(written["net.adj"].to_dense(), torch.eye(3))
+
+
+def test_quantized_packed_params_are_refused_not_dropped(tmp_path: Path, models: dict[str, object]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated; the files still exist
+        state = models["quantized"]().state_dict()  # type: ignore[operator]
+    torch.save(state, tmp_path / "q.pt")
+    keys = run_cli("inspect", tmp_path / "q.pt", "--json").json()
+    assert any("not plain tensors" in note for note in keys["notes"])
+    out = tmp_path / "q2.pt"
+    result = run_cli("fix", tmp_path / "q.pt", "--add-prefix", "x.", "-o", out)
+    assert result.exit_code == 2 and "quantized" in result.stderr
+    assert not out.exists()
+
+
+DTENSOR_SCRIPT = textwrap.dedent('''
+    import sys, torch, torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:" + sys.argv[2])
+    mesh = init_device_mesh("cpu", (1,))
+    torch.save({"w": distribute_tensor(torch.arange(6.).reshape(2, 3), mesh, [Shard(0)])}, sys.argv[1])
+    dist.destroy_process_group()
+''')
+
+
+def test_dtensor_values_are_named_and_fix_refuses(tmp_path: Path) -> None:
+    path = tmp_path / "dtensor.pt"
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    made = subprocess.run([sys.executable, "-c", DTENSOR_SCRIPT, str(path), str(port)], capture_output=True,
+                          text=True, timeout=120, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make a DTensor here: {made.stderr.strip().splitlines()[-1:]}")
+    doc = run_cli("inspect", path, "--json").json()
+    assert any("DTensor" in note for note in doc["notes"])
+    out = tmp_path / "out.pt"
+    result = run_cli("fix", path, "--add-prefix", "x.", "-o", out)
+    assert result.exit_code == 2 and "DTensor" in result.stderr
+    assert not out.exists()
