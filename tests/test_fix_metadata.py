@@ -98,3 +98,31 @@ def test_leftover_flags_need_a_spec(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "need --against" in result.stderr
     assert not (tmp_path / "b.pt").exists()
+
+
+def test_fix_says_when_the_output_needs_full_unpickling(tmp_path: Path) -> None:
+    import argparse
+
+    src = tmp_path / "timm_like.pth"
+    torch.save({"state_dict": {"module.w": torch.zeros(2)}, "args": argparse.Namespace(lr=0.1), "epoch": 1}, src)
+    kept = run_cli("fix", src, "--strip", "module.", "-o", tmp_path / "kept.pth", "--json").json()
+    assert any("argparse.Namespace" in note and "weights_only" in note for note in kept["notes"])
+    bare = run_cli("fix", src, "--strip", "module.", "--extract", "-o", tmp_path / "bare.pth", "--json").json()
+    assert not any("weights_only" in note for note in bare["notes"])
+    assert list(torch.load(tmp_path / "bare.pth", weights_only=True)) == ["w"]
+
+
+def test_torch_export_archive_is_named(tmp_path: Path) -> None:
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x)
+
+    path = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(Tiny(), (torch.randn(1, 2),)), path)
+    result = run_cli("inspect", path)
+    assert result.exit_code == 2
+    assert "torch.export archive" in result.stderr

@@ -56,10 +56,19 @@ def fix_command(
         metadata = remap_metadata(source_metadata(ckpt), plan.mapping, plan.missing)
         report = write_checkpoint(ckpt, repaired_entries(ckpt, plan), out, extract=extract, force=force,
                                   metadata=metadata)
+    notes = []
+    if report is not None and report.format == "torch-zip":
+        from ..formats.locate import opaque_classes  # noqa: PLC0415
+
+        classes = opaque_classes(ckpt.root if not extract else repaired_entries(ckpt, plan))
+        if classes:
+            notes.append(f"like the input, the output holds objects torch.load(weights_only=True) refuses "
+                         f"({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''}); load it with "
+                         "weights_only=False only if you trust it, or write the bare state dict with --extract")
     if json_out:
         from ..render.console import print_json  # noqa: PLC0415
 
-        print_json(doctor_view.fix_document(plan, report))
+        print_json(doctor_view.fix_document(plan, report, notes))
     else:
-        doctor_view.render_fix(plan, report)
+        doctor_view.render_fix(plan, report, notes)
     return 0

@@ -39,6 +39,7 @@ class Overview:
     entries: tuple[Entry, ...]
     tree: TreeNode
     selected: tuple[TensorInfo, ...]  # the tensors matching --filter (all when no filter)
+    storage_bytes: int  # bytes of distinct storages: what tied weights and views really occupy
 
 
 def overview(ckpt: Checkpoint, *, pattern: str | None = None, fold: bool = True) -> Overview:
@@ -61,6 +62,8 @@ def overview(ckpt: Checkpoint, *, pattern: str | None = None, fold: bool = True)
         entries=tuple(other_entries(ckpt)),
         tree=build_tree(selected, fold=fold),
         selected=selected,
+        storage_bytes=sum({t.tensor.storage.id: t.tensor.storage.nbytes for t in ckpt.tensors
+                           if t.tensor.storage is not None}.values()),
     )
 
 

@@ -282,3 +282,19 @@ def state_dict_values(ckpt: Checkpoint, keys: Iterable[str]) -> dict[str, Any]:
         return {}
     wanted = set(keys)
     return {str(k): v for k, v in node.items() if str(k) in wanted}
+
+
+def opaque_classes(node: Any, limit: int = 100_000) -> list[str]:
+    """Classes (never imported) instantiated anywhere in the tree: why a file needs full unpickling."""
+    found: dict[str, None] = {}
+    stack, seen = [node], 0
+    while stack and seen < limit:
+        current = stack.pop()
+        seen += 1
+        if isinstance(current, OpaqueObject):
+            if not current.cls.module.startswith("torch._utils"):
+                found[current.cls.dotted] = None
+            stack.extend(current.args)
+        if isinstance(current, (Mapping, list, tuple, OpaqueObject)):
+            stack.extend(v for _, v in children(current))
+    return sorted(found)

@@ -47,6 +47,10 @@ class TorchZipArchive:
         self.members = {i.filename: i for i in infos}
         pickles = [n for n in self.members if n.endswith("/data.pkl") or n == "data.pkl"]
         if not pickles:
+            if any(n.endswith(("archive_format", "serialized_exported_program.json")) or "/models/" in n
+                   for n in self.members):
+                raise UnsupportedFormat("a torch.export archive (.pt2), not a torch.save checkpoint", path=path,
+                                        hint="Load it with torch.export.load(); its weights are not a state dict.")
             raise UnsupportedFormat("a zip archive without data.pkl: not a torch.save file", path=path)
         self.pickle_name = min(pickles, key=len)
         self.prefix = self.pickle_name[: -len("data.pkl")]

@@ -130,19 +130,19 @@ def render_mapping(plan: RepairPlan) -> None:
         console.print(f"  {len(changed)} renamed, {unchanged} unchanged, {len(plan.dropped)} dropped")
 
 
-def render_fix(plan: RepairPlan, report: WriteReport | None) -> None:
+def render_fix(plan: RepairPlan, report: WriteReport | None, notes: list[str] | None = None) -> None:
     render_mapping(plan)
     console = stdout_console()
     if report is None:
         console.print("[bold]Dry run:[/] nothing was written.")
         return
-    for note in report.notes:
+    for note in [*report.notes, *(notes or [])]:
         console.print(f"[dim]Note:[/] {escape(note)}")
     console.print(f"[bold green]✓ wrote[/] {escape(report.out)} ({report.format}, {report.tensors} tensors, "
                   f"{report.bytes_written:,} bytes; re-read and verified)")
 
 
-def fix_document(plan: RepairPlan, report: WriteReport | None) -> dict[str, Any]:
+def fix_document(plan: RepairPlan, report: WriteReport | None, notes: list[str] | None = None) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "written": report is not None,
@@ -152,5 +152,5 @@ def fix_document(plan: RepairPlan, report: WriteReport | None) -> dict[str, Any]
         "renamed": len(plan.changed),
         "dropped": list(plan.dropped),
         "missing": list(plan.missing),
-        "notes": list(report.notes) if report else [],
+        "notes": [*(report.notes if report else ()), *(notes or [])],
     }

@@ -57,7 +57,9 @@ def render_inspect(ov: Overview, *, max_depth: int | None = None) -> None:
     header.add_row("Format", f"{ckpt.format}  ({human_bytes(ckpt.file_size)} on disk)")
     where = "/".join(ckpt.state_dict_path) if ckpt.state_dict_path else "(the file's root)"
     header.add_row("State dict", escape(where))
-    header.add_row("Tensors", f"{len(ckpt.tensors):,}  ({ov.parameters:,} elements, {human_bytes(ov.total_bytes)})")
+    distinct = f"; {human_bytes(ov.storage_bytes)} of distinct storage" if ov.shared else ""
+    header.add_row("Tensors", f"{len(ckpt.tensors):,}  ({ov.parameters:,} elements, "
+                              f"{human_bytes(ov.total_bytes)}{distinct})")
     dtypes = ", ".join(f"{d} {human_bytes(b)}" for d, b in ov.bytes_by_dtype) or "-"
     header.add_row("Dtypes", dtypes)
     header.add_row("Devices", ", ".join(ov.devices) or "-")
@@ -103,6 +105,7 @@ def inspect_document(ov: Overview) -> dict[str, Any]:
         "tensor_count": len(ckpt.tensors),
         "parameters": ov.parameters,
         "total_bytes": ov.total_bytes,
+        "storage_bytes": ov.storage_bytes,
         "bytes_by_dtype": dict(ov.bytes_by_dtype),
         "devices": list(ov.devices),
         "shared_storages": [list(group) for group in ov.shared],
