@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..checkpoint import Checkpoint
@@ -126,6 +126,43 @@ def _dtype_findings(ckpt: Checkpoint, spec: ModelSpec, plan: Plan) -> list[Findi
                     tuple(c[0] for c in changed), len(changed))]
 
 
+def _tied_aliases(source: list[KeyShape], plan: Plan, spec: ModelSpec) -> dict[str, str]:
+    """Source-side names for missing keys that the model ties to a key the checkpoint has.
+
+    safetensors and Hugging Face save a tied weight once (``lm_head.weight`` is the embedding),
+    so strict loading misses the alias. If the present partner ``p`` came from source key ``s``
+    ending in ``p``, the alias ``m`` gets the source name ``s[:-len(p)] + m`` and the same tensor.
+    Returns alias source key → source key it shares.
+    """
+    if not spec.tied or not plan.missing:
+        return {}
+    mapped = {new: old for old, new in plan.mapping}
+    existing = {ks.key for ks in source}
+    aliases: dict[str, str] = {}
+    for group in spec.tied:
+        present = [k for k in group if k in mapped]
+        for missing in (k for k in group if k in plan.missing):
+            if not present or not mapped[present[0]].endswith(present[0]):
+                continue
+            src = mapped[present[0]]
+            alias = src[: len(src) - len(present[0])] + missing
+            if alias not in existing:
+                aliases[alias] = src
+    return aliases
+
+
+def _tied_finding(tied: Mapping[str, str], plan: Plan) -> list[Finding]:
+    if not tied:
+        return []
+    pairs = [(plan.mapping_dict().get(alias, alias), plan.mapping_dict().get(src, src)) for alias, src in tied.items()]
+    shown = ", ".join(f"`{a}` = `{b}`" for a, b in pairs[:4])
+    return [Finding("tied-weight", "error",
+                    f"{_count(len(pairs), 'tied weight')} stored once ({shown}): the model shares the tensor, the "
+                    "file keeps one copy (as safetensors and Hugging Face save it), so a strict load misses the "
+                    "alias; fix writes it as the same tensor",
+                    tuple(a for a, _ in pairs), len(pairs), {"pairs": [list(p) for p in pairs]})]
+
+
 def _implicit_finding(implicit: Mapping[str, str]) -> list[Finding]:
     if not implicit:
         return []
@@ -152,13 +189,23 @@ def check_checkpoint(ckpt: Checkpoint, spec: ModelSpec, *, spec_arg: str) -> Che
     implicit = implicit_counters(ckpt)
     source, target = _with_implicit(checkpoint_keys(ckpt), implicit), spec_keys(spec)
     diagnosis = diagnose(source, target, state_dict_path=ckpt.state_dict_path, non_persistent=spec.non_persistent)
+    raw_source = source
+    tied = _tied_aliases(source, diagnosis.plan, spec)
+    if tied:  # the model's tied weights stored once: diagnose again with the aliases present
+        by_name = {ks.key: ks for ks in source}
+        source = source + [replace(by_name[src], key=alias) for alias, src in tied.items()]
+        diagnosis = diagnose(source, target, state_dict_path=ckpt.state_dict_path,
+                             non_persistent=spec.non_persistent)
     digests = tuple(check_digests(ckpt, spec, mapping=diagnosis.plan.mapping_dict())) if any(
         t.digest for t in spec.tensors) else ()
     findings = (*diagnosis.findings, *_implicit_finding(implicit), *_dtype_findings(ckpt, spec, diagnosis.plan),
                 *_digest_finding(digests))
+    findings = (*findings, *_tied_finding(tied, diagnosis.plan))
     suggestion = (suggested_fix_args(diagnosis.plan, ckpt.path, spec_arg, spec.non_persistent)
                   if not diagnosis.ok else None)
-    have = {s.key: s.shape for s in source}
+    if tied and suggestion is None and diagnosis.plan.loads_strictly:
+        suggestion = ["fix", ckpt.path, "--against", spec_arg]
+    have = {s.key: s.shape for s in raw_source}
     want = {t.key: t.shape for t in target}
     return CheckResult(path=ckpt.path, spec_arg=spec_arg, spec_source=spec.source, spec_kind=spec.kind, checkpoint=ckpt,
                        diagnosis=diagnosis, findings=findings, digest_mismatches=digests,
@@ -180,6 +227,7 @@ class RepairPlan:
     diagnosis: Diagnosis | None
     edits: tuple[Edit, ...]
     target_order: tuple[str, ...] = ()  # the model's key order, when a spec gave one
+    aliases: Mapping[str, str] = field(default_factory=dict)  # tied-weight name → the file's key it shares
 
     @property
     def changed(self) -> tuple[tuple[str, str], ...]:
@@ -215,6 +263,16 @@ def plan_repair(ckpt: Checkpoint, *, edits: Sequence[Edit] = (), spec: ModelSpec
     source = [KeyShape(new, shapes[old], dtypes[old]) for old, new in edited]
     diagnosis = diagnose(source, spec_keys(spec), state_dict_path=ckpt.state_dict_path,
                          non_persistent=spec.non_persistent)
+    tied = _tied_aliases(source, diagnosis.plan, spec)
+    aliases: dict[str, str] = {}
+    if tied:  # write tied weights the file stores once as the same tensor under both names
+        back_names = {new: old for old, new in edited}
+        by_name = {ks.key: ks for ks in source}
+        source = source + [replace(by_name[src], key=alias) for alias, src in tied.items()]
+        edited = [*edited, *((alias, alias) for alias in tied)]
+        aliases = {alias: back_names[src] for alias, src in tied.items()}
+        diagnosis = diagnose(source, spec_keys(spec), state_dict_path=ckpt.state_dict_path,
+                             non_persistent=spec.non_persistent)
     plan = diagnosis.plan
     if plan.shape_mismatches:
         m = plan.shape_mismatches[0]
@@ -243,7 +301,7 @@ def plan_repair(ckpt: Checkpoint, *, edits: Sequence[Edit] = (), spec: ModelSpec
     mapping = tuple((old, renamed[new]) for old, new in edited if new in renamed and old not in implicit)
     back = {new: old for old, new in edited}
     dropped = tuple(back[k] for k in plan.unexpected if back[k] not in implicit)
-    return RepairPlan(mapping, dropped, plan.missing, diagnosis, tuple(edits), tuple(spec.keys()))
+    return RepairPlan(mapping, dropped, plan.missing, diagnosis, tuple(edits), tuple(spec.keys()), aliases)
 
 
 def repaired_entries(ckpt: Checkpoint, plan: RepairPlan) -> list[tuple[str, Any]]:
@@ -252,6 +310,7 @@ def repaired_entries(ckpt: Checkpoint, plan: RepairPlan) -> list[tuple[str, Any]
     by_key: dict[str, Any] = {t.key: t.tensor for t in ckpt.tensors}
     if ckpt.extra_keys:
         by_key.update(state_dict_values(ckpt, ckpt.extra_keys))
+    by_key.update({alias: by_key[real] for alias, real in plan.aliases.items()})
     entries = [(new, by_key[old]) for old, new in plan.mapping]
     if plan.target_order:
         position = {k: i for i, k in enumerate(plan.target_order)}

@@ -73,6 +73,7 @@ class ModelSpec:
     non_persistent: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     extra_keys: tuple[str, ...] = ()  # state-dict keys whose values are not tensors (``_extra_state``)
+    tied: tuple[tuple[str, ...], ...] = ()  # groups of state-dict keys that are one tensor in the model
 
     def keys(self) -> list[str]:
         return [t.key for t in self.tensors]
@@ -128,7 +129,13 @@ def _looks_like_json(path: str) -> bool:
 
 def _checkpoint_spec(source: str, ckpt: Checkpoint) -> ModelSpec:
     tensors = tuple(SpecTensor(t.key, tuple(t.shape), t.dtype) for t in ckpt)
-    return ModelSpec(source, "checkpoint", tensors, notes=tuple(ckpt.notes), extra_keys=ckpt.extra_keys)
+    views: dict[tuple[Any, ...], list[str]] = {}
+    for t in ckpt:
+        r = t.tensor
+        if r.storage is not None:
+            views.setdefault((r.storage.id, r.storage_offset, r.shape, r.stride, r.dtype), []).append(t.key)
+    tied = tuple(tuple(keys) for keys in views.values() if len(keys) > 1)
+    return ModelSpec(source, "checkpoint", tensors, notes=tuple(ckpt.notes), extra_keys=ckpt.extra_keys, tied=tied)
 
 
 # ---------------------------------------------------------------- spec files
@@ -298,7 +305,18 @@ def _callable_spec(spec: str, module: Any, name: str) -> ModelSpec:
             continue
         tensors.append(SpecTensor(key, tuple(value.shape), str(value.dtype).removeprefix("torch.")))
     non_persistent = tuple(n for n, _ in model.named_buffers() if n not in state)
-    return ModelSpec(spec, "callable", tuple(tensors), non_persistent, tuple(notes), tuple(extra))
+    return ModelSpec(spec, "callable", tuple(tensors), non_persistent, tuple(notes), tuple(extra),
+                     _tied_groups(model, state))
+
+
+def _tied_groups(model: Any, state: Mapping[str, Any]) -> tuple[tuple[str, ...], ...]:
+    """Keys that name one Parameter or buffer (``lm_head.weight`` tied to the embedding)."""
+    by_object: dict[int, list[str]] = {}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, value in named:
+        if name in state:
+            by_object.setdefault(id(value), []).append(name)
+    return tuple(tuple(names) for names in by_object.values() if len(names) > 1)
 
 
 # ---------------------------------------------------------------- building and checking

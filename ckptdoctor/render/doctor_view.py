@@ -50,7 +50,8 @@ def render_check(result: CheckResult) -> None:
                       f"({len(result.checkpoint.tensors)} tensors, strict=True)")
     else:
         n = len(errors) or 1
-        verdict = ("loads, but does not match" if d.ok else "does not load strictly into")
+        loads = not (result.missing_keys or result.unexpected_keys or result.shape_mismatches)
+        verdict = "loads, but does not match" if loads else "does not load strictly into"
         console.print(f"[bold red]✗ {n} problem{'s' if n != 1 else ''}[/]: "
                       f"{escape(result.path)} {verdict} {escape(result.spec_arg)}")
         console.print(f"  as it is: {len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected, "
@@ -114,7 +115,10 @@ def render_mapping(plan: RepairPlan) -> None:
     """The mapping table ``fix`` applied (or would apply), grouped; on stderr when writing."""
     console = stdout_console()
     changed = plan.changed
-    if not changed and not plan.dropped:
+    for alias, real in plan.aliases.items():
+        target = dict(plan.mapping).get(real, real)
+        console.print(f"  + {escape(alias)} = {escape(target)}  [dim](tied weight: written as the same tensor)[/]")
+    if not changed and not plan.dropped and not plan.aliases:
         console.print("No key changes: every key stays as it is.")
     for group in group_mapping(changed):
         old = f"{group.old}.*" if group.old else "*"
@@ -125,7 +129,7 @@ def render_mapping(plan: RepairPlan) -> None:
         console.print(f"  dropped {len(plan.dropped)}: {_patterns(plan.dropped)}")
     if plan.missing:
         console.print(f"  [yellow]still missing {len(plan.missing)}[/]: {_patterns(plan.missing)}")
-    unchanged = len(plan.mapping) - len(changed)
+    unchanged = len(plan.mapping) - len(changed) - len(plan.aliases)
     if changed or plan.dropped:
         console.print(f"  {len(changed)} renamed, {unchanged} unchanged, {len(plan.dropped)} dropped")
 
@@ -150,6 +154,8 @@ def fix_document(plan: RepairPlan, report: WriteReport | None, notes: list[str] 
         "format": report.format if report else None,
         "mapping": [{"from": a, "to": b} for a, b in plan.mapping],
         "renamed": len(plan.changed),
+        "tied_aliases": [{"key": alias, "shares": dict(plan.mapping).get(real, real)}
+                         for alias, real in plan.aliases.items()],
         "dropped": list(plan.dropped),
         "missing": list(plan.missing),
         "notes": [*(report.notes if report else ()), *(notes or [])],
