@@ -212,3 +212,15 @@ def test_version_and_help() -> None:
     help_text = run_cli("--help").stdout
     for command in ("inspect",):
         assert command in help_text
+
+
+def test_pre_04_tar_checkpoint_is_named(tmp_path: Path) -> None:
+    import tarfile
+
+    member = tmp_path / "pickle"
+    member.write_bytes(pickle.dumps({"a": 1}, protocol=2))
+    with tarfile.open(tmp_path / "old.pth", "w") as tar:
+        tar.add(member, arcname="pickle")
+    result = run_cli("inspect", tmp_path / "old.pth")
+    assert result.exit_code == 2
+    assert "before torch 0.4" in result.stderr

@@ -33,11 +33,15 @@ def detect_format(path: str) -> str:
                                 hint="The save was interrupted; re-save or re-download it.")
     try:
         with open(path, "rb") as f:
-            head = f.read(16)
+            head = f.read(264)
     except OSError as exc:
         raise InputNotFound(f"cannot read ({exc.strerror})", path=path) from None
     if head.startswith(ZIP_MAGIC):
         return "torch-zip"
+    if head[257:262] == b"ustar":
+        # torch.save before 0.4 wrote a tar of pickles (torch/serialization.py `_load` tar branch).
+        raise UnsupportedFormat("a tar archive: torch.save's format from before torch 0.4, not supported", path=path,
+                                hint="Load it once with the torch of its time and re-save it with torch.save.")
     if len(head) >= 9:
         (header_len,) = struct.unpack("<Q", head[:8])
         if head[8:9] == b"{" and 0 < header_len <= st.st_size - 8:
