@@ -266,59 +266,18 @@ _DENY_MODULES: tuple[str, ...] = (
     "__builtin__.eval",
 )
 
+# Builtins that run code, reach attributes or load data: denied under Python 3's `builtins` and
+# Python 2's `__builtin__` alike (both names reach the same module through pickle's fix_imports).
+_DANGEROUS_BUILTINS = (
+    "eval", "exec", "execfile", "compile", "getattr", "setattr", "delattr", "__import__", "open", "breakpoint",
+    "apply", "input", "globals", "locals", "vars", "dir", "help", "exit", "quit", "memoryview", "classmethod",
+    "staticmethod", "property", "super", "type", "object.__new__", "reload", "file",
+)
+
 # Single names (not whole modules) that run code or load further untrusted data.
 _DENY_NAMES: frozenset[str] = frozenset(
-    _names(
-        "builtins",
-        "eval",
-        "exec",
-        "execfile",
-        "compile",
-        "getattr",
-        "setattr",
-        "delattr",
-        "__import__",
-        "open",
-        "breakpoint",
-        "apply",
-        "input",
-        "globals",
-        "locals",
-        "vars",
-        "dir",
-        "help",
-        "exit",
-        "quit",
-        "memoryview",
-        "classmethod",
-        "staticmethod",
-        "property",
-        "super",
-        "type",
-        "object.__new__",
-        "reload",
-        "file",
-    )
-    | _names(
-        "__builtin__",
-        "eval",
-        "exec",
-        "execfile",
-        "compile",
-        "getattr",
-        "setattr",
-        "delattr",
-        "__import__",
-        "open",
-        "breakpoint",
-        "apply",
-        "input",
-        "globals",
-        "locals",
-        "vars",
-        "reload",
-        "file",
-    )
+    _names("builtins", *_DANGEROUS_BUILTINS)
+    | _names("__builtin__", *_DANGEROUS_BUILTINS)
     | _names("functools", "partial", "partialmethod", "reduce", "wraps", "update_wrapper")
     | _names("operator", "attrgetter", "methodcaller", "itemgetter", "call", "getitem", "setitem")
     | _names("copyreg", "_reconstructor_unsafe", "add_extension")
