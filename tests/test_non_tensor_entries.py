@@ -146,3 +146,23 @@ def test_dtensor_values_are_named_and_fix_refuses(tmp_path: Path) -> None:
     result = run_cli("fix", path, "--add-prefix", "x.", "-o", out)
     assert result.exit_code == 2 and "DTensor" in result.stderr
     assert not out.exists()
+
+
+def test_quantized_weights_are_compared_and_pinned(tmp_path: Path, models: dict[str, object]) -> None:
+    """Quantized weights live in packed-params tuples: diff --values and spec digests must see them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(1)
+        torch.save(models["quantized"]().state_dict(), tmp_path / "a.pt")  # type: ignore[operator]
+        torch.manual_seed(2)
+        torch.save(models["quantized"]().state_dict(), tmp_path / "b.pt")  # type: ignore[operator]
+    assert run_cli("diff", tmp_path / "a.pt", tmp_path / "a.pt", "--values").exit_code == 0
+    changed = run_cli("diff", tmp_path / "a.pt", tmp_path / "b.pt", "--values", "--json")
+    assert changed.exit_code == 1
+    assert {v["key"] for v in changed.json()["value_changed"]} == {"0._packed_params._packed_params",
+                                                                   "2._packed_params._packed_params"}
+    assert run_cli("spec", tmp_path / "a.pt", "--digests", "-o", tmp_path / "a.json").exit_code == 0
+    assert run_cli("check", tmp_path / "a.pt", "--against", tmp_path / "a.json").exit_code == 0
+    gate = run_cli("check", tmp_path / "b.pt", "--against", tmp_path / "a.json", "--json").json()
+    assert gate["ok"] is False
+    assert "digest-mismatch" in [f["code"] for f in gate["findings"]]

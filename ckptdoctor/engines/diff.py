@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..checkpoint import Checkpoint, TensorInfo
+from ..formats.locate import embedded_tensors, state_dict_values
 from ..formats.tensor_bytes import Progress, TensorBytesUnavailable, compare_tensors
 
 SCHEMA_VERSION = 1
@@ -224,6 +225,34 @@ def _sharing_lines(a: Checkpoint, b: Checkpoint, pairs: Sequence[tuple[str, str]
 # ---------------------------------------------------------------- the diff
 
 
+def _compare_embedded(a: Checkpoint, b: Checkpoint, pairs: Sequence[tuple[str, str]], values: bool,
+                      rtol: float | None, atol: float | None, progress: Progress | None) -> list[ValueChange]:
+    """Value changes of the tensors inside paired non-tensor entries (a count or shape change is total)."""
+    values_a = state_dict_values(a, [ka for ka, _ in pairs])
+    values_b = state_dict_values(b, [kb for _, kb in pairs])
+    changed: list[ValueChange] = []
+    for ka, kb in pairs:
+        inner_a, inner_b = embedded_tensors(values_a.get(ka)), embedded_tensors(values_b.get(kb))
+        numel = sum(t.numel for t in inner_a)
+        if [(t.shape, t.dtype) for t in inner_a] != [(t.shape, t.dtype) for t in inner_b]:
+            changed.append(ValueChange(ka, None, numel, numel, kb if kb != ka else None))
+            continue
+        if not values:
+            continue
+        differing, worst = 0, 0.0
+        for ta, tb in zip(inner_a, inner_b):
+            try:
+                result = compare_tensors(ta, tb, rtol, atol, byteorder_a=str(a.extra.get("byteorder", "little")),
+                                         byteorder_b=str(b.extra.get("byteorder", "little")), progress=progress)
+            except TensorBytesUnavailable:
+                continue
+            differing += result.differing
+            worst = max(worst, result.max_abs_diff or 0.0)
+        if differing:
+            changed.append(ValueChange(ka, worst, differing, numel, kb if kb != ka else None))
+    return changed
+
+
 def diff(a: Checkpoint, b: Checkpoint, *, values: bool = False, rtol: float | None = None,
          atol: float | None = None, progress: Progress | None = None) -> DiffResult:
     """Compare ``a`` and ``b`` by keys, shapes, dtypes and (with ``values``) element values.
@@ -277,11 +306,16 @@ def diff(a: Checkpoint, b: Checkpoint, *, values: bool = False, rtol: float | No
         explanations.append(f"values of {len(not_compared)} tensors could not be read (no bytes in the file); "
                             "they were compared by key, shape and dtype only")
     explanations += _sharing_lines(a, b, pairing.pairs)
-    # Non-tensor state-dict entries (_extra_state, packed params, sparse tensors) pair by key only.
-    shared_extra = sum(1 for ka, _ in pairing.pairs if ka in set(a.extra_keys))
-    if shared_extra:
-        explanations.append(f"{shared_extra} state-dict entries that are not plain tensors (extra state, packed or "
-                            "sparse tensors) are in both files and were compared by key only")
+    # Non-tensor state-dict entries (_extra_state, packed params, sparse tensors): the tensors
+    # inside them are compared like any other (quantized weights live in packed-params tuples).
+    extra_pairs = [(ka, kb) for ka, kb in pairing.pairs if ka in set(a.extra_keys)]
+    if extra_pairs:
+        changed = _compare_embedded(a, b, extra_pairs, values, rtol, atol, progress)
+        value_changed.extend(changed)
+        differs = differs or bool(changed)
+        explanations.append(f"{len(extra_pairs)} state-dict entries that are not plain tensors (extra state, packed "
+                            "or sparse tensors) were compared through the tensors they hold"
+                            + ("" if values else " (shapes and dtypes; add --values for values)"))
     return DiffResult(
         identical=not differs,
         only_in_a=pairing.only_a,

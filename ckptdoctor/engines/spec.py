@@ -16,6 +16,7 @@ bytes (row-major, little-endian, stride-independent) no longer hash to the recor
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -25,19 +26,21 @@ import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from ..checkpoint import DTYPE_BITS, Checkpoint, TensorInfo
 from ..errors import OutputError, SpecError
 from ..formats import open_checkpoint
+from ..formats.locate import embedded_tensors, state_dict_values
 from ..formats.tensor_bytes import Progress, TensorBytesUnavailable, tensor_digest
 
 SCHEMA_VERSION = 1
 MAX_SPEC_BYTES = 256 << 20
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-_TOP_FIELDS = {"schema_version", "source", "kind", "tensors", "non_persistent", "extra_keys", "notes"}
+_TOP_FIELDS = {"schema_version", "source", "kind", "tensors", "non_persistent", "extra_keys", "extra_digests",
+               "notes"}
 _TENSOR_FIELDS = {"key", "shape", "dtype", "digest"}
 
 SpecKind = Literal["callable", "spec-file", "checkpoint"]
@@ -74,6 +77,7 @@ class ModelSpec:
     notes: tuple[str, ...] = ()
     extra_keys: tuple[str, ...] = ()  # state-dict keys whose values are not tensors (``_extra_state``)
     tied: tuple[tuple[str, ...], ...] = ()  # groups of state-dict keys that are one tensor in the model
+    extra_digests: Mapping[str, str] = field(default_factory=dict)  # digests of the tensors inside extra entries
 
     def keys(self) -> list[str]:
         return [t.key for t in self.tensors]
@@ -215,8 +219,12 @@ def parse_spec_document(doc: Any, path: str = "<spec>") -> ModelSpec:
         if digest is not None and not (isinstance(digest, str) and _DIGEST.fullmatch(digest)):
             raise _fail(path, f"{where} ({key}): digest must be 64 lowercase hex digits (SHA-256)")
         tensors.append(SpecTensor(key, shape, dtype, digest))
+    extra_digests = doc.get("extra_digests", {})
+    if not isinstance(extra_digests, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and _DIGEST.fullmatch(v) for k, v in extra_digests.items()):
+        raise _fail(path, "extra_digests must map keys to SHA-256 hex digests")
     return ModelSpec(source or path, "spec-file", tuple(tensors), _strings(doc, "non_persistent", path),
-                     _strings(doc, "notes", path), _strings(doc, "extra_keys", path))
+                     _strings(doc, "notes", path), _strings(doc, "extra_keys", path), extra_digests=extra_digests)
 
 
 # ---------------------------------------------------------------- callables (user code runs here)
@@ -358,6 +366,9 @@ def build_spec(source: str, digests: bool = False, progress: Progress | None = N
                            "tensors": entries, "non_persistent": list(spec.non_persistent)}
     if spec.extra_keys:
         doc["extra_keys"] = list(spec.extra_keys)
+        if digests and ckpt is not None:
+            doc["extra_digests"] = {k: embedded_digest(v, ckpt, progress)
+                                    for k, v in state_dict_values(ckpt, ckpt.extra_keys).items()}
     if spec.notes:
         doc["notes"] = list(spec.notes)
     return doc
@@ -415,6 +426,19 @@ def write_spec(doc: Mapping[str, Any], out: str, force: bool = False) -> None:
         os.close(dir_fd)
 
 
+def embedded_digest(value: Any, ckpt: Checkpoint, progress: Progress | None = None) -> str:
+    """SHA-256 over the digests of the tensors inside a non-tensor entry (quantized packed params)."""
+    order = str(ckpt.extra.get("byteorder", "little"))
+    h = hashlib.sha256()
+    for tensor in embedded_tensors(value):
+        h.update(f"{tensor.dtype}{list(tensor.shape)}".encode())
+        try:
+            h.update(tensor_digest(tensor, byteorder=order, progress=progress).encode())
+        except TensorBytesUnavailable:
+            h.update(b"no-bytes")
+    return h.hexdigest()
+
+
 def check_digests(ckpt: Checkpoint, spec: ModelSpec, *, mapping: Mapping[str, str] | None = None,
                   progress: Progress | None = None) -> list[DigestMismatch]:
     """Pinned tensors of ``spec`` whose bytes in ``ckpt`` hash differently, in spec order.
@@ -427,6 +451,14 @@ def check_digests(ckpt: Checkpoint, spec: ModelSpec, *, mapping: Mapping[str, st
         by_spec_key.setdefault(mapping.get(t.key, t.key) if mapping else t.key, t)
     order = str(ckpt.extra.get("byteorder", "little"))
     mismatches = []
+    if spec.extra_digests:
+        renamed = {mapping.get(k, k) if mapping else k: k for k in ckpt.extra_keys}
+        present = state_dict_values(ckpt, ckpt.extra_keys)
+        for key, expected in spec.extra_digests.items():
+            if key in renamed:
+                inner = embedded_digest(present[renamed[key]], ckpt, progress)
+                if inner != expected:
+                    mismatches.append(DigestMismatch(key, expected, inner))
     for pinned in spec.tensors:
         info = by_spec_key.get(pinned.key)
         if pinned.digest is None or info is None:

@@ -298,3 +298,19 @@ def opaque_classes(node: Any, limit: int = 100_000) -> list[str]:
         if isinstance(current, (Mapping, list, tuple, OpaqueObject)):
             stack.extend(v for _, v in children(current))
     return sorted(found)
+
+
+def embedded_tensors(value: Any, limit: int = 10_000) -> list[TensorRecord]:
+    """Tensors inside a non-tensor state-dict value (packed params, sparse parts), in pickle order."""
+    out: list[TensorRecord] = []
+    stack, seen = [value], 0
+    while stack and seen < limit:
+        current = stack.pop(0)
+        seen += 1
+        if isinstance(current, TensorRecord):
+            out.append(current)
+        elif isinstance(current, OpaqueObject):
+            stack[:0] = [*current.args, *(v for _, v in children(current))]
+        elif isinstance(current, (Mapping, list, tuple)):
+            stack[:0] = [v for _, v in children(current)]
+    return out
