@@ -126,3 +126,22 @@ def test_torch_export_archive_is_named(tmp_path: Path) -> None:
     result = run_cli("inspect", path)
     assert result.exit_code == 2
     assert "torch.export archive" in result.stderr
+
+
+def test_fix_refuses_an_absurdly_deep_object_tree(tmp_path: Path) -> None:
+    """A pickle nesting 200,000 tuples reads fine (iteratively) but cannot be re-pickled: one clear error."""
+    import struct
+    import zipfile
+
+    torch.save({"w": torch.zeros(2)}, tmp_path / "base.pt")
+    with zipfile.ZipFile(tmp_path / "base.pt") as src, zipfile.ZipFile(tmp_path / "deep.pt", "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("data.pkl"):  # dict['x'] = ((((...)))): TUPLE1 repeated, then SETITEM
+                data = data[:-1] + b"X" + struct.pack("<I", 1) + b"x)" + b"\x85" * 200_000 + b"s."
+            dst.writestr(info.filename, data)
+    assert run_cli("inspect", tmp_path / "deep.pt").exit_code == 0
+    result = run_cli("fix", tmp_path / "deep.pt", "--add-prefix", "a.", "-o", tmp_path / "out.pt")
+    assert result.exit_code == 2
+    assert "nests too deeply" in result.stderr and "bug" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.pt", "deep.pt"]

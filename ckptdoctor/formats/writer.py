@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..checkpoint import Checkpoint, OpaqueObject, TensorRecord
-from ..errors import CkptDoctorError, CorruptCheckpoint, UsageError
+from ..errors import CkptDoctorError, CorruptCheckpoint, LimitExceeded, UsageError
 from .atomic import atomic_output, progress_counter
 from .locate import child, children, is_module_object, state_dict_metadata
 
@@ -325,12 +325,18 @@ def write_checkpoint(ckpt: Checkpoint, entries: Sequence[tuple[str, TensorRecord
     if byteorder == "big":
         notes.append("the source is big-endian; tensor data was converted to little-endian")
     with atomic_output(out, _input_paths(ckpt), force=force) as (fd, tmp):
-        if kind == SAFETENSORS:
-            size, storages, written, more = _write_safetensors(fd, tmp, out, ckpt, state_dict, byteorder,
-                                                               progress)
-        else:
-            size, storages, written, more = _write_torch(fd, tmp, out, ckpt, state_dict, extract, byteorder,
-                                                         progress)
+        try:
+            if kind == SAFETENSORS:
+                size, storages, written, more = _write_safetensors(fd, tmp, out, ckpt, state_dict, byteorder,
+                                                                   progress)
+            else:
+                size, storages, written, more = _write_torch(fd, tmp, out, ckpt, state_dict, extract, byteorder,
+                                                             progress)
+        except RecursionError:  # a (hostile) object tree nested deeper than any checkpoint needs
+            raise LimitExceeded("the file's object tree nests too deeply to be rewritten; nothing was written",
+                                path=str(ckpt.path),
+                                hint="Write only the state dict with --extract, or inspect the file with "
+                                     "`ckptdoctor scan`.") from None
         notes.extend(more)
         _expect(os.fstat(fd).st_size == size, "the file size differs from the bytes written", out)
     return WriteReport(out=out, format=kind, tensors=written, storages=storages, bytes_written=size,
