@@ -31,7 +31,10 @@ app = typer.Typer(
         "  ckptdoctor inspect model.pth\n\n"
         "  ckptdoctor check model.pth --against mypkg.models:ResNet\n\n"
         "  ckptdoctor fix model.pth --strip module. -o fixed.pth\n\n"
-        "  ckptdoctor scan downloaded.bin"
+        "  ckptdoctor scan downloaded.bin\n\n"
+        "Exit codes: 0 success (clean, identical, loads, written); 1 the answer is no "
+        "(findings, differences, unsafe content, a fix that cannot load); 2 usage error or "
+        "unreadable input. --json prints one JSON document on stdout."
     ),
     add_completion=False,
     no_args_is_help=True,
