@@ -605,3 +605,19 @@ def test_parse_rename_accepts_groups() -> None:
     edit = parse_rename(r"^layer(\d)=>stage\1")
     assert edit == Rename(r"^layer(\d)", r"stage\1")
     assert apply_edits(["layer3.w"], [edit]) == [("layer3.w", "stage3.w")]
+
+
+def test_names_that_agree_break_a_tie_between_prefix_replacements() -> None:
+    """Found by the property test (explore seed 32): with identical shapes everywhere, `replace module.
+    with model.` (stem stays stem) and `replace module.stem. with model.enc.` gain equally; the rule under
+    which the names below the prefix agree is the explanation, not an equal rival."""
+    src = [KeyShape("module.stem.weight", (4, 4)), KeyShape("module.stem.bias", (4,)),
+           KeyShape("module.enc.module.weight", (4, 4)), KeyShape("module.enc.module.bias", (4,))]
+    tgt = [KeyShape("model.stem.weight", (4, 4)), KeyShape("model.stem.bias", (4,)),
+           KeyShape("model.enc.weight", (4, 4)), KeyShape("model.enc.bias", (4,))]
+    plan = infer_plan(src, tgt)
+    assert plan.mapping_dict() == {
+        "module.stem.weight": "model.stem.weight", "module.stem.bias": "model.stem.bias",
+        "module.enc.module.weight": "model.enc.weight", "module.enc.module.bias": "model.enc.bias",
+    }
+    assert plan.loads_strictly and not plan.ambiguities

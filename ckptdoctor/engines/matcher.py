@@ -91,9 +91,29 @@ class _Option:
     explained: int  # keys the rule lands, counting those it re-lands (a renumber keeps order)
     tier: int
     rank: tuple[int, int] = (0, 0)  # tie-break inside the tier (text rules: kind, then length)
+    names_kept: int = 0  # trailing path segments the moved keys keep (stem.weight → stem.weight: 2)
 
-    def order(self) -> tuple[int, int, tuple[int, int]]:
-        return (-self.gain, -self.explained, self.rank)
+    def order(self) -> tuple[int, int, int, tuple[int, int]]:
+        return (-self.gain, -self.explained, -self.names_kept, self.rank)
+
+
+def _names_kept(state: MatchState, moves: dict[int, str]) -> int:
+    """How many trailing segments the landed keys keep: names that agree are evidence too.
+
+    ``replace module. with model.`` maps ``module.stem.w`` to ``model.stem.w`` (keeps ``stem.w``);
+    a rival that maps it to ``model.enc.w`` keeps only ``w``. With equal gains, the rule under
+    which names agree is the better-supported explanation, not an equal rival.
+    """
+    kept = 0
+    for i, new in moves.items():
+        if not state.lands(i, new):
+            continue
+        a, b = state.src[i].key.split("."), new.split(".")
+        n = 0
+        while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+            n += 1
+        kept += n
+    return kept
 
 
 def _known_text(rule: Rule) -> bool:
@@ -110,9 +130,10 @@ def _options(state: MatchState) -> tuple[list[_Option], list[_Option], list[Ambi
     for c in text_candidates(state):
         known = _known_text(c.rule)
         (text if known else inner).append(_Option(c.rule, c.moves, c.gain, c.rule.count, TEXT if known else INNER,
-                                                  c.rank))
+                                                  c.rank, _names_kept(state, c.moves)))
     renumbers, ambiguous = renumber_candidates(state)
-    inner += [_Option(c.rule, c.moves, c.gain, c.rule.count, INNER, (3, 0)) for c in renumbers]
+    inner += [_Option(c.rule, c.moves, c.gain, c.rule.count, INNER, (3, 0), _names_kept(state, c.moves))
+              for c in renumbers]
     text.sort(key=_Option.order)
     inner.sort(key=_Option.order)
     return text, inner, ambiguous
@@ -120,7 +141,8 @@ def _options(state: MatchState) -> tuple[list[_Option], list[_Option], list[Ambi
 
 def _rename_options(state: MatchState) -> tuple[list[_Option], list[Ambiguity]]:
     renames, ambiguous = rename_candidates(state)
-    options = [_Option(c.rule, c.moves, c.gain, c.rule.count, RENAME) for c in renames]
+    options = [_Option(c.rule, c.moves, c.gain, c.rule.count, RENAME, (0, 0), _names_kept(state, c.moves))
+               for c in renames]
     options.sort(key=_Option.order)
     return options, ambiguous
 
@@ -134,7 +156,7 @@ def _rivals(a: _Option, b: _Option, state: MatchState) -> bool:
     strip/add keeps every name below the prefix, evidence a replace lacks. Between an inner
     segment and a renumbering it is: neither has a better claim to the keys.
     """
-    if (a.gain, a.explained) != (b.gain, b.explained):
+    if (a.gain, a.explained, a.names_kept) != (b.gain, b.explained, b.names_kept):
         return False
     if a.tier == TEXT and a.rank[0] != b.rank[0]:
         return False
