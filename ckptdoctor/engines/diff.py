@@ -129,15 +129,13 @@ def _rule_line(rule: Any, complete: bool) -> str:
     return f"A's keys become B's keys by: {rule.describe()}"
 
 
-NOT_A_TENSOR = (-1,)  # the shape non-tensor entries match with: only each other (as in engines.doctor)
-
-
 def _pair(a: Checkpoint, b: Checkpoint) -> _Pairing:
     keys_a, keys_b = [*a.keys(), *a.extra_keys], [*b.keys(), *b.extra_keys]
     set_b = set(keys_b)
     if set(keys_a) == set_b:
         return _Pairing(tuple((k, k) for k in keys_a), (), (), ())
     try:
+        from .match_rules import NOT_A_TENSOR  # noqa: PLC0415
         from .matcher import KeyShape, infer_plan  # noqa: PLC0415 - only when keys differ
     except ImportError:  # the matcher is optional for diff: fall back to pairing by name
         common = [k for k in keys_a if k in set_b]

@@ -19,12 +19,8 @@ from ..errors import FixRefused, UsageError
 from ..formats.locate import state_dict_metadata, state_dict_order, state_dict_values
 from .diagnose import HARMLESS_MISSING, HARMLESS_UNEXPECTED, Diagnosis, Finding, diagnose, suggested_fix_args
 from .match_edits import Edit, apply_edits
-from .match_rules import KeyShape, Plan
+from .match_rules import NOT_A_TENSOR, KeyShape, Plan
 from .spec import DigestMismatch, ModelSpec, check_digests
-
-# Non-tensor state-dict entries (``_extra_state``, packed params) take part in matching with a
-# shape no tensor has, so they pair only with each other and follow the same renames.
-NOT_A_TENSOR = (-1,)
 
 
 def checkpoint_keys(ckpt: Checkpoint) -> list[KeyShape]:

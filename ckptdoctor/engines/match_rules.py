@@ -24,6 +24,11 @@ WRAPPER_SEGMENTS: tuple[str, ...] = (
 )
 
 
+# The shape given to state-dict entries that are not tensors (``_extra_state``, packed params):
+# no tensor has it, so they pair only with each other and follow the same renames.
+NOT_A_TENSOR = (-1,)
+
+
 @dataclass(frozen=True)
 class KeyShape:
     """One state-dict entry as the matcher sees it: only the key and shape are evidence."""

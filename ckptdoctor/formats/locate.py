@@ -9,7 +9,7 @@ the same for every format.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ..checkpoint import Checkpoint, OpaqueObject, TensorInfo, TensorRecord
@@ -56,6 +56,19 @@ def child(node: Any, name: str) -> Any:
     if isinstance(node, (list, tuple)) and name.isdigit() and int(name) < len(node):
         return node[int(name)]
     raise KeyError(name)
+
+
+def node_at(root: Any, path: Sequence[str]) -> Any:
+    """The node reached from ``root`` by following ``path``; raises KeyError when absent."""
+    node = root
+    for name in path:
+        node = child(node, name)
+    return node
+
+
+def _entries_of(node: Any) -> Any:
+    """The key → value mapping of a state dict node (a dict subclass is an OpaqueObject with items)."""
+    return node.items if isinstance(node, OpaqueObject) and not is_module_object(node) else node
 
 
 def is_module_object(node: Any) -> bool:
@@ -216,11 +229,9 @@ def build_checkpoint(path: str, fmt: str, file_size: int, root: Any, *, entry: s
         check_tensor(key, tensor, path)
         tensors.append(TensorInfo(key, tensor))
     notes_out = list(notes)
-    target = root
-    for name in sd_path:
-        target = child(target, name)
+    target = node_at(root, sd_path)
     extra_keys: tuple[str, ...] = ()
-    mapping = target.items if isinstance(target, OpaqueObject) and not is_module_object(target) else target
+    mapping = _entries_of(target)
     if isinstance(mapping, Mapping):
         extra_keys = tuple(str(k) for k, v in mapping.items() if not isinstance(v, TensorRecord))
         if extra_keys:
@@ -253,20 +264,14 @@ def _kind(value: Any) -> str:
 
 def state_dict_metadata(ckpt: Checkpoint) -> Any:
     """The state dict's ``_metadata`` (module prefix → ``{"version": n}``), or None when absent."""
-    node: Any = ckpt.root
     try:
-        for name in ckpt.state_dict_path:
-            node = child(node, name)
+        return getattr(node_at(ckpt.root, ckpt.state_dict_path), "_metadata", None)
     except KeyError:
         return None
-    return getattr(node, "_metadata", None)
 
 
 def _state_dict_node(ckpt: Checkpoint) -> Any:
-    node: Any = ckpt.root
-    for name in ckpt.state_dict_path:
-        node = child(node, name)
-    return node.items if isinstance(node, OpaqueObject) and not is_module_object(node) else node
+    return _entries_of(node_at(ckpt.root, ckpt.state_dict_path))
 
 
 def state_dict_order(ckpt: Checkpoint) -> list[str]:

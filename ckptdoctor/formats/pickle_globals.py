@@ -108,7 +108,8 @@ def _make_tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: str |
                         storage=info, requires_grad=bool(requires_grad))
 
 
-def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major strides for ``shape`` (used by formats that store no strides)."""
     stride, acc = [], 1
     for n in reversed(shape):
         stride.append(acc)
@@ -295,8 +296,3 @@ def resolve_global(module: str, name: str) -> Any:
     if dotted == "torch.storage.TypedStorage":
         return StorageType("TypedStorage", "uint8", "cpu")
     return UnknownGlobal(module, name)
-
-
-def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Row-major strides for ``shape`` (used by formats that store no strides)."""
-    return _contiguous_stride(shape)

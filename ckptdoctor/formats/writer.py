@@ -26,7 +26,7 @@ from typing import Any
 from ..checkpoint import Checkpoint, OpaqueObject, TensorRecord
 from ..errors import CkptDoctorError, CorruptCheckpoint, LimitExceeded, UsageError
 from .atomic import atomic_output, progress_counter
-from .locate import child, children, is_module_object, state_dict_metadata
+from .locate import children, is_module_object, node_at, state_dict_metadata
 
 TORCH_ZIP = "torch-zip"
 SAFETENSORS = "safetensors"
@@ -62,13 +62,6 @@ def output_format(out: str, fmt: str | None = None) -> str:
 
 
 # -- building the tree to write --------------------------------------------------------------
-
-def _node_at(root: Any, path: Sequence[str]) -> Any:
-    node = root
-    for name in path:
-        node = child(node, name)
-    return node
-
 
 def _copy_mapping(node: Mapping[Any, Any]) -> dict[Any, Any]:
     copy: dict[Any, Any] = OrderedDict(node) if isinstance(node, OrderedDict) else dict(node)
@@ -163,7 +156,7 @@ def _listed(names: Sequence[str], limit: int = 6) -> str:
 
 def _dropped_non_tensors(ckpt: Checkpoint, entries: Sequence[tuple[str, Any]]) -> list[str]:
     """Notes for non-tensor state-dict entries (``_extra_state``) the caller did not pass on."""
-    source = _node_at(ckpt.root, ckpt.state_dict_path)
+    source = node_at(ckpt.root, ckpt.state_dict_path)
     if not isinstance(source, Mapping):
         return []
     passed = {id(v) for _, v in entries}  # entries may carry them under new (renamed) keys
@@ -175,7 +168,7 @@ def _dropped_non_tensors(ckpt: Checkpoint, entries: Sequence[tuple[str, Any]]) -
 
 
 def _module_note(ckpt: Checkpoint) -> list[str]:
-    node = _node_at(ckpt.root, ckpt.state_dict_path)
+    node = node_at(ckpt.root, ckpt.state_dict_path)
     if ckpt.format == "torchscript":
         return ["the source is a TorchScript archive; a plain state dict was written (the scripted code "
                 "is not kept)"]
