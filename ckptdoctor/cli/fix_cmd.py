@@ -32,7 +32,12 @@ def fix_command(
 
     Example: ckptdoctor fix model.pth --strip module. -o fixed.pth
     """
-    from ..engines.doctor import plan_repair, remap_metadata, repaired_entries  # noqa: PLC0415 - keep --help fast
+    from ..engines.doctor import (  # noqa: PLC0415 - keep --help fast
+        full_unpickling_notes,
+        plan_repair,
+        remap_metadata,
+        repaired_entries,
+    )
     from ..engines.match_edits import AddPrefix, Edit, Strip, parse_rename  # noqa: PLC0415
     from ..engines.spec import load_spec  # noqa: PLC0415
     from ..formats import open_checkpoint  # noqa: PLC0415
@@ -51,20 +56,13 @@ def fix_command(
     ckpt = open_checkpoint(path, entry)
     spec = load_spec(against) if against else None
     plan = plan_repair(ckpt, edits=edits, spec=spec, drop_unexpected=drop_unexpected, allow_missing=allow_missing)
-    report = None
+    report, notes = None, []
     if not dry_run and out is not None:
+        entries = repaired_entries(ckpt, plan)
         metadata = remap_metadata(source_metadata(ckpt), plan.mapping, plan.missing)
-        report = write_checkpoint(ckpt, repaired_entries(ckpt, plan), out, extract=extract, force=force,
-                                  metadata=metadata)
-    notes = []
-    if report is not None and report.format == "torch-zip":
-        from ..formats.locate import opaque_classes  # noqa: PLC0415
-
-        classes = opaque_classes(ckpt.root if not extract else repaired_entries(ckpt, plan))
-        if classes:
-            notes.append(f"like the input, the output holds objects torch.load(weights_only=True) refuses "
-                         f"({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''}); load it with "
-                         "weights_only=False only if you trust it, or write the bare state dict with --extract")
+        report = write_checkpoint(ckpt, entries, out, extract=extract, force=force, metadata=metadata)
+        if report.format == "torch-zip":
+            notes = full_unpickling_notes(ckpt.root if not extract else entries)
     if json_out:
         from ..render.console import print_json  # noqa: PLC0415
 

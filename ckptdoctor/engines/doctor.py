@@ -16,7 +16,7 @@ from typing import Any
 
 from ..checkpoint import Checkpoint
 from ..errors import FixRefused, UsageError
-from ..formats.locate import state_dict_metadata, state_dict_order, state_dict_values
+from ..formats.locate import opaque_classes, state_dict_metadata, state_dict_order, state_dict_values
 from .diagnose import HARMLESS_MISSING, HARMLESS_UNEXPECTED, Diagnosis, Finding, diagnose, suggested_fix_args
 from .match_edits import Edit, apply_edits
 from .match_rules import NOT_A_TENSOR, KeyShape, Plan
@@ -384,3 +384,13 @@ def _moved_prefix(prefix: str, old: str, new: str) -> str | None:
     if new.endswith("." + rest):
         return new[: -len(rest) - 1]
     return None
+
+
+def full_unpickling_notes(written: Any) -> list[str]:
+    """Say when what ``fix`` wrote, like its input, needs ``torch.load(weights_only=False)``."""
+    classes = opaque_classes(written)
+    if not classes:
+        return []
+    shown = ", ".join(classes[:3]) + (", ..." if len(classes) > 3 else "")
+    return [f"like the input, the output holds objects torch.load(weights_only=True) refuses ({shown}); load it "
+            "with weights_only=False only if you trust it, or write the bare state dict with --extract"]
