@@ -13,7 +13,7 @@ __all__ = ["AdaptError", "__version__", "adapt", "diagnose"]
 
 def __getattr__(name: str) -> Any:
     if name in ("adapt", "diagnose", "AdaptError"):
-        from . import api  # noqa: PLC0415 - lazy: keeps CLI start-up fast
+        from ckptdoctor import api  # noqa: PLC0415 - lazy: keeps CLI start-up fast
 
         return getattr(api, name)
     raise AttributeError(f"module 'ckptdoctor' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """``python -m ckptdoctor``."""
 
-from .cli.app import main
+from ckptdoctor.cli.app import main
 
 main()

@@ -16,10 +16,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .engines.diagnose import HARMLESS_UNEXPECTED, Diagnosis
-from .engines.diagnose import diagnose as _diagnose
-from .engines.match_rules import KeyShape
-from .errors import CkptDoctorError
+from ckptdoctor.engines.doctor.diagnose import HARMLESS_UNEXPECTED, Diagnosis
+from ckptdoctor.engines.doctor.diagnose import diagnose as _diagnose
+from ckptdoctor.engines.matching.rules import KeyShape
+from ckptdoctor.errors import CkptDoctorError
 
 
 class AdaptError(CkptDoctorError):
@@ -44,8 +44,8 @@ def _target_state(model: Any) -> Mapping[str, Any]:
 
 def _source_state(source: Any, entry: str | None) -> Mapping[str, Any]:
     if isinstance(source, (str, os.PathLike)):
-        from .formats import open_checkpoint  # noqa: PLC0415 - the API imports readers only when needed
-        from .formats.materialize import materialize  # noqa: PLC0415
+        from ckptdoctor.formats import open_checkpoint  # noqa: PLC0415 - the API imports readers only when needed
+        from ckptdoctor.formats.materialize import materialize  # noqa: PLC0415
 
         return materialize(open_checkpoint(source, entry))
     if not isinstance(source, Mapping):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ckptdoctor.engines.diagnose import Diagnosis, diagnose, group_keys, suggested_fix_args
-from ckptdoctor.engines.match_edits import AddPrefix, Strip
-from ckptdoctor.engines.matcher import KeyShape, apply_edits, infer_plan
+from ckptdoctor.engines.doctor.diagnose import Diagnosis, diagnose, group_keys, suggested_fix_args
+from ckptdoctor.engines.matching.edits import AddPrefix, Strip
+from ckptdoctor.engines.matching.matcher import KeyShape, apply_edits, infer_plan
 
 
 class Block(nn.Module):

@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
 
-from ckptdoctor.checkpoint import ByteRange, StorageInfo, TensorRecord
 from ckptdoctor.engines.diff import diff
 from ckptdoctor.errors import CorruptCheckpoint
 from ckptdoctor.formats import open_checkpoint
 from ckptdoctor.formats import tensor_bytes as tb
+from ckptdoctor.model.checkpoint import ByteRange, StorageInfo, TensorRecord
 
 
 @pytest.fixture(params=["numpy", "pure"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ckptdoctor.engines.doctor import remap_metadata
+from ckptdoctor.engines.doctor.check_fix import remap_metadata
 from examples.seed_models import CNN
 from tests.cli_helpers import run_cli
 

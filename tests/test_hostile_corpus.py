@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptdoctor.engines.scan import scan
+from ckptdoctor.engines.scanning.scan import scan
 from ckptdoctor.errors import CkptDoctorError
 from tests.hostile import Sample, build_corpus, split_pickles
 

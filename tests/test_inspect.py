@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from ckptdoctor.engines.tree import build_tree
+from ckptdoctor.engines.inspection.tree import build_tree
 from ckptdoctor.formats import open_checkpoint
 from examples.seed_models import CNN, CNNWithStage, wrapped_example3
 from tests.cli_helpers import run_cli

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from ckptdoctor.engines.matcher import (
+from ckptdoctor.engines.matching.matcher import (
     AddPrefix,
     KeyShape,
     Plan,

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from ckptdoctor.engines.matcher import KeyShape, infer_plan
+from ckptdoctor.engines.matching.matcher import KeyShape, infer_plan
 
 NAMES = ("stem", "enc", "dec", "proj", "blocks", "mlp", "head")
 WRAPPERS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")

@@ -19,10 +19,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from ckptdoctor.checkpoint import Checkpoint, TensorInfo
 from ckptdoctor.errors import CorruptCheckpoint, EntryNotFound, LimitExceeded, UnsafeContent, UnsupportedFormat
 from ckptdoctor.formats import open_checkpoint
-from ckptdoctor.formats.safetensors_format import read_safetensors
+from ckptdoctor.formats.readers.safetensors import read_safetensors
+from ckptdoctor.model.checkpoint import Checkpoint, TensorInfo
 from tests import zoo
 
 QUANTIZED_AS = {"qint8": "int8", "quint8": "uint8", "qint32": "int32"}

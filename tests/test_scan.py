@@ -1,4 +1,4 @@
-"""Tests for ``ckptdoctor.engines.scan``: verdicts, anomalies, zero false positives, and a
+"""Tests for ``ckptdoctor.engines.scanning.scan``: verdicts, anomalies, zero false positives, and a
 differential check against ``torch.load(weights_only=True)`` on every benign and hostile sample.
 """
 
@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ckptdoctor.engines import scan_archive
-from ckptdoctor.engines.scan import DANGEROUS, UNKNOWN_CLASS, WEIGHTS_ONLY, FileScan, scan
+from ckptdoctor.engines.scanning import archive as scan_archive
+from ckptdoctor.engines.scanning.scan import DANGEROUS, UNKNOWN_CLASS, WEIGHTS_ONLY, FileScan, scan
 from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint, InputNotFound, UnsupportedFormat
 from tests.hostile import (
     PROTO2,

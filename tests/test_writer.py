@@ -1,4 +1,4 @@
-"""Tests for ckptdoctor.formats.writer: real torch.save / safetensors files in, real loads out."""
+"""Tests for ckptdoctor.formats.writers.rewrite: real torch.save / safetensors files in, real loads out."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ckptdoctor.checkpoint import ByteRange, Checkpoint, TensorInfo
 from ckptdoctor.errors import CorruptCheckpoint, OutputError, UsageError
 from ckptdoctor.formats import open_checkpoint
-from ckptdoctor.formats.writer import write_checkpoint
+from ckptdoctor.formats.writers.rewrite import write_checkpoint
+from ckptdoctor.model.checkpoint import ByteRange, Checkpoint, TensorInfo
 
 
 class Net(torch.nn.Module):

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 import typer
 
-from .. import __version__
-from ..errors import CkptDoctorError
+from ckptdoctor import __version__
+from ckptdoctor.errors import CkptDoctorError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -63,7 +63,7 @@ def handle_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from ..render.console import print_error  # noqa: PLC0415 - keep --help fast
+        from ckptdoctor.render.console import print_error  # noqa: PLC0415 - keep --help fast
 
         try:
             code = func(*args, **kwargs)
@@ -97,4 +97,4 @@ def main() -> None:
         sys.exit(0)
 
 
-from . import check_cmd, diff_cmd, fix_cmd, inspect_cmd, scan_cmd, spec_cmd  # noqa: E402, F401  - registers the commands
+from ckptdoctor.cli import check_cmd, diff_cmd, fix_cmd, inspect_cmd, scan_cmd, spec_cmd  # noqa: E402, F401  - registers the commands

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .app import app, handle_errors
+from ckptdoctor.cli.app import app, handle_errors
 
 
 @app.command("check")
@@ -22,15 +22,15 @@ def check_command(
 
     Example: ckptdoctor check model.pth --against torchvision_like.models:resnet18
     """
-    from ..engines.doctor import check_checkpoint  # noqa: PLC0415 - keep --help fast
-    from ..engines.spec import load_spec  # noqa: PLC0415
-    from ..formats import open_checkpoint  # noqa: PLC0415
-    from ..render import doctor_view  # noqa: PLC0415
+    from ckptdoctor.engines.doctor.check_fix import check_checkpoint  # noqa: PLC0415 - keep --help fast
+    from ckptdoctor.engines.spec import load_spec  # noqa: PLC0415
+    from ckptdoctor.formats import open_checkpoint  # noqa: PLC0415
+    from ckptdoctor.render import doctor_view  # noqa: PLC0415
 
     ckpt = open_checkpoint(path, entry)
     result = check_checkpoint(ckpt, load_spec(against), spec_arg=against)
     if json_out:
-        from ..render.console import print_json  # noqa: PLC0415
+        from ckptdoctor.render.console import print_json  # noqa: PLC0415
 
         print_json(doctor_view.check_document(result))
     else:

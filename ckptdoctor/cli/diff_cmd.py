@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .app import app, handle_errors
+from ckptdoctor.cli.app import app, handle_errors
 
 
 @app.command("diff")
@@ -27,10 +27,10 @@ def diff_command(
 
     Example: ckptdoctor diff before.pth after.safetensors --values --atol 1e-6
     """
-    from ..engines.diff import diff  # noqa: PLC0415 - keep --help fast
-    from ..formats import open_checkpoint  # noqa: PLC0415
-    from ..render import diff_view  # noqa: PLC0415
-    from ..render.progress import byte_progress  # noqa: PLC0415
+    from ckptdoctor.engines.diff import diff  # noqa: PLC0415 - keep --help fast
+    from ckptdoctor.formats import open_checkpoint  # noqa: PLC0415
+    from ckptdoctor.render import diff_view  # noqa: PLC0415
+    from ckptdoctor.render.progress import byte_progress  # noqa: PLC0415
 
     ckpt_a, ckpt_b = open_checkpoint(a, entry_a), open_checkpoint(b, entry_b)
     total = ckpt_a.total_bytes + ckpt_b.total_bytes if values else 0
@@ -38,7 +38,7 @@ def diff_command(
         result = diff(ckpt_a, ckpt_b, values=values or rtol is not None or atol is not None, rtol=rtol, atol=atol,
                       progress=progress)
     if json_out:
-        from ..render.console import print_json  # noqa: PLC0415
+        from ckptdoctor.render.console import print_json  # noqa: PLC0415
 
         print_json(diff_view.diff_document(result))
     else:

@@ -6,8 +6,8 @@ from typing import Optional
 
 import typer
 
-from ..errors import UsageError
-from .app import app, handle_errors
+from ckptdoctor.cli.app import app, handle_errors
+from ckptdoctor.errors import UsageError
 
 
 @app.command("fix")
@@ -32,17 +32,17 @@ def fix_command(
 
     Example: ckptdoctor fix model.pth --strip module. -o fixed.pth
     """
-    from ..engines.doctor import (  # noqa: PLC0415 - keep --help fast
+    from ckptdoctor.engines.doctor.check_fix import (  # noqa: PLC0415 - keep --help fast
         full_unpickling_notes,
         plan_repair,
         remap_metadata,
         repaired_entries,
     )
-    from ..engines.match_edits import AddPrefix, Edit, Strip, parse_rename  # noqa: PLC0415
-    from ..engines.spec import load_spec  # noqa: PLC0415
-    from ..formats import open_checkpoint  # noqa: PLC0415
-    from ..formats.writer import source_metadata, write_checkpoint  # noqa: PLC0415
-    from ..render import doctor_view  # noqa: PLC0415
+    from ckptdoctor.engines.matching.edits import AddPrefix, Edit, Strip, parse_rename  # noqa: PLC0415
+    from ckptdoctor.engines.spec import load_spec  # noqa: PLC0415
+    from ckptdoctor.formats import open_checkpoint  # noqa: PLC0415
+    from ckptdoctor.formats.writers.rewrite import source_metadata, write_checkpoint  # noqa: PLC0415
+    from ckptdoctor.render import doctor_view  # noqa: PLC0415
 
     if out is None and not dry_run:
         raise UsageError("fix needs -o OUT (or --dry-run to only print the mapping)")
@@ -64,7 +64,7 @@ def fix_command(
         if report.format == "torch-zip":
             notes = full_unpickling_notes(ckpt.root if not extract else entries)
     if json_out:
-        from ..render.console import print_json  # noqa: PLC0415
+        from ckptdoctor.render.console import print_json  # noqa: PLC0415
 
         print_json(doctor_view.fix_document(plan, report, notes))
     else:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .app import app, handle_errors
+from ckptdoctor.cli.app import app, handle_errors
 
 
 @app.command("inspect")
@@ -24,15 +24,15 @@ def inspect_command(
 
     Example: ckptdoctor inspect model.pth --depth 2
     """
-    from ..engines.overview import overview  # noqa: PLC0415 - imports stay off the --help path
-    from ..formats import open_checkpoint  # noqa: PLC0415
-    from ..render import inspect_view  # noqa: PLC0415
+    from ckptdoctor.engines.inspection.overview import overview  # noqa: PLC0415 - imports stay off the --help path
+    from ckptdoctor.formats import open_checkpoint  # noqa: PLC0415
+    from ckptdoctor.render import inspect_view  # noqa: PLC0415
 
     ov = overview(open_checkpoint(path, entry), pattern=pattern, fold=not no_fold)
     if keys:
         inspect_view.render_keys(ov)
     elif json_out:
-        from ..render.console import print_json  # noqa: PLC0415
+        from ckptdoctor.render.console import print_json  # noqa: PLC0415
 
         print_json(inspect_view.inspect_document(ov))
     else:

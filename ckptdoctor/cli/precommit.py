@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: 2 on usage errors, 0 on --help
         return int(exc.code or 0)
 
-    from .check_cmd import check_command  # noqa: PLC0415 - keep --help fast
+    from ckptdoctor.cli.check_cmd import check_command  # noqa: PLC0415 - keep --help fast
 
     worst = 0
     for path in args.files:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from .app import app, handle_errors
+from ckptdoctor.cli.app import app, handle_errors
 
 
 @app.command("scan")
@@ -21,13 +21,13 @@ def scan_command(
 
     Example: ckptdoctor scan downloaded.bin ./hf-model/
     """
-    from ..engines.scan import scan  # noqa: PLC0415 - keep --help fast
-    from ..engines.scan_types import ScanReport  # noqa: PLC0415
-    from ..render import scan_view  # noqa: PLC0415
+    from ckptdoctor.engines.scanning.results import ScanReport  # noqa: PLC0415
+    from ckptdoctor.engines.scanning.scan import scan  # noqa: PLC0415 - keep --help fast
+    from ckptdoctor.render import scan_view  # noqa: PLC0415
 
     report = ScanReport(files=tuple(f for path in paths for f in scan(path).files))
     if json_out:
-        from ..render.console import print_json  # noqa: PLC0415
+        from ckptdoctor.render.console import print_json  # noqa: PLC0415
 
         print_json(scan_view.scan_document(report))
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from .app import app, handle_errors
+from ckptdoctor.cli.app import app, handle_errors
 
 
 @app.command("spec")
@@ -21,9 +21,9 @@ def spec_command(
     Example: ckptdoctor spec released.safetensors --digests -o released.spec.json
              ckptdoctor check candidate.safetensors --against released.spec.json
     """
-    from ..engines.spec import build_spec, write_spec  # noqa: PLC0415 - keep --help fast
-    from ..render.console import print_json, stdout_console  # noqa: PLC0415
-    from ..render.progress import byte_progress  # noqa: PLC0415
+    from ckptdoctor.engines.spec import build_spec, write_spec  # noqa: PLC0415 - keep --help fast
+    from ckptdoctor.render.console import print_json, stdout_console  # noqa: PLC0415
+    from ckptdoctor.render.progress import byte_progress  # noqa: PLC0415
 
     with byte_progress("hashing tensors", 1 << 40 if digests else 0) as progress:
         doc = build_spec(source, digests=digests, progress=progress)

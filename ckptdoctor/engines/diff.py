@@ -6,7 +6,7 @@ and a ``.safetensors`` file of the same tensors are identical, a tied weight com
 values it shows (its view), not by how storages are shared.
 
 Keys are paired by name when both files have the same key set. Otherwise the matcher
-(``ckptdoctor.engines.matcher.infer_plan``) works out the renaming from keys and shapes, the
+(``ckptdoctor.engines.matching.matcher.infer_plan``) works out the renaming from keys and shapes, the
 rules are reported ("every key of B is A's key with `module.` prepended") and tensors are then
 compared pairwise under that mapping, so one wrapper prefix does not hide that the weights
 are otherwise identical. Values are compared only on request (``values=True``), streamed one
@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..checkpoint import Checkpoint, TensorInfo
-from ..formats.locate import embedded_tensors, state_dict_values
-from ..formats.tensor_bytes import Progress, TensorBytesUnavailable, compare_tensors
+from ckptdoctor.formats.tensor_bytes import Progress, TensorBytesUnavailable, compare_tensors
+from ckptdoctor.model.checkpoint import Checkpoint, TensorInfo
+from ckptdoctor.model.locate import embedded_tensors, state_dict_values
 
 SCHEMA_VERSION = 1
 
@@ -135,8 +135,8 @@ def _pair(a: Checkpoint, b: Checkpoint) -> _Pairing:
     if set(keys_a) == set_b:
         return _Pairing(tuple((k, k) for k in keys_a), (), (), ())
     try:
-        from .match_rules import NOT_A_TENSOR  # noqa: PLC0415
-        from .matcher import KeyShape, infer_plan  # noqa: PLC0415 - only when keys differ
+        from ckptdoctor.engines.matching.matcher import KeyShape, infer_plan  # noqa: PLC0415 - only when keys differ
+        from ckptdoctor.engines.matching.rules import NOT_A_TENSOR  # noqa: PLC0415
     except ImportError:  # the matcher is optional for diff: fall back to pairing by name
         common = [k for k in keys_a if k in set_b]
         set_a = set(keys_a)

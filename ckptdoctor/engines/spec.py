@@ -29,11 +29,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
-from ..checkpoint import DTYPE_BITS, Checkpoint, TensorInfo
-from ..errors import OutputError, SpecError
-from ..formats import open_checkpoint
-from ..formats.locate import embedded_tensors, state_dict_values
-from ..formats.tensor_bytes import Progress, TensorBytesUnavailable, tensor_digest
+from ckptdoctor.errors import OutputError, SpecError
+from ckptdoctor.formats import open_checkpoint
+from ckptdoctor.formats.tensor_bytes import Progress, TensorBytesUnavailable, tensor_digest
+from ckptdoctor.model.checkpoint import DTYPE_BITS, Checkpoint, TensorInfo
+from ckptdoctor.model.locate import embedded_tensors, state_dict_values
 
 SCHEMA_VERSION = 1
 MAX_SPEC_BYTES = 256 << 20

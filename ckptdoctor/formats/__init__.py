@@ -1,7 +1,7 @@
 """Readers for every checkpoint format, behind one entry point: :func:`open_checkpoint`.
 
 Formats are detected by content, never by extension (a ``.bin`` may be a zip, a legacy
-pickle or safetensors). Every reader returns the same :class:`~ckptdoctor.checkpoint.Checkpoint`.
+pickle or safetensors). Every reader returns the same :class:`~ckptdoctor.model.checkpoint.Checkpoint`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import os
 import stat
 import struct
 
-from ..checkpoint import Checkpoint
-from ..errors import CorruptCheckpoint, InputNotFound, UnsupportedFormat
+from ckptdoctor.errors import CorruptCheckpoint, InputNotFound, UnsupportedFormat
+from ckptdoctor.model.checkpoint import Checkpoint
 
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -71,17 +71,17 @@ def open_checkpoint(path: str | os.PathLike[str], entry: str | None = None) -> C
     path = os.fspath(path)
     fmt = detect_format(path)
     if fmt == "torch-zip":
-        from .torch_zip import read_torch_zip  # noqa: PLC0415 - import only the reader needed
+        from ckptdoctor.formats.readers.torch_zip import read_torch_zip  # noqa: PLC0415 - import only the reader needed
 
         return read_torch_zip(path, entry)
     if fmt == "torch-legacy":
-        from .legacy import read_legacy  # noqa: PLC0415
+        from ckptdoctor.formats.readers.legacy import read_legacy  # noqa: PLC0415
 
         return read_legacy(path, entry)
     if fmt == "safetensors":
-        from .safetensors_format import read_safetensors  # noqa: PLC0415
+        from ckptdoctor.formats.readers.safetensors import read_safetensors  # noqa: PLC0415
 
         return read_safetensors(path, entry)
-    from .directory import read_directory  # noqa: PLC0415
+    from ckptdoctor.formats.readers.directory import read_directory  # noqa: PLC0415
 
     return read_directory(path, entry)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..checkpoint import Checkpoint, StorageInfo
-from ..errors import CorruptCheckpoint, UnsupportedFormat
+from ckptdoctor.errors import CorruptCheckpoint, UnsupportedFormat
+from ckptdoctor.model.checkpoint import Checkpoint, StorageInfo
 
 
 def _read(storage: StorageInfo) -> bytearray:

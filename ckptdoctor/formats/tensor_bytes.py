@@ -3,7 +3,7 @@
 Everything else in ckptdoctor works from metadata. ``diff --values``, ``spec --digests`` and the
 digest check need the values themselves, and the files can be tens of gigabytes, so:
 
-* bytes are read with ``os.pread`` from the storage's :class:`~ckptdoctor.checkpoint.ByteRange`,
+* bytes are read with ``os.pread`` from the storage's :class:`~ckptdoctor.model.checkpoint.ByteRange`,
   never through ``mmap`` (pages touched through a memory map count as resident memory, so a
   whole-file pass over a mapped 20 GB file looks like a 20 GB process to the OOM killer);
 * a tensor is produced in *logical* order (row-major over its shape, little-endian), whatever its
@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..checkpoint import TensorRecord, itemsize
-from ..errors import CkptDoctorError, CorruptCheckpoint
+from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint
+from ckptdoctor.model.checkpoint import TensorRecord, itemsize
 
 Progress = Callable[[int], None]
 

@@ -6,9 +6,9 @@ from typing import Any
 
 from rich.markup import escape
 
-from ..engines.diagnose import group_keys
-from ..engines.diff import DiffResult
-from .console import stdout_console
+from ckptdoctor.engines.diff import DiffResult
+from ckptdoctor.engines.doctor.diagnose import group_keys
+from ckptdoctor.render.console import stdout_console
 
 MAX_ROWS = 20
 

@@ -8,10 +8,10 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from ..engines.diagnose import Finding, group_keys
-from ..engines.doctor import CheckResult, RepairPlan, group_mapping
-from ..formats.writer import WriteReport
-from .console import stderr_console, stdout_console
+from ckptdoctor.engines.doctor.check_fix import CheckResult, RepairPlan, group_mapping
+from ckptdoctor.engines.doctor.diagnose import Finding, group_keys
+from ckptdoctor.formats.writers.rewrite import WriteReport
+from ckptdoctor.render.console import stderr_console, stdout_console
 
 SCHEMA_VERSION = 1
 MAX_PATTERNS = 8

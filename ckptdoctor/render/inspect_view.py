@@ -8,9 +8,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
-from ..engines.overview import Overview, human_bytes
-from ..engines.tree import TreeNode
-from .console import stdout_console
+from ckptdoctor.engines.inspection.overview import Overview, human_bytes
+from ckptdoctor.engines.inspection.tree import TreeNode
+from ckptdoctor.render.console import stdout_console
 
 SCHEMA_VERSION = 1
 

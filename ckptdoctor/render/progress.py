@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from .console import stderr_console
+from ckptdoctor.render.console import stderr_console
 
 MIN_BYTES_FOR_BAR = 256 << 20  # small files finish before a bar is worth drawing
 

@@ -7,8 +7,15 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from ..engines.scan_types import DANGEROUS, TORCH_OTHER, UNKNOWN_CLASS, WEIGHTS_ONLY, FileScan, ScanReport
-from .console import stdout_console
+from ckptdoctor.engines.scanning.results import (
+    DANGEROUS,
+    TORCH_OTHER,
+    UNKNOWN_CLASS,
+    WEIGHTS_ONLY,
+    FileScan,
+    ScanReport,
+)
+from ckptdoctor.render.console import stdout_console
 
 _VERDICT_STYLE = {WEIGHTS_ONLY: "green", TORCH_OTHER: "yellow", UNKNOWN_CLASS: "yellow", DANGEROUS: "bold red"}
 

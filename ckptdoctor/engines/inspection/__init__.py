@@ -1,0 +1,1 @@
+"""inspect: the folded key tree and the checkpoint overview."""

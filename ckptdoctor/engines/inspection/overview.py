@@ -1,0 +1,147 @@
+"""What ``inspect`` reports: header facts, the other entries of a training checkpoint, the tree.
+
+Pure functions over the checkpoint model; nothing here reads tensor bytes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ckptdoctor.engines.inspection.tree import TreeNode, build_tree
+from ckptdoctor.model.checkpoint import Checkpoint, GlobalRef, OpaqueObject, TensorInfo, TensorRecord
+from ckptdoctor.model.locate import children
+
+MAX_ENTRY_ROWS = 40
+MAX_SCAN_NODES = 200_000
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One non-state-dict entry of the file (``epoch``, ``optimizer``, ``hyper_parameters``...)."""
+
+    name: str
+    summary: str
+    value: Any  # JSON-able when simple (numbers, strings, small dicts), else None
+
+
+@dataclass(frozen=True)
+class Overview:
+    checkpoint: Checkpoint
+    parameters: int
+    total_bytes: int
+    bytes_by_dtype: tuple[tuple[str, int], ...]
+    devices: tuple[str, ...]
+    shared: tuple[tuple[str, ...], ...]  # groups of keys that share one storage
+    entries: tuple[Entry, ...]
+    tree: TreeNode
+    selected: tuple[TensorInfo, ...]  # the tensors matching --filter (all when no filter)
+    storage_bytes: int  # bytes of distinct storages: what tied weights and views really occupy
+
+
+def overview(ckpt: Checkpoint, *, pattern: str | None = None, fold: bool = True) -> Overview:
+    selected = tuple(t for t in ckpt.tensors if pattern is None or fnmatch.fnmatchcase(t.key, pattern))
+    by_dtype: Counter[str] = Counter()
+    devices: dict[str, None] = {}
+    by_storage: dict[str, list[str]] = {}
+    for info in ckpt.tensors:
+        by_dtype[info.dtype] += info.nbytes
+        devices[info.tensor.device] = None
+        if info.storage_id is not None:
+            by_storage.setdefault(info.storage_id, []).append(info.key)
+    return Overview(
+        checkpoint=ckpt,
+        parameters=ckpt.parameter_count,
+        total_bytes=ckpt.total_bytes,
+        bytes_by_dtype=tuple(by_dtype.most_common()),
+        devices=tuple(devices),
+        shared=tuple(tuple(keys) for keys in by_storage.values() if len(keys) > 1),
+        entries=tuple(other_entries(ckpt)),
+        tree=build_tree(selected, fold=fold),
+        selected=selected,
+        storage_bytes=sum({t.tensor.storage.id: t.tensor.storage.nbytes for t in ckpt.tensors
+                           if t.tensor.storage is not None}.values()),
+    )
+
+
+def other_entries(ckpt: Checkpoint) -> list[Entry]:
+    """The root's entries other than the state dict, each summarised in a few words."""
+    if not ckpt.state_dict_path:
+        return []
+    out = []
+    for name, value in list(children(ckpt.root))[:MAX_ENTRY_ROWS]:
+        if name == ckpt.state_dict_path[0] and len(ckpt.state_dict_path) == 1:
+            continue
+        out.append(Entry(name, summarize(name, value), plain_value(value)))
+    return out
+
+
+def plain_value(value: Any, depth: int = 0) -> Any:
+    """A JSON-able copy of small plain values (hyper-parameters, epoch), else None."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if depth > 3:
+        return None
+    if isinstance(value, (list, tuple)) and len(value) <= 32:
+        items = [plain_value(v, depth + 1) for v in value]
+        return items if all(i is not None or v is None for i, v in zip(items, value)) else None
+    if isinstance(value, OpaqueObject) and value.items and not value.state:
+        value = value.items  # dict subclasses such as Lightning's AttributeDict
+    if isinstance(value, Mapping) and len(value) <= 64:
+        out = {str(k): plain_value(v, depth + 1) for k, v in value.items()}
+        return out if all(o is not None or value[k] is None for k, o in zip(value, out.values())) else None
+    return None
+
+
+def _count_tensors(value: Any) -> tuple[int, int]:
+    """(tensors, bytes) anywhere under ``value``, bounded."""
+    count = nbytes = 0
+    stack = [value]
+    seen = 0
+    while stack and seen < MAX_SCAN_NODES:
+        node = stack.pop()
+        seen += 1
+        if isinstance(node, TensorRecord):
+            count += 1
+            nbytes += node.nbytes
+        elif isinstance(node, (Mapping, list, tuple, OpaqueObject)):
+            stack.extend(v for _, v in children(node))
+    return count, nbytes
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def summarize(name: str, value: Any) -> str:
+    """A one-line description of an entry: its value when small, its shape when not."""
+    if isinstance(value, TensorRecord):
+        return f"tensor {value.dtype}{list(value.shape)}"
+    simple = plain_value(value)
+    if simple is not None and len(repr(simple)) <= 80:
+        return repr(simple)
+    if isinstance(value, OpaqueObject):
+        kind = value.cls.dotted
+    elif isinstance(value, GlobalRef):
+        return f"reference to {value.dotted}"
+    else:
+        kind = type(value).__name__
+    count, nbytes = _count_tensors(value)
+    if isinstance(value, Mapping) and {"state", "param_groups"} <= set(value):
+        groups = value["param_groups"]
+        state = value["state"]
+        return (f"optimizer state: {len(state) if isinstance(state, Mapping) else '?'} parameters, "
+                f"{len(groups) if isinstance(groups, list) else '?'} param groups, {count} tensors "
+                f"({human_bytes(nbytes)})")
+    size = len(value) if isinstance(value, (Mapping, list, tuple)) else None
+    parts = [kind + (f" of {size}" if size is not None else "")]
+    if count:
+        parts.append(f"{count} tensors ({human_bytes(nbytes)})")
+    return ", ".join(parts)

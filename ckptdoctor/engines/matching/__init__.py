@@ -1,0 +1,1 @@
+"""The repair planner: candidate rules (text, renumbering, renames), their scoring and the plan."""

@@ -1,0 +1,482 @@
+"""Static pickle analysis: walk the opcodes, simulate the stack symbolically, never import.
+
+``pickletools.genops`` decodes opcodes and their arguments; everything else (stack, mark
+stack, memo) is simulated here with placeholder values, so the walker can tell which globals
+are merely *referenced* and which are *called* (REDUCE, NEWOBJ/NEWOBJ_EX, INST, OBJ, BUILD),
+follow names assembled on the stack for STACK_GLOBAL (including memo lookups), and recurse into
+bytes that are themselves pickles (``torch.storage._load_from_bytes`` runs ``torch.load`` on its
+argument with weights_only=False; see torch/storage.py).
+
+Every loop is bounded: opcode count per pickle, mark depth, nested-pickle depth, line length,
+and the bytes a single pickle may span, so a crafted file cannot hang or exhaust memory.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import contextlib
+import io
+import pickletools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from ckptdoctor.engines.scanning.results import (
+    DANGEROUS,
+    TORCH_OTHER,
+    UNKNOWN_CLASS,
+    WEIGHTS_ONLY,
+    Anomaly,
+    GlobalUse,
+)
+from ckptdoctor.engines.scanning.tables import (
+    DATA_CONSTRUCTORS,
+    RECONSTRUCTORS,
+    WEIGHTS_ONLY_GLOBALS,
+    WEIGHTS_ONLY_OPCODES,
+    is_denied,
+)
+
+MAX_OPS = 5_000_000  # a 70B-parameter checkpoint's data.pkl has a few hundred thousand opcodes
+MAX_MARK_DEPTH = 1_000  # torch.save output nests a few dozen levels at most
+MAX_NESTED_DEPTH = 4
+MAX_LINE = 1 << 20  # protocol 0 arguments are newline-terminated; cap the line we buffer
+MAX_ANOMALIES_PER_CODE = 10
+HIGHEST_PROTOCOL = 5
+
+
+class Window:
+    """A read-only view of ``length`` bytes of *f* starting at *start*, for ``genops``.
+
+    It clips every read to the window (a lying length cannot read past the member) and caps
+    ``readline`` so a protocol 0 argument without a newline cannot pull a whole file into
+    memory. The walker is the only user of *f* while the window is alive.
+    """
+
+    def __init__(self, f: IO[bytes], start: int, length: int) -> None:
+        self._f = f
+        self._start = start
+        self._length = max(length, 0)
+        self._pos = 0
+        f.seek(start)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        remaining = self._length - self._pos
+        n = remaining if n < 0 else min(n, remaining)
+        data = self._f.read(n) if n > 0 else b""
+        self._pos += len(data)
+        return data
+
+    def readline(self, size: int = -1) -> bytes:
+        limit = min(MAX_LINE, self._length - self._pos)
+        out = bytearray()
+        while len(out) < limit:
+            chunk = self._f.read(min(4096, limit - len(out)))
+            if not chunk:
+                break
+            nl = chunk.find(b"\n")
+            if nl >= 0:
+                out += chunk[: nl + 1]
+                self._f.seek(self._start + self._pos + len(out))
+                break
+            out += chunk
+        self._pos += len(out)
+        return bytes(out)
+
+
+@dataclass
+class _Use:
+    module: str
+    qualname: str
+    where: str
+    count: int = 0
+    flags: set[str] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}.{self.qualname}" if self.module else self.qualname
+
+    def verdict(self) -> str:
+        name = self.name
+        if "unresolved" in self.flags or "extension" in self.flags:
+            return DANGEROUS
+        if is_denied(self.module, self.qualname):
+            return DANGEROUS
+        if name in WEIGHTS_ONLY_GLOBALS:
+            return WEIGHTS_ONLY
+        if "call" in self.flags:
+            # torch's unpickler only calls allowlisted functions; anything else called with
+            # arguments is code execution unless it is a known plain-data constructor.
+            return UNKNOWN_CLASS if name in DATA_CONSTRUCTORS or name in RECONSTRUCTORS else DANGEROUS
+        if "instantiate" in self.flags:
+            return UNKNOWN_CLASS
+        return TORCH_OTHER if name.startswith("torch.") else UNKNOWN_CLASS
+
+
+class Findings:
+    """Mutable accumulator for one file: globals, anomalies, scanned pickles and notes."""
+
+    def __init__(self) -> None:
+        self.uses: dict[str, _Use] = {}
+        self.anomalies: list[Anomaly] = []
+        self.pickles: list[str] = []
+        self.notes: list[str] = []
+        self._per_code: dict[str, int] = {}
+
+    def use(self, module: str, qualname: str, where: str) -> _Use:
+        key = f"{module}.{qualname}" if module else qualname
+        u = self.uses.get(key)
+        if u is None:
+            u = self.uses[key] = _Use(module, qualname, where)
+        u.count += 1
+        return u
+
+    def anomaly(self, code: str, message: str, where: str) -> None:
+        n = self._per_code.get(code, 0) + 1
+        self._per_code[code] = n
+        if n <= MAX_ANOMALIES_PER_CODE:
+            self.anomalies.append(Anomaly(code, message, where))
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def global_uses(self) -> tuple[GlobalUse, ...]:
+        return tuple(
+            GlobalUse(u.name, u.verdict(), u.where, bool(u.flags & {"call", "instantiate", "build"}), u.count)
+            for u in self.uses.values()
+        )
+
+    def finish_notes(self) -> tuple[str, ...]:
+        extra = [
+            f"{n - MAX_ANOMALIES_PER_CODE} more '{code}' anomalies not listed"
+            for code, n in self._per_code.items()
+            if n > MAX_ANOMALIES_PER_CODE
+        ]
+        return tuple(self.notes + extra)
+
+
+@dataclass(eq=False)
+class _Glob:
+    """A global pushed by GLOBAL/STACK_GLOBAL/INST/EXT: the callable or class itself."""
+
+    use: _Use
+
+
+@dataclass(eq=False)
+class _Made:
+    """A value the unpickler would compute: a call result, an instance, a container."""
+
+    kind: str
+    origin: _Use | None = None
+
+
+_UNKNOWN = _Made("unknown")
+
+
+@dataclass
+class PickleResult:
+    """How one pickle ended: ``end`` is the offset after STOP, or None if it never stopped."""
+
+    end: int | None
+    protocol: int
+
+
+def is_pickle_start(head: bytes) -> bool:
+    """True for bytes that begin with a PROTO opcode of a real protocol (``\\x80\\x02``..``\\x05``)."""
+    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= HIGHEST_PROTOCOL
+
+
+def _split_global(arg: str) -> tuple[str, str]:
+    module, _, name = arg.partition(" ")
+    return _fix_imports(module, name)
+
+
+def _fix_imports(module: str, name: str) -> tuple[str, str]:
+    """Apply the Python 2 -> 3 renames both ``pickle`` (fix_imports) and torch's
+    ``_read_global_instruction`` apply, so ``__builtin__.eval`` is judged as ``builtins.eval``."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+class PickleWalker:
+    """Walk one pickle, recording globals and anomalies into a shared :class:`Findings`."""
+
+    def __init__(self, findings: Findings, name: str, depth: int = 0) -> None:
+        self.f = findings
+        self.name = name
+        self.depth = depth
+        self.stack: list[Any] = []
+        self.metastack: list[list[Any]] = []
+        self.memo: dict[int, Any] = {}
+        self.protocol = 0
+        self.pos = 0
+        self.nops = 0
+        self.deep_reported = False
+        self.non_wo_ops: set[str] = set()
+
+    # -- helpers -------------------------------------------------------------------------
+    def where(self) -> str:
+        return f"{self.name} @ {self.pos}"
+
+    def anomaly(self, code: str, message: str) -> None:
+        self.f.anomaly(code, message, self.where())
+
+    def push(self, v: Any) -> None:
+        self.stack.append(v)
+
+    def pop(self) -> Any:
+        if self.stack:
+            return self.stack.pop()
+        self.anomaly("stack-underflow", "an opcode pops a value the stack does not have")
+        return _UNKNOWN
+
+    def top(self) -> Any:
+        return self.stack[-1] if self.stack else _UNKNOWN
+
+    def pop_mark(self) -> list[Any]:
+        items = self.stack
+        if not self.metastack:
+            self.anomaly("stack-underflow", "an opcode needs a MARK that was never pushed")
+            self.stack = []
+            return items
+        self.stack = self.metastack.pop()
+        return items
+
+    def new_global(self, module: str, qualname: str) -> _Glob:
+        return _Glob(self.f.use(module, qualname, self.where()))
+
+    def check_bytes(self, data: bytes) -> None:
+        """Recurse into bytes that start like a pickle (anywhere in the stream)."""
+        if not is_pickle_start(data[:2]):
+            return
+        label = f"nested pickle in {self.name} @ offset {self.pos}"
+        if self.depth + 1 > MAX_NESTED_DEPTH:
+            self.anomaly("nesting-limit", f"pickle nested more than {MAX_NESTED_DEPTH} levels deep; not scanned")
+            return
+        walk_pickle(io.BytesIO(data), len(data), self.f, label, self.depth + 1)
+
+    def callee(self, target: Any, how: str, flag: str) -> _Use | None:
+        """Record that *target* is invoked; anomalies for callables computed by the pickle."""
+        if isinstance(target, _Glob):
+            target.use.flags.add(flag)
+            return target.use
+        origin = f" (a value produced by {target.origin.name})" if isinstance(target, _Made) and target.origin else ""
+        self.anomaly("computed-callable", f"{how} invokes a callable that is not a plain global{origin}")
+        if isinstance(target, _Made) and target.origin:
+            target.origin.flags.add("call")
+        return None
+
+    # -- the walk ------------------------------------------------------------------------
+    def run(self, stream: Any) -> PickleResult:
+        self.f.pickles.append(self.name)
+        ops: Iterator[tuple[Any, Any, int | None]] = pickletools.genops(stream)
+        end: int | None = None
+        try:
+            for op, arg, pos in ops:
+                self.pos = pos or 0
+                self.nops += 1
+                if self.nops > MAX_OPS:
+                    self.anomaly("opcode-limit", f"more than {MAX_OPS} opcodes; analysis stopped")
+                    break
+                if op.name not in WEIGHTS_ONLY_OPCODES:
+                    self.non_wo_ops.add(op.name)
+                if op.name == "STOP":
+                    end = self.pos + 1
+                    break
+                self.step(op.name, arg)
+        except ValueError as e:  # genops: unknown opcode, truncated argument, missing STOP
+            msg = str(e)
+            if "exhausted" in msg or "remain" in msg or "not enough" in msg or "no newline" in msg:
+                self.anomaly("truncated-pickle", f"pickle ends before its STOP opcode ({msg})")
+            elif "unknown" in msg:
+                self.anomaly("unknown-opcode", msg)
+            else:
+                self.anomaly("malformed-pickle", msg)
+        if self.non_wo_ops:
+            self.f.note(
+                f"{self.name}: uses opcodes torch's weights_only unpickler does not implement "
+                f"({', '.join(sorted(self.non_wo_ops))}); torch.load(weights_only=True) refuses those "
+                "opcodes whatever they build"
+            )
+        return PickleResult(end, self.protocol)
+
+    def step(self, name: str, arg: Any) -> None:
+        if name == "PROTO":
+            self.protocol = arg
+            if arg > HIGHEST_PROTOCOL:
+                self.anomaly("unsupported-protocol", f"pickle protocol {arg} (Python knows up to 5)")
+        elif name == "MARK":
+            self.metastack.append(self.stack)
+            self.stack = []
+            if len(self.metastack) > MAX_MARK_DEPTH and not self.deep_reported:
+                self.deep_reported = True
+                self.anomaly("deep-nesting", f"more than {MAX_MARK_DEPTH} nested MARKs (a nesting bomb)")
+        elif name in ("GLOBAL", "INST"):
+            module, qualname = _split_global(arg)
+            g = self.new_global(module, qualname)
+            if name == "GLOBAL":
+                self.push(g)
+            else:
+                args = self.pop_mark()
+                g.use.flags.add("call" if args else "instantiate")
+                self.push(_Made("instance", g.use))
+        elif name == "STACK_GLOBAL":
+            qn, mod = self.pop(), self.pop()
+            if isinstance(mod, str) and isinstance(qn, str):
+                self.push(self.new_global(*_fix_imports(mod, qn)))
+            else:
+                self.anomaly("unresolved-global", "STACK_GLOBAL takes its module or name from a computed value")
+                u = self.f.use("", "<unresolved STACK_GLOBAL>", self.where())
+                u.flags.add("unresolved")
+                self.push(_Glob(u))
+        elif name in ("EXT1", "EXT2", "EXT4"):
+            self.anomaly(
+                "extension-code",
+                f"{name} {arg}: the global comes from the loader's copyreg extension registry",
+            )
+            u = self.f.use("", f"<copyreg extension {arg}>", self.where())
+            u.flags.add("extension")
+            self.push(_Glob(u))
+        elif name == "REDUCE":
+            args = self.pop()
+            func = self.pop()
+            use = self.callee(func, "REDUCE", "call")
+            self.push(self.call_result(use, args))
+        elif name in ("NEWOBJ", "NEWOBJ_EX"):
+            if name == "NEWOBJ_EX":
+                self.pop()
+            self.pop()
+            cls = self.pop()
+            use = self.callee(cls, name, "instantiate")
+            self.push(_Made("instance", use))
+        elif name == "OBJ":
+            items = self.pop_mark()
+            if not items:
+                self.anomaly("stack-underflow", "OBJ without a class")
+                self.push(_UNKNOWN)
+                return
+            use = self.callee(items[0], "OBJ", "call" if len(items) > 1 else "instantiate")
+            self.push(_Made("instance", use))
+        elif name == "BUILD":
+            self.pop()
+            inst = self.top()
+            if isinstance(inst, _Glob):
+                # BUILD on a class or function object sets attributes on it (global state).
+                self.anomaly("build-on-global", f"BUILD sets attributes on the global {inst.use.name}")
+                inst.use.flags.add("call")
+            elif isinstance(inst, _Made) and inst.origin is not None:
+                inst.origin.flags.add("build")
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            idx = len(self.memo) if name == "MEMOIZE" else int(arg)
+            if idx > self.nops + 16:
+                self.anomaly("memo-index", f"memo index {idx} is far beyond the {self.nops} opcodes read (a memo bomb)")
+            if len(self.memo) < MAX_OPS:
+                self.memo[idx] = self.top()
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            idx = int(arg)
+            if idx not in self.memo:
+                self.anomaly("memo-missing", f"memo index {idx} is read but never written")
+                self.push(_UNKNOWN)
+            else:
+                self.push(self.memo[idx])
+        else:
+            self.step_data(name, arg)
+
+    def call_result(self, use: _Use | None, args: Any) -> Any:
+        if use is None:
+            return _Made("result")
+        if use.name in RECONSTRUCTORS:
+            cls = args[0] if isinstance(args, tuple) and args else None
+            if isinstance(cls, _Glob):
+                cls.use.flags.add("instantiate")
+            else:
+                self.anomaly("computed-callable", f"{use.name} instantiates a class computed by the pickle")
+            return _Made("instance", cls.use if isinstance(cls, _Glob) else None)
+        if use.name == "_codecs.encode" and isinstance(args, tuple) and args and isinstance(args[0], str):
+            # protocol 2 pickles bytes as _codecs.encode(latin1_text, "latin1")
+            try:
+                data = args[0].encode("latin-1")
+            except UnicodeEncodeError:
+                return _Made("result", use)
+            self.check_bytes(data)
+            return data
+        return _Made("result", use)
+
+    def step_data(self, name: str, arg: Any) -> None:
+        if name in ("BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"):
+            self.check_bytes(arg)
+            self.push(arg)
+        elif name in ("STRING", "BINSTRING", "SHORT_BINSTRING"):
+            # Python 2 str: loaded as bytes with encoding="bytes" (torch's legacy loader does that)
+            with contextlib.suppress(UnicodeEncodeError):
+                self.check_bytes(arg.encode("latin-1"))
+            self.push(arg)
+        elif name in (
+            "UNICODE",
+            "SHORT_BINUNICODE",
+            "BINUNICODE",
+            "BINUNICODE8",
+            "INT",
+            "BININT",
+            "BININT1",
+            "BININT2",
+            "LONG",
+            "LONG1",
+            "LONG4",
+            "FLOAT",
+            "BINFLOAT",
+        ):
+            self.push(arg)
+        elif name in ("NONE", "NEWTRUE", "NEWFALSE"):
+            self.push({"NONE": None, "NEWTRUE": True, "NEWFALSE": False}[name])
+        elif name in ("EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET", "EMPTY_TUPLE"):
+            self.push(() if name == "EMPTY_TUPLE" else _Made(name[6:].lower()))
+        elif name in ("LIST", "DICT", "FROZENSET"):
+            self.pop_mark()
+            self.push(_Made(name.lower()))
+        elif name == "TUPLE":
+            self.push(tuple(self.pop_mark()))
+        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+            n = int(name[-1])
+            items = [self.pop() for _ in range(n)]
+            self.push(tuple(reversed(items)))
+        elif name in ("APPEND", "SETITEM"):
+            self.pop()
+            if name == "SETITEM":
+                self.pop()
+        elif name in ("APPENDS", "SETITEMS", "ADDITEMS", "POP_MARK"):
+            self.pop_mark()
+        elif name == "POP":
+            # pickle.py load_pop: an empty stack means POP discards the topmost MARK
+            if self.stack:
+                self.stack.pop()
+            else:
+                self.pop_mark()
+        elif name == "DUP":
+            self.push(self.top())
+        elif name == "PERSID":
+            self.push(_Made("persistent"))
+        elif name == "BINPERSID":
+            self.pop()
+            self.push(_Made("persistent"))
+        elif name == "NEXT_BUFFER":
+            self.anomaly("out-of-band-buffer", "the pickle expects out-of-band buffers from the loader")
+            self.push(_Made("buffer"))
+        elif name in ("READONLY_BUFFER", "FRAME"):
+            pass
+        else:  # pragma: no cover - genops only yields opcodes it knows, all handled above
+            self.anomaly("unknown-opcode", f"opcode {name} is not simulated")
+
+
+def walk_pickle(stream: IO[bytes], length: int, findings: Findings, name: str, depth: int = 0) -> PickleResult:
+    """Walk the pickle at the current position of *stream* (at most *length* bytes).
+
+    Offsets in ``where`` strings are relative to the start of this pickle.
+    """
+    window = Window(stream, stream.tell(), length)
+    return PickleWalker(findings, name, depth).run(window)

@@ -1,0 +1,1 @@
+"""The allowlisting unpickler and the stand-ins it uses in place of the globals a pickle names."""

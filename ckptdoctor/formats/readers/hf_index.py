@@ -1,0 +1,165 @@
+"""Hugging Face checkpoint directories: single weight files and sharded indexes.
+
+A sharded checkpoint (transformers ``modeling_utils.py`` ``save_pretrained`` /
+huggingface_hub ``split_torch_state_dict_into_shards``) is an index JSON
+``{"metadata": {...}, "weight_map": {key: shard file name}}`` beside the shards, each a
+``.safetensors`` file or a ``torch.save`` of a plain state dict. transformers loads the shards in
+``sorted(set(weight_map.values()))`` order; within a shard we keep the file's own (writing)
+order, so the assembled state dict follows the model's ``state_dict()`` order as it was saved.
+Storage ids get the shard's file name as prefix, since each shard numbers its storages afresh.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint
+from ckptdoctor.formats import detect_format
+from ckptdoctor.formats.readers.directory import member_path, read_json_file
+from ckptdoctor.model.checkpoint import Checkpoint, StorageInfo, TensorInfo, TensorRecord
+from ckptdoctor.model.locate import build_checkpoint
+
+CONFIG_FIELDS = ("architectures", "model_type")
+ADAPTER_CONFIG_FIELDS = ("peft_type", "base_model_name_or_path", "task_type")
+MAX_LISTED = 5
+
+
+def read_weight_file(path: str, entry: str | None = None) -> Checkpoint:
+    """Read one weights file of a directory (shard or single file), whatever its format."""
+    fmt = detect_format(path)
+    if fmt == "safetensors":
+        from ckptdoctor.formats.readers.safetensors import read_safetensors  # noqa: PLC0415 - import only the reader needed
+
+        return read_safetensors(path, entry)
+    if fmt == "torch-zip":
+        from ckptdoctor.formats.readers.torch_zip import read_torch_zip  # noqa: PLC0415
+
+        return read_torch_zip(path, entry)
+    if fmt == "torch-legacy":
+        from ckptdoctor.formats.readers.legacy import read_legacy  # noqa: PLC0415
+
+        return read_legacy(path, entry)
+    raise CorruptCheckpoint("a weights file of the directory is itself a directory", path=path)
+
+
+def config_summary(directory: str, name: str, fields: tuple[str, ...]) -> tuple[dict[str, Any] | None, str | None]:
+    """The ``fields`` of a JSON config beside the weights, plus a note when it cannot be parsed.
+
+    A broken config.json does not make the weights unreadable, so it is a note, not an error.
+    """
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        return None, None
+    try:
+        parsed = read_json_file(path, name)
+    except CkptDoctorError as exc:
+        return None, f"{name} was ignored: {exc.message}"
+    if not isinstance(parsed, dict):
+        return None, f"{name} was ignored: it is not a JSON object"
+    return {k: parsed[k] for k in fields if k in parsed}, None
+
+
+def _directory_extra(directory: str, shards: list[str]) -> tuple[dict[str, Any], list[str]]:
+    extra: dict[str, Any] = {"shards": shards}
+    notes: list[str] = []
+    for name, fields, key in (("config.json", CONFIG_FIELDS, "config"),
+                              ("adapter_config.json", ADAPTER_CONFIG_FIELDS, "adapter_config")):
+        summary, note = config_summary(directory, name, fields)
+        if summary is not None:
+            extra[key] = summary
+        if note:
+            notes.append(note)
+    return extra, notes
+
+
+def read_hf_single(directory: str, name: str, entry: str | None) -> Checkpoint:
+    """``model.safetensors`` / ``pytorch_model.bin`` / ``adapter_model.*`` / the one ``*.safetensors``."""
+    inner = read_weight_file(os.path.join(directory, name), entry)
+    fmt = "hf-safetensors" if inner.format == "safetensors" else "hf-bin"
+    extra, notes = _directory_extra(directory, [name])
+    extra = {**inner.extra, **extra, "file_format": inner.format}
+    return replace(inner, path=directory, format=fmt, extra=extra, notes=(*inner.notes, *notes))
+
+
+def _weight_map(index: Any, index_path: str) -> dict[str, str]:
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CorruptCheckpoint("the index has no weight_map (a mapping of tensor names to shard files)",
+                                path=index_path)
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CorruptCheckpoint(f"weight_map maps {key!r} to {shard!r:.60}, not a file name", path=index_path)
+    return weight_map
+
+
+def _reprefixed(tensors: Iterable[TensorInfo], prefix: str) -> list[tuple[str, TensorRecord]]:
+    """The shard's entries with storage ids made unique across shards (sharing kept within one)."""
+    renamed: dict[str, StorageInfo] = {}
+    out = []
+    for info in tensors:
+        record = info.tensor
+        if record.storage is not None:
+            storage = renamed.get(record.storage.id)
+            if storage is None:
+                storage = replace(record.storage, id=prefix + record.storage.id)
+                renamed[record.storage.id] = storage
+            record = replace(record, storage=storage)
+        out.append((info.key, record))
+    return out
+
+
+def _listed(keys: Iterable[str]) -> str:
+    keys = sorted(keys)
+    return ", ".join(repr(k) for k in keys[:MAX_LISTED]) + (f" and {len(keys) - MAX_LISTED} more"
+                                                            if len(keys) > MAX_LISTED else "")
+
+
+def _read_shard(directory: str, shard: str, expected: set[str], index_name: str) -> Checkpoint:
+    shard_path = member_path(directory, shard, index_name)
+    if not os.path.isfile(shard_path):
+        raise CorruptCheckpoint(f"{index_name} lists shard {shard!r}, which is missing", path=directory,
+                                hint="Download every shard listed in the index (an interrupted download?).")
+    checkpoint = read_weight_file(shard_path)
+    missing = expected - set(checkpoint.keys())
+    if missing:
+        raise CorruptCheckpoint(f"{index_name} places {_listed(missing)} in {shard!r}, which lacks "
+                                f"{'it' if len(missing) == 1 else 'them'}", path=directory)
+    return checkpoint
+
+
+def read_hf_sharded(directory: str, index_name: str, entry: str | None) -> Checkpoint:
+    """Assemble the state dict of a sharded checkpoint from its index and shards."""
+    index_path = os.path.join(directory, index_name)
+    index = read_json_file(index_path, index_name)
+    weight_map = _weight_map(index, index_path)
+    by_shard: dict[str, set[str]] = {}
+    for key, shard in weight_map.items():
+        by_shard.setdefault(shard, set()).add(key)
+    shards = sorted(by_shard)  # transformers' loading order
+    root: dict[str, TensorRecord] = {}
+    owner: dict[str, str] = {}
+    notes: list[str] = []
+    file_size, shard_formats = os.path.getsize(index_path), set()
+    for shard in shards:
+        checkpoint = _read_shard(directory, shard, by_shard[shard], index_name)
+        file_size += checkpoint.file_size
+        shard_formats.add(checkpoint.format)
+        notes.extend(f"{shard}: {note}" for note in checkpoint.notes)
+        for key, record in _reprefixed(checkpoint.tensors, f"{shard}/"):
+            if key in owner:
+                raise CorruptCheckpoint(f"tensor {key!r} is in both {owner[key]!r} and {shard!r}", path=directory)
+            owner[key] = shard
+            root[key] = record
+    unlisted = set(root) - set(weight_map)
+    if unlisted:
+        notes.append(f"{len(unlisted)} tensors in the shards are not in {index_name}: {_listed(unlisted)}")
+    extra, config_notes = _directory_extra(directory, shards)
+    extra.update(index=index_name, shard_formats=sorted(shard_formats))
+    if isinstance(index.get("metadata"), dict):
+        extra["index_metadata"] = index["metadata"]
+    fmt = "hf-sharded-safetensors" if index_name.endswith(".safetensors.index.json") else "hf-sharded-bin"
+    return build_checkpoint(directory, fmt, file_size, root, entry=entry, extra=extra,
+                            notes=(*notes, *config_notes))

@@ -1,0 +1,166 @@
+"""Reader for torch.save's zip format (torch >= 1.6) and TorchScript archives.
+
+Layout (torch/serialization.py ``_save``, caffe2/serialize/inline_container.cc): every member
+sits under one top-level folder; ``data.pkl`` is the pickled object tree, each storage is an
+uncompressed member ``data/<key>`` whose bytes are read in place, ``byteorder`` says
+``little``/``big``. TorchScript archives add ``code/`` and ``constants.pkl``. The pickle refers
+to storages by persistent id ``('storage', StorageType, key, location, numel)``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import zipfile
+from collections import Counter
+from typing import Any
+
+from ckptdoctor.errors import CorruptCheckpoint, LimitExceeded, UnsafeContent, UnsupportedFormat
+from ckptdoctor.formats.pickle.stand_ins import StorageType
+from ckptdoctor.formats.pickle.unpickler import load_pickle
+from ckptdoctor.model.checkpoint import ByteRange, Checkpoint, StorageInfo, itemsize
+from ckptdoctor.model.locate import build_checkpoint
+
+ZIP_MAGIC = b"PK\x03\x04"
+MAX_MEMBERS = 5_000_000
+MAX_PICKLE_MEMBER = 1 << 31
+LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+
+
+class TorchZipArchive:
+    """The archive's members, with data offsets resolved lazily from the local headers."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.zip = _open_zip(path)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
+            raise CorruptCheckpoint(f"not a readable zip archive ({exc})", path=path) from None
+        infos = self.zip.infolist()
+        if len(infos) > MAX_MEMBERS:
+            raise LimitExceeded(f"archive lists {len(infos)} members", path=path)
+        dupes = [name for name, n in Counter(i.filename for i in infos).items() if n > 1]
+        if dupes:
+            raise UnsafeContent(f"the archive holds member {dupes[0]!r} more than once, so readers disagree on "
+                                "its contents", path=path)
+        self.members = {i.filename: i for i in infos}
+        pickles = [n for n in self.members if n.endswith("/data.pkl") or n == "data.pkl"]
+        if not pickles:
+            if any(n.endswith(("archive_format", "serialized_exported_program.json")) or "/models/" in n
+                   for n in self.members):
+                raise UnsupportedFormat("a torch.export archive (.pt2), not a torch.save checkpoint", path=path,
+                                        hint="Load it with torch.export.load(); its weights are not a state dict.")
+            raise UnsupportedFormat("a zip archive without data.pkl: not a torch.save file", path=path)
+        self.pickle_name = min(pickles, key=len)
+        self.prefix = self.pickle_name[: -len("data.pkl")]
+        self.file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self.file_size = os.fstat(self.file.fileno()).st_size
+
+    def close(self) -> None:
+        self.file.close()
+        self.zip.close()
+
+    def has(self, name: str) -> bool:
+        return self.prefix + name in self.members
+
+    def read_member(self, name: str, limit: int = MAX_PICKLE_MEMBER) -> bytes:
+        info = self.members[self.prefix + name]
+        if info.file_size > limit:
+            raise LimitExceeded(f"member {info.filename} declares {info.file_size} bytes", path=self.path)
+        if info.flag_bits & 0x1:
+            raise CorruptCheckpoint(f"member {info.filename} is flagged as encrypted; torch.save never encrypts",
+                                    path=self.path, hint="Run `ckptdoctor scan PATH` to see the archive's anomalies.")
+        try:
+            return self.zip.read(info)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
+            raise CorruptCheckpoint(f"member {info.filename} cannot be read ({exc})", path=self.path) from None
+
+    def data_offset(self, name: str) -> tuple[int, int]:
+        """(offset of the first data byte, stored length) of an uncompressed member."""
+        info = self.members[name]
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise UnsupportedFormat(f"member {name} is compressed; torch.save writes storages uncompressed",
+                                    path=self.path)
+        self.file.seek(info.header_offset)
+        header = self.file.read(LOCAL_HEADER.size)
+        if len(header) != LOCAL_HEADER.size or header[:4] != ZIP_MAGIC:
+            raise CorruptCheckpoint(f"member {name} has no valid local header", path=self.path)
+        fields = LOCAL_HEADER.unpack(header)
+        name_len, extra_len = fields[9], fields[10]
+        start = info.header_offset + LOCAL_HEADER.size + name_len + extra_len
+        if start + info.file_size > self.file_size:
+            raise CorruptCheckpoint(f"member {name} extends past the end of the file (truncated?)", path=self.path)
+        return start, info.file_size
+
+
+_ZIP_VERSION_LOCK = threading.Lock()
+
+
+def _open_zip(path: str) -> zipfile.ZipFile:
+    """Open the archive as torch does: ignoring the "version needed to extract" field.
+
+    torch's reader (miniz, caffe2/serialize/inline_container.cc) never checks it, so a file
+    claiming version 12.7 loads with torch.load; Python's zipfile refuses anything above 6.3.
+    The field says nothing about stored members, so it is lifted while the directory is read.
+    """
+    with _ZIP_VERSION_LOCK:
+        saved = getattr(zipfile, "MAX_EXTRACT_VERSION", 63)
+        setattr(zipfile, "MAX_EXTRACT_VERSION", 0xFFFF)  # noqa: B010 - the name is not in typeshed
+        try:
+            return zipfile.ZipFile(path)
+        finally:
+            setattr(zipfile, "MAX_EXTRACT_VERSION", saved)  # noqa: B010
+
+
+def _location(value: Any) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if not isinstance(value, str) or len(value) > 64:
+        raise CorruptCheckpoint(f"invalid storage location {value!r:.40}")
+    return value
+
+
+def read_torch_zip(path: str, entry: str | None = None) -> Checkpoint:
+    archive = TorchZipArchive(path)
+    try:
+        storages: dict[str, StorageInfo] = {}
+
+        def persistent_load(pid: Any) -> StorageInfo:
+            if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage":
+                raise CorruptCheckpoint(f"unexpected persistent id {pid!r:.80}", path=path)
+            _, storage_type, key, location, numel = pid
+            if not isinstance(storage_type, StorageType) or not isinstance(key, str) or type(numel) is not int:
+                raise CorruptCheckpoint(f"malformed storage reference {pid!r:.80}", path=path)
+            if key in storages:
+                return storages[key]
+            member = f"{archive.prefix}data/{key}"
+            if member not in archive.members:
+                raise CorruptCheckpoint(f"the pickle refers to storage {key!r}, which the archive lacks", path=path)
+            offset, length = archive.data_offset(member)
+            nbytes = numel * itemsize(storage_type.dtype)
+            if numel < 0 or nbytes > length:
+                raise CorruptCheckpoint(f"storage {key!r} declares {nbytes} bytes but holds {length}", path=path)
+            device = _location(location)
+            crc = archive.members[member].CRC if nbytes == length else None
+            info = StorageInfo(id=key, dtype=storage_type.dtype, nbytes=nbytes, device=device,
+                               source=ByteRange(path, offset, nbytes), name=member, crc32=crc)
+            storages[key] = info
+            return info
+
+        data = archive.read_member("data.pkl")
+        root = load_pickle(data, persistent_load, where=archive.pickle_name, path=path)
+        torchscript = archive.has("constants.pkl") or any(
+            n.startswith(archive.prefix + "code/") for n in archive.members)
+        extra: dict[str, Any] = {"archive_prefix": archive.prefix.rstrip("/")}
+        if archive.has("byteorder"):
+            extra["byteorder"] = archive.read_member("byteorder", 16).decode("ascii", "replace")
+        if torchscript:
+            from ckptdoctor.formats.readers.torchscript import torchscript_state_dict  # noqa: PLC0415 - rare path
+
+            root = torchscript_state_dict(root)
+        return build_checkpoint(path, "torchscript" if torchscript else "torch-zip", archive.file_size, root,
+                                entry=entry, extra=extra)
+    finally:
+        archive.close()
+

@@ -1,0 +1,362 @@
+"""Write a repaired checkpoint: :func:`write_checkpoint`.
+
+The caller (``fix``) decides the new state dict (keys renamed, dropped, reordered); this
+module puts it back where it came from and writes the file:
+
+* the output format follows OUT's extension: ``.safetensors``, or a torch.save zip archive
+  for anything else (:mod:`.writer_torch`, :mod:`.writer_safetensors`);
+* a training checkpoint stays one: the new state dict replaces the old one inside a copy of
+  the object tree and every other entry (optimizer state and its tensors, epoch,
+  hyper-parameters, argparse Namespaces ...) is written back as read; ``extract`` writes only
+  the state dict;
+* tensor bytes are copied byte for byte in bounded chunks, storages shared by several tensors
+  are written once, devices and dtypes are kept;
+* the file appears atomically (:mod:`.atomic`) and is re-read and checked against what was
+  meant to be written before it replaces OUT.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint, LimitExceeded, UsageError
+from ckptdoctor.io.atomic import atomic_output, progress_counter
+from ckptdoctor.model.checkpoint import Checkpoint, OpaqueObject, TensorRecord
+from ckptdoctor.model.locate import children, is_module_object, node_at, state_dict_metadata
+
+TORCH_ZIP = "torch-zip"
+SAFETENSORS = "safetensors"
+FORMATS = (TORCH_ZIP, SAFETENSORS)
+
+
+@dataclass(frozen=True)
+class WriteReport:
+    """What was written: where, in which format, how much, and what the caller should know."""
+
+    out: str
+    format: str
+    tensors: int  # state-dict entries written
+    storages: int  # tensor data records written (once per shared storage in torch files)
+    bytes_written: int  # size of the output file
+    notes: tuple[str, ...] = ()
+
+
+class _Keep:
+    """Sentinel: keep the source state dict's ``_metadata``."""
+
+
+KEEP = _Keep()
+
+
+def output_format(out: str, fmt: str | None = None) -> str:
+    """``safetensors`` for a ``.safetensors`` OUT, else ``torch-zip``; ``fmt`` overrides."""
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise UsageError(f"unknown output format {fmt!r} (one of: {', '.join(FORMATS)})")
+        return fmt
+    return SAFETENSORS if out.lower().endswith(".safetensors") else TORCH_ZIP
+
+
+# -- building the tree to write --------------------------------------------------------------
+
+def _copy_mapping(node: Mapping[Any, Any]) -> dict[Any, Any]:
+    copy: dict[Any, Any] = OrderedDict(node) if isinstance(node, OrderedDict) else dict(node)
+    if hasattr(node, "_metadata"):
+        copy._metadata = node._metadata  # type: ignore[attr-defined]
+    return copy
+
+
+def _real_key(node: Mapping[Any, Any], name: str) -> Any:
+    # locate.child matches keys by str(); find the key object itself (an int stays an int).
+    if name in node:
+        return name
+    return next(k for k in node if str(k) == name)
+
+
+def _replace_in_opaque(node: OpaqueObject, name: str, rest: Sequence[str], new: Any) -> OpaqueObject:
+    """A copy of ``node`` with the child ``name`` (wherever locate.children finds it) replaced."""
+    copy = replace(node)
+    if any(str(k) == name for k in node.items):
+        key = _real_key(node.items, name)
+        copy.items = {**node.items, key: _replace_at(node.items[key], rest, new)}
+        return copy
+    if name.isdigit() and int(name) < len(node.list_items):
+        copy.list_items = list(node.list_items)
+        copy.list_items[int(name)] = _replace_at(node.list_items[int(name)], rest, new)
+        return copy
+    state = node.state
+    parts = list(state) if isinstance(state, tuple) else [state]
+    for i, part in enumerate(parts):
+        if isinstance(part, Mapping) and any(str(k) == name for k in part):
+            key = _real_key(part, name)
+            new_part = _copy_mapping(part)
+            new_part[key] = _replace_at(part[key], rest, new)
+            parts[i] = new_part
+            copy.state = tuple(parts) if isinstance(state, tuple) else parts[0]
+            return copy
+    raise KeyError(name)
+
+
+def _replace_at(node: Any, path: Sequence[str], new: Any) -> Any:
+    """A copy of ``node`` with the object at ``path`` replaced by ``new``; the rest is shared."""
+    if not path:
+        return new
+    name, rest = path[0], path[1:]
+    if isinstance(node, OpaqueObject):
+        return _replace_in_opaque(node, name, rest, new)
+    if isinstance(node, Mapping):
+        key = _real_key(node, name)
+        copy = _copy_mapping(node)
+        copy[key] = _replace_at(node[key], rest, new)
+        return copy
+    if isinstance(node, (list, tuple)):
+        items = list(node)
+        items[int(name)] = _replace_at(items[int(name)], rest, new)
+        return tuple(items) if isinstance(node, tuple) else items
+    raise KeyError(name)
+
+
+def source_metadata(ckpt: Checkpoint) -> Any:
+    """The source state dict's ``_metadata`` (module prefix → version info), or None."""
+    return state_dict_metadata(ckpt)
+
+
+def _new_state_dict(ckpt: Checkpoint, entries: Sequence[tuple[str, Any]], metadata: Any) -> OrderedDict[str, Any]:
+    """The state dict to write: an OrderedDict, as ``nn.Module.state_dict`` returns, with ``_metadata``."""
+    seen: set[str] = set()
+    for key, _ in entries:
+        if not isinstance(key, str):
+            raise UsageError(f"state-dict keys must be strings, got {key!r:.60}")
+        if key in seen:
+            raise UsageError(f"the new state dict has key {key!r} twice")
+        seen.add(key)
+    if not entries:
+        raise UsageError("nothing to write: the new state dict is empty")
+    state_dict: OrderedDict[str, Any] = OrderedDict(entries)
+    chosen = source_metadata(ckpt) if isinstance(metadata, _Keep) else metadata
+    if chosen is not None:
+        state_dict._metadata = chosen  # type: ignore[attr-defined]
+    return state_dict
+
+
+def _other_entries(root: Any, path: Sequence[str]) -> list[str]:
+    if not path:
+        return []
+    return [name for name, _ in children(root) if name != path[0]]
+
+
+def _listed(names: Sequence[str], limit: int = 6) -> str:
+    shown = ", ".join(f"`{n}`" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _dropped_non_tensors(ckpt: Checkpoint, entries: Sequence[tuple[str, Any]]) -> list[str]:
+    """Notes for non-tensor state-dict entries (``_extra_state``) the caller did not pass on."""
+    source = node_at(ckpt.root, ckpt.state_dict_path)
+    if not isinstance(source, Mapping):
+        return []
+    passed = {id(v) for _, v in entries}  # entries may carry them under new (renamed) keys
+    missing = [str(k) for k, v in source.items() if not isinstance(v, TensorRecord) and id(v) not in passed]
+    if not missing:
+        return []
+    return [f"state-dict entries that are not tensors were not written: {_listed(missing)} "
+            "(pass them in the new state dict to keep them)"]
+
+
+def _module_note(ckpt: Checkpoint) -> list[str]:
+    node = node_at(ckpt.root, ckpt.state_dict_path)
+    if ckpt.format == "torchscript":
+        return ["the source is a TorchScript archive; a plain state dict was written (the scripted code "
+                "is not kept)"]
+    if is_module_object(node) and isinstance(node, OpaqueObject):
+        return [f"the source pickles a whole module ({node.cls.dotted}); a plain state dict was written in "
+                "its place"]
+    return []
+
+
+def _torch_root(ckpt: Checkpoint, state_dict: OrderedDict[str, Any], extract: bool) -> tuple[Any, list[str]]:
+    """The tree to write and notes: the state dict alone, or the source tree with it replaced."""
+    notes = _module_note(ckpt)
+    path = ckpt.state_dict_path
+    if ckpt.format == "torchscript" or not path:
+        return state_dict, notes
+    if extract:
+        others = _other_entries(ckpt.root, path)
+        if others:
+            notes.append(f"extract: only the state dict at `{'/'.join(path)}` was written; the file's other "
+                         f"entries were left out ({_listed(others)})")
+        return state_dict, notes
+    return _replace_at(ckpt.root, path, state_dict), notes
+
+
+def _safetensors_parts(ckpt: Checkpoint, state_dict: Mapping[str, Any]
+                       ) -> tuple[list[tuple[str, TensorRecord]], dict[str, str], list[str]]:
+    """Tensors, metadata and notes for a safetensors output (tensors only, no other entries)."""
+    from ckptdoctor.formats.writers.safetensors import sharing_notes  # noqa: PLC0415 - only this output needs it
+
+    tensors = [(k, v) for k, v in state_dict.items() if isinstance(v, TensorRecord)]
+    notes = _module_note(ckpt)
+    skipped = [k for k, v in state_dict.items() if not isinstance(v, TensorRecord)]
+    if skipped:
+        notes.append(f"safetensors holds tensors only; non-tensor entries were left out ({_listed(skipped)})")
+    others = _other_entries(ckpt.root, ckpt.state_dict_path)
+    if others:
+        notes.append(f"safetensors holds one state dict; the file's other entries were left out "
+                     f"({_listed(others)})")
+    notes.extend(sharing_notes(tensors))
+    source = ckpt.extra.get("metadata")
+    metadata = {str(k): str(v) for k, v in source.items()} if isinstance(source, Mapping) else {}
+    metadata.setdefault("format", "pt")
+    return tensors, metadata, notes
+
+
+# -- verification ----------------------------------------------------------------------------
+
+def _walk_tensors(node: Any, seen: set[int] | None = None, depth: int = 0) -> Iterator[TensorRecord]:
+    """Every tensor record anywhere in a tree (each object visited once)."""
+    seen = set() if seen is None else seen
+    if isinstance(node, TensorRecord):
+        yield node
+        return
+    if id(node) in seen or depth > 500:
+        return
+    seen.add(id(node))
+    for _, sub in children(node):
+        yield from _walk_tensors(sub, seen, depth + 1)
+    if isinstance(node, OpaqueObject):  # a recorded call (sparse tensor) keeps tensors in its arguments
+        for sub in node.args:
+            yield from _walk_tensors(sub, seen, depth + 1)
+
+
+def _sharing(tensors: Sequence[TensorRecord]) -> list[int]:
+    """For each tensor, the index of the first tensor that uses the same storage."""
+    first: dict[Any, int] = {}
+    out = []
+    for i, tensor in enumerate(tensors):
+        key = tensor.storage.id if tensor.storage is not None else ("none", i)
+        out.append(first.setdefault(key, i))
+    return out
+
+
+def _expect(condition: bool, message: str, out: str) -> None:
+    if not condition:
+        raise CorruptCheckpoint(f"the written file does not match what was meant to be written: {message}",
+                                path=out, hint="This is a ckptdoctor bug; nothing was written. Please report it.")
+
+
+def _verify_torch(written: Checkpoint, expected: Sequence[tuple[str, TensorRecord]], storages: int,
+                  out: str) -> None:
+    got = [(t.key, t.tensor) for t in written.tensors]
+    _expect([k for k, _ in got] == [k for k, _ in expected], "the state-dict keys differ", out)
+    for (key, a), (_, b) in zip(got, expected):
+        same = (a.dtype, a.shape, a.stride, a.storage_offset, a.device, a.is_parameter) == (
+            b.dtype, b.shape, b.stride, b.storage_offset, b.device, b.is_parameter)
+        _expect(same, f"tensor {key!r} reads back as {a.dtype}{list(a.shape)} on {a.device}", out)
+    _expect(_sharing([a for _, a in got]) == _sharing([b for _, b in expected]),
+            "the storage-sharing pattern differs", out)
+    found = {t.storage.id for t in _walk_tensors(written.root) if t.storage is not None}
+    _expect(len(found) == storages, f"{len(found)} storages read back, {storages} were written", out)
+
+
+def _verify_safetensors(written: Checkpoint, expected: Sequence[tuple[str, TensorRecord]], out: str) -> None:
+    got = {t.key: t.tensor for t in written.tensors}
+    _expect(set(got) == {k for k, _ in expected}, "the tensor names differ", out)
+    for key, tensor in expected:
+        _expect((got[key].dtype, got[key].shape) == (tensor.dtype, tensor.shape),
+                f"tensor {key!r} reads back as {got[key].dtype}{list(got[key].shape)}", out)
+
+
+def _reread(tmp: str, out: str, entry: str | None) -> Checkpoint:
+    from ckptdoctor.formats import open_checkpoint  # noqa: PLC0415 - the package imports this module's siblings
+
+    try:
+        return open_checkpoint(tmp, entry)
+    except CkptDoctorError as exc:
+        raise CorruptCheckpoint(f"the written file does not read back ({exc.message})", path=out,
+                                hint="This is a ckptdoctor bug; nothing was written. Please report it.") from None
+
+
+def _reread_entry(root: Any, state_dict: Any, path: Sequence[str]) -> str | None:
+    if root is state_dict or not path or any("/" in name for name in path):
+        return None
+    return "/".join(path)
+
+
+# -- the entry point -------------------------------------------------------------------------
+
+def _input_paths(ckpt: Checkpoint) -> list[str]:
+    paths = {ckpt.path}
+    for tensor in _walk_tensors(ckpt.root):
+        if tensor.storage is not None and tensor.storage.source is not None:
+            paths.add(tensor.storage.source.path)
+    return sorted(paths)
+
+
+def write_checkpoint(ckpt: Checkpoint, entries: Sequence[tuple[str, TensorRecord]], out: str | os.PathLike[str],
+                     *, extract: bool = False, force: bool = False, fmt: str | None = None,
+                     progress: Callable[[int, int], None] | None = None,
+                     metadata: Mapping[str, Any] | _Keep | None = KEEP) -> WriteReport:
+    """Write ``entries`` (the new state dict, in order) from ``ckpt`` to ``out``.
+
+    ``fmt`` (``torch-zip`` / ``safetensors``) overrides the format OUT's extension selects.
+    ``progress(done_bytes, total_bytes)`` is called as tensor data is copied. ``metadata`` is
+    the state dict's ``_metadata`` (module versions torch stores beside the keys): by default
+    the source's, ``None`` for none. Raises :class:`OutputError` for a forbidden OUT,
+    :class:`UnsupportedFormat` for content the output format cannot hold, and
+    :class:`CorruptCheckpoint` when the source's bytes are unreadable or the written file
+    does not read back as intended; in every failure nothing is left behind.
+    """
+    out = os.fspath(out)
+    kind = output_format(out, fmt)
+    byteorder = str(ckpt.extra.get("byteorder", "little"))
+    state_dict = _new_state_dict(ckpt, list(entries), metadata)
+    notes = _dropped_non_tensors(ckpt, list(entries))
+    if byteorder == "big":
+        notes.append("the source is big-endian; tensor data was converted to little-endian")
+    with atomic_output(out, _input_paths(ckpt), force=force) as (fd, tmp):
+        try:
+            if kind == SAFETENSORS:
+                size, storages, written, more = _write_safetensors(fd, tmp, out, ckpt, state_dict, byteorder,
+                                                                   progress)
+            else:
+                size, storages, written, more = _write_torch(fd, tmp, out, ckpt, state_dict, extract, byteorder,
+                                                             progress)
+        except RecursionError:  # a (hostile) object tree nested deeper than any checkpoint needs
+            raise LimitExceeded("the file's object tree nests too deeply to be rewritten; nothing was written",
+                                path=str(ckpt.path),
+                                hint="Write only the state dict with --extract, or inspect the file with "
+                                     "`ckptdoctor scan`.") from None
+        notes.extend(more)
+        _expect(os.fstat(fd).st_size == size, "the file size differs from the bytes written", out)
+    return WriteReport(out=out, format=kind, tensors=written, storages=storages, bytes_written=size,
+                       notes=tuple(notes))
+
+
+def _write_torch(fd: int, tmp: str, out: str, ckpt: Checkpoint, state_dict: OrderedDict[str, Any],
+                 extract: bool, byteorder: str, progress: Callable[[int, int], None] | None
+                 ) -> tuple[int, int, int, list[str]]:
+    from ckptdoctor.formats.writers.torch_zip import write_torch_zip  # noqa: PLC0415 - import only the writer needed
+
+    root, notes = _torch_root(ckpt, state_dict, extract)
+    size, storages = write_torch_zip(fd, out, root, byteorder=byteorder, progress=progress)
+    tensors = [(k, v) for k, v in state_dict.items() if isinstance(v, TensorRecord)]
+    written = _reread(tmp, out, _reread_entry(root, state_dict, ckpt.state_dict_path))
+    _verify_torch(written, tensors, len(storages), out)
+    return size, len(storages), len(tensors), notes
+
+
+def _write_safetensors(fd: int, tmp: str, out: str, ckpt: Checkpoint, state_dict: OrderedDict[str, Any],
+                       byteorder: str, progress: Callable[[int, int], None] | None
+                       ) -> tuple[int, int, int, list[str]]:
+    from ckptdoctor.formats.writers.safetensors import write_safetensors  # noqa: PLC0415
+
+    tensors, metadata, notes = _safetensors_parts(ckpt, state_dict)
+    total = sum(t.nbytes for _, t in tensors)
+    size = write_safetensors(fd, tensors, metadata, byteorder=byteorder,
+                             progress=progress_counter(progress, total))
+    _verify_safetensors(_reread(tmp, out, None), tensors, out)
+    return size, len(tensors), len(tensors), notes

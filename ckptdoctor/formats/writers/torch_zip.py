@@ -1,0 +1,571 @@
+"""Write an object tree as a torch.save zip archive that ``torch.load(weights_only=True)`` reads.
+
+Two parts, both re-implementations of torch's own so that no torch import is needed:
+
+* :class:`TreePickler` pickles the tree with protocol 2, as torch/serialization.py ``_save``
+  does, emitting tensors the way ``Tensor._reduce_ex_internal`` (torch/_tensor.py) and
+  ``Parameter.__reduce_ex__`` (torch/nn/parameter.py) reduce them and storages as the persistent
+  ids ``_save``'s ``persistent_id`` returns.
+* :class:`ZipArchiveWriter` lays the archive out like caffe2's ``PyTorchStreamWriter``
+  (caffe2/serialize/inline_container.cc): every member stored uncompressed under one top-level
+  folder, each member's data aligned to 64 bytes with a ``FB`` padding extra field, zip64
+  end records. Storages are streamed from the source in bounded chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import struct
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ckptdoctor.errors import CorruptCheckpoint, UnsupportedFormat
+from ckptdoctor.formats.pickle.stand_ins import STORAGE_TYPES, TENSOR_LAYOUTS, DtypeRef, LayoutRef, StorageType
+from ckptdoctor.formats.tensor_bytes import iter_tensor_chunks
+from ckptdoctor.io.atomic import CHUNK, EarlyWriteback, SourceFiles, copy_range, progress_counter, write_all
+from ckptdoctor.model.checkpoint import GlobalRef, OpaqueObject, StorageInfo, TensorRecord, itemsize
+
+# dtype -> typed storage class name (torch/storage.py `_dtype_to_storage_type_map`). Every other
+# dtype (float8_*, uint16/32/64, bits*, complex32, int1..7 ...) has no typed storage and is saved
+# with an UntypedStorage and `_rebuild_tensor_v3` (torch/_tensor.py `_reduce_ex_internal`).
+TYPED_STORAGE: dict[str, str] = {dtype: name for name, dtype in STORAGE_TYPES.items()}
+QUANTIZED = frozenset({"qint8", "quint8", "qint32", "quint4x2", "quint2x4"})
+
+# -- pickle opcodes (Lib/pickle.py), protocol 2 only -------------------------------------------
+PROTO, STOP, MARK = b"\x80", b".", b"("
+NONE, NEWTRUE, NEWFALSE = b"N", b"\x88", b"\x89"
+BININT, BININT1, BININT2, LONG1, BINFLOAT = b"J", b"K", b"M", b"\x8a", b"G"
+BINUNICODE, GLOBAL, REDUCE, NEWOBJ, BUILD, BINPERSID = b"X", b"c", b"R", b"\x81", b"b", b"Q"
+EMPTY_TUPLE, TUPLE, TUPLE1, TUPLE2, TUPLE3 = b")", b"t", b"\x85", b"\x86", b"\x87"
+EMPTY_LIST, APPEND, APPENDS, EMPTY_DICT, SETITEM, SETITEMS = b"]", b"a", b"e", b"}", b"s", b"u"
+BINPUT, LONG_BINPUT, BINGET, LONG_BINGET = b"q", b"r", b"h", b"j"
+BATCH = 1000  # items per SETITEMS/APPENDS, as pickle's _batch_setitems
+
+
+class StorageTable:
+    """Storages in the order the pickle first refers to them, keyed "0", "1", ... as ``_save`` does.
+
+    Storages are identified by their :class:`StorageInfo` (same id and same bytes): every
+    tensor viewing one storage refers to one archive record, so sharing and views survive.
+    """
+
+    def __init__(self) -> None:
+        self.keys: dict[StorageInfo, str] = {}
+        self.dtypes: dict[StorageInfo, str] = {}
+        self.order: list[StorageInfo] = []
+
+    def key(self, storage: StorageInfo, dtype: str) -> str:
+        if storage not in self.keys:
+            self.keys[storage] = str(len(self.keys))
+            self.dtypes[storage] = dtype
+            self.order.append(storage)
+        elif self.dtypes[storage] != dtype:
+            # torch refuses the same ("Cannot save multiple tensors or storages that view the same
+            # data as different types", torch/serialization.py `_save`).
+            raise UnsupportedFormat(f"storage {storage.id!r} is viewed as both {self.dtypes[storage]} and "
+                                    f"{dtype}; torch.save cannot store that")
+        return self.keys[storage]
+
+
+def _encode_long(value: int) -> bytes:
+    # pickle.encode_long: two's complement, little-endian, shortest form.
+    if value == 0:
+        return b""
+    data = value.to_bytes((value.bit_length() >> 3) + 1, "little", signed=True)
+    if value < 0 and len(data) > 1 and data[-1] == 0xFF and data[-2] & 0x80:
+        data = data[:-1]
+    return data
+
+
+class TreePickler:
+    """Protocol-2 pickler for ckptdoctor's object tree (see the module docstring).
+
+    Containers, opaque objects and tensors are memoized by identity, so an object the source
+    pickle referenced twice (one tensor under two keys) is referenced twice here too.
+    """
+
+    def __init__(self, storages: StorageTable) -> None:
+        self.storages = storages
+        self.out = bytearray()
+        self.memo: dict[int, int] = {}
+        self.globals: dict[tuple[str, str], int] = {}
+        self._alive: list[Any] = []  # keeps memoized objects alive so their ids stay unique
+        self.depth = 0
+
+    def dump(self, obj: Any) -> bytes:
+        self.out += PROTO + b"\x02"
+        self.save(obj)
+        self.out += STOP
+        return bytes(self.out)
+
+    # -- memo ------------------------------------------------------------------------------
+    def _put(self, index: int) -> None:
+        self.out += BINPUT + bytes([index]) if index < 256 else LONG_BINPUT + struct.pack("<I", index)
+
+    def _get(self, index: int) -> None:
+        self.out += BINGET + bytes([index]) if index < 256 else LONG_BINGET + struct.pack("<I", index)
+
+    def _memoize(self, obj: Any) -> None:
+        index = len(self.memo) + len(self.globals)
+        self.memo[id(obj)] = index
+        self._alive.append(obj)
+        self._put(index)
+
+    def _memoized(self, obj: Any) -> bool:
+        index = self.memo.get(id(obj))
+        if index is None:
+            return False
+        self._get(index)
+        return True
+
+    # -- scalars ---------------------------------------------------------------------------
+    def save_global(self, module: str, name: str) -> None:
+        key = (module, name)
+        if key in self.globals:
+            self._get(self.globals[key])
+            return
+        if "\n" in module or "\n" in name:
+            raise UnsupportedFormat(f"cannot write the global {module}.{name!r}")
+        self.out += GLOBAL + f"{module}\n{name}\n".encode()
+        index = len(self.memo) + len(self.globals)
+        self.globals[key] = index
+        self._put(index)
+
+    def save_int(self, value: int) -> None:
+        if 0 <= value < 256:
+            self.out += BININT1 + bytes([value])
+        elif 0 <= value < 65536:
+            self.out += BININT2 + struct.pack("<H", value)
+        elif -(1 << 31) <= value < (1 << 31):
+            self.out += BININT + struct.pack("<i", value)
+        else:
+            data = _encode_long(value)
+            if len(data) > 255:
+                raise UnsupportedFormat("an integer too large for a protocol-2 pickle")
+            self.out += LONG1 + bytes([len(data)]) + data
+
+    def save_str(self, value: str) -> None:
+        data = value.encode("utf-8", "surrogatepass")
+        self.out += BINUNICODE + struct.pack("<I", len(data)) + data
+
+    def save_bytes(self, value: bytes) -> None:
+        # Protocol 2 has no bytes opcode: Python pickles bytes as _codecs.encode(text, "latin1").
+        self.save_global("_codecs", "encode")
+        self.save_str(value.decode("latin1"))
+        self.save_str("latin1")
+        self.out += TUPLE2 + REDUCE
+
+    def save_layout(self, name: str) -> None:
+        # torch.layout pickles as torch.serialization._get_layout("torch.<name>") (torch/csrc/Layout.cpp);
+        # quantization schemes, also LayoutRef here, are plain globals.
+        self.save_global("torch.serialization", "_get_layout")
+        self.save_str(f"torch.{name}")
+        self.out += TUPLE1 + REDUCE
+
+    # -- containers ------------------------------------------------------------------------
+    def save_tuple(self, values: Sequence[Any]) -> None:
+        if not values:
+            self.out += EMPTY_TUPLE
+            return
+        if len(values) <= 3:
+            for v in values:
+                self.save(v)
+            self.out += (TUPLE1, TUPLE2, TUPLE3)[len(values) - 1]
+            return
+        self.out += MARK
+        for v in values:
+            self.save(v)
+        self.out += TUPLE
+
+    def _save_items(self, items: Sequence[tuple[Any, Any]]) -> None:
+        for start in range(0, len(items), BATCH):
+            batch = items[start:start + BATCH]
+            if len(batch) == 1:
+                self.save(batch[0][0])
+                self.save(batch[0][1])
+                self.out += SETITEM
+                continue
+            self.out += MARK
+            for k, v in batch:
+                self.save(k)
+                self.save(v)
+            self.out += SETITEMS
+
+    def _save_appends(self, values: Sequence[Any]) -> None:
+        for start in range(0, len(values), BATCH):
+            batch = values[start:start + BATCH]
+            if len(batch) == 1:
+                self.save(batch[0])
+                self.out += APPEND
+                continue
+            self.out += MARK
+            for v in batch:
+                self.save(v)
+            self.out += APPENDS
+
+    def save_dict(self, value: dict[Any, Any]) -> None:
+        self.out += EMPTY_DICT
+        self._memoize(value)
+        self._save_items(list(value.items()))
+
+    def save_ordered_dict(self, value: OrderedDict[Any, Any]) -> None:
+        # OrderedDict.__reduce__: (OrderedDict, (), state, None, items). torch state dicts carry
+        # `_metadata` (module versions) as an attribute, pickled as the BUILD state.
+        self.save_global("collections", "OrderedDict")
+        self.out += EMPTY_TUPLE + REDUCE
+        self._memoize(value)
+        self._save_items(list(value.items()))
+        metadata = getattr(value, "_metadata", None)
+        if metadata is not None:
+            self.out += EMPTY_DICT
+            self.save_str("_metadata")
+            self.save(metadata)
+            self.out += SETITEM + BUILD
+
+    def save_list(self, value: list[Any]) -> None:
+        self.out += EMPTY_LIST
+        self._memoize(value)
+        self._save_appends(value)
+
+    def _save_builtin_call(self, name: str, args: tuple[Any, ...], obj: Any) -> None:
+        # set/frozenset/bytearray/complex/slice reduce to builtins calls that torch's
+        # weights_only unpickler allows (torch/_weights_only_unpickler.py `_get_allowed_globals`).
+        self.save_global("builtins", name)
+        self.save_tuple(args)
+        self.out += REDUCE
+        self._memoize(obj)
+
+    # -- records ---------------------------------------------------------------------------
+    def save_opaque(self, obj: OpaqueObject) -> None:
+        """Re-emit an instance exactly as recorded: class, args, items, state.
+
+        ``newobj`` and ``reconstructor`` objects become NEWOBJ (what protocol 2 writes for a
+        plain instance via ``copyreg.__newobj__``); ``reduce`` objects call the class with the
+        recorded args. Items and state follow in pickle's ``save_reduce`` order.
+        """
+        cls = obj.cls
+        if cls.module == "torch" and cls.name.startswith(("sparse_tensor[", "nested_tensor")):
+            raise UnsupportedFormat(f"cannot re-write a {cls.name.split('[')[0].replace('_', ' ')}; "
+                                    "only strided tensors can be written")
+        self.save_global(cls.module, cls.name)
+        self.save_tuple(obj.args)
+        self.out += REDUCE if obj.via == "reduce" else NEWOBJ
+        self._memoize(obj)
+        if obj.list_items:
+            self._save_appends(obj.list_items)
+        if obj.items:
+            self._save_items(list(obj.items.items()))
+        if obj.state is not None:
+            self.save(obj.state)
+            self.out += BUILD
+
+    def _save_empty_ordered_dict(self) -> None:
+        # The backward_hooks argument: torch passes a fresh OrderedDict() (Note [Don't serialize hooks]).
+        self.save_global("collections", "OrderedDict")
+        self.out += EMPTY_TUPLE + REDUCE
+
+    def _save_storage_ref(self, tensor: TensorRecord, storage: StorageInfo) -> bool:
+        """The persistent id ``('storage', type, key, location, numel)``; True when untyped (v3)."""
+        typed = TYPED_STORAGE.get(tensor.dtype)
+        key = self.storages.key(storage, tensor.dtype)
+        self.out += MARK
+        self.save_str("storage")
+        if typed is None:
+            self.save_global("torch.storage", "UntypedStorage")
+            numel = storage.nbytes
+        else:
+            self.save_global("torch", typed)
+            size = itemsize(tensor.dtype)
+            if storage.nbytes % size:
+                raise CorruptCheckpoint(f"storage {storage.id!r} of {storage.nbytes} bytes is not a whole "
+                                        f"number of {tensor.dtype} elements")
+            numel = storage.nbytes // size
+        self.save_str(key)
+        self.save_str(storage.device)
+        self.save_int(numel)
+        self.out += TUPLE + BINPERSID
+        return typed is None
+
+    def save_tensor(self, tensor: TensorRecord) -> None:
+        """``_rebuild_tensor_v2/v3(storage, offset, size, stride, requires_grad, OrderedDict()[, dtype])``.
+
+        A Parameter wraps that in ``_rebuild_parameter(data, requires_grad, OrderedDict())``, its
+        data having requires_grad=False, as ``Parameter.__reduce_ex__`` passes ``self.data``.
+        """
+        if tensor.layout.startswith("subclass:"):
+            raise UnsupportedFormat(
+                f"cannot re-write a {tensor.layout.removeprefix('subclass:')} value: a tensor subclass keeps its "
+                "data in its own state (a DTensor holds only this rank's shard)",
+                hint="Save a full, plain state dict first (torch.distributed.checkpoint.state_dict."
+                     "get_model_state_dict with full_state_dict=True), then fix that.")
+        if tensor.layout == "meta" or tensor.storage is None:
+            self._save_meta_tensor(tensor)
+            return
+        if tensor.layout != "strided" or tensor.dtype in QUANTIZED:
+            raise UnsupportedFormat(f"cannot re-write a {tensor.layout} {tensor.dtype} tensor; only strided "
+                                    "tensors can be written",
+                                    hint="Quantized, sparse and tensor-subclass (DTensor) values cannot be copied "
+                                         "key by key; rename them in Python with ckptdoctor.adapt(path, model) or "
+                                         "save a plain full state dict first.")
+        if tensor.is_parameter:
+            self.save_global("torch._utils", "_rebuild_parameter")
+        v3 = tensor.dtype not in TYPED_STORAGE
+        self.save_global("torch._utils", "_rebuild_tensor_v3" if v3 else "_rebuild_tensor_v2")
+        self.out += MARK
+        self._save_storage_ref(tensor, tensor.storage)
+        self.save_int(tensor.storage_offset)
+        self.save_tuple(tensor.shape)
+        self.save_tuple(tensor.stride)
+        self.save_bool(tensor.requires_grad and not tensor.is_parameter)
+        self._save_empty_ordered_dict()
+        if v3:
+            self.save_global("torch", tensor.dtype)
+        self.out += TUPLE + REDUCE
+        if tensor.is_parameter:
+            self.save_bool(tensor.requires_grad)
+            self._save_empty_ordered_dict()
+            self.out += TUPLE3 + REDUCE
+        self._memoize(tensor)
+
+    def _save_meta_tensor(self, tensor: TensorRecord) -> None:
+        # Meta tensors have no storage: torch/_tensor.py reduces them to this call.
+        self.save_global("torch._utils", "_rebuild_meta_tensor_no_storage")
+        self.save_tuple((DtypeRef(tensor.dtype), tensor.shape, tensor.stride, tensor.requires_grad))
+        self.out += REDUCE
+        self._memoize(tensor)
+
+    def save_bool(self, value: bool) -> None:
+        self.out += NEWTRUE if value else NEWFALSE
+
+    def save_float(self, value: float) -> None:
+        self.out += BINFLOAT + struct.pack(">d", value)
+
+    # -- dispatch --------------------------------------------------------------------------
+    def save(self, obj: Any) -> None:
+        self.depth += 1
+        if self.depth > 500:
+            raise UnsupportedFormat("the object tree nests too deeply to write")
+        try:
+            self._dispatch(obj)
+        finally:
+            self.depth -= 1
+
+    def _dispatch(self, obj: Any) -> None:
+        kind = type(obj)
+        if obj is None:
+            self.out += NONE
+        elif kind is bool:
+            self.save_bool(obj)
+        elif kind is int:
+            self.save_int(obj)
+        elif kind is float:
+            self.save_float(obj)
+        elif kind is str:
+            self.save_str(obj)
+        elif kind is bytes:
+            self.save_bytes(obj)
+        elif kind is tuple:
+            self.save_tuple(obj)
+        elif isinstance(obj, LayoutRef) and str(obj) in TENSOR_LAYOUTS:
+            self.save_layout(str(obj))
+        elif isinstance(obj, (DtypeRef, LayoutRef)):
+            self.save_global("torch", str(obj))
+        elif isinstance(obj, StorageType):
+            module = "torch.storage" if obj.name in ("UntypedStorage", "TypedStorage") else (
+                "torch.cuda" if obj.device == "cuda" else "torch")
+            self.save_global(module, obj.name)
+        elif isinstance(obj, GlobalRef):
+            self.save_global(obj.module, obj.name)
+        elif self._memoized(obj):
+            return
+        else:
+            self._dispatch_object(obj)
+
+    def _dispatch_object(self, obj: Any) -> None:
+        if isinstance(obj, TensorRecord):
+            self.save_tensor(obj)
+        elif isinstance(obj, OpaqueObject):
+            self.save_opaque(obj)
+        elif isinstance(obj, OrderedDict):
+            self.save_ordered_dict(obj)
+        elif isinstance(obj, dict):
+            self.save_dict(obj)
+        elif isinstance(obj, list):
+            self.save_list(obj)
+        elif isinstance(obj, (set, frozenset)):
+            self._save_builtin_call(type(obj).__name__, (list(obj),), obj)
+        elif isinstance(obj, bytearray):
+            self._save_builtin_call("bytearray", (bytes(obj),), obj)
+        elif isinstance(obj, complex):
+            self._save_builtin_call("complex", (obj.real, obj.imag), obj)
+        elif isinstance(obj, slice):
+            self._save_builtin_call("slice", (obj.start, obj.stop, obj.step), obj)
+        elif isinstance(obj, str):  # str subclasses the reader made (none expected): as plain text
+            self.save_str(str(obj))
+        elif isinstance(obj, int):
+            self.save_int(int(obj))
+        elif isinstance(obj, float):
+            self.save_float(float(obj))
+        else:
+            raise UnsupportedFormat(f"cannot write a value of type {type(obj).__name__}")
+
+
+# -- zip layout (caffe2/serialize/inline_container.cc, miniz) ----------------------------------
+ALIGNMENT = 64  # torch.serialization._get_storage_alignment(); storages can be mmapped in place
+LOCAL = struct.Struct("<4sHHHHHIIIHH")
+CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")
+ZIP64_END = struct.Struct("<4sQHHIIQQQQ")
+ZIP64_LOCATOR = struct.Struct("<4sIQI")
+END = struct.Struct("<4sHHHHIIH")
+U32_MAX = 0xFFFFFFFF
+UTF8_FLAG = 0x0800
+CRC_FIELD = 14  # offset of the CRC-32 in a local header
+
+
+def archive_name(out: str) -> str:
+    """The archive's top-level folder: OUT's name up to its first dot, as ``PyTorchStreamWriter``
+    does, restricted to characters every zip tool accepts."""
+    stem = os.path.basename(out).split(".", 1)[0]
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", stem)
+    return stem or "archive"
+
+
+class ZipArchiveWriter:
+    """Appends stored (uncompressed) members to ``fd``, data aligned to 64 bytes, then the directory.
+
+    Sizes are known before a member is written; its CRC-32 is computed while streaming and
+    patched into the local header afterwards (``os.pwrite``), so nothing is buffered.
+    """
+
+    def __init__(self, fd: int, prefix: str) -> None:
+        self.fd = fd
+        self.prefix = prefix
+        self.pos = 0
+        self.entries: list[tuple[bytes, int, int, int]] = []  # (name, crc, size, header offset)
+        self.digest = hashlib.blake2b(digest_size=16)
+        self.writeback = EarlyWriteback(fd)
+
+    def _local_header(self, name: bytes, size: int) -> bytes:
+        zip64 = size >= U32_MAX
+        extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
+        # The "FB" field pads the header so the data starts on a 64-byte boundary (getPadding()).
+        start = self.pos + LOCAL.size + len(name) + len(extra) + 4
+        pad = -start % ALIGNMENT
+        extra += b"FB" + struct.pack("<H", pad) + b"Z" * pad
+        stored = U32_MAX if zip64 else size
+        header = LOCAL.pack(b"PK\x03\x04", 45 if zip64 else 20, UTF8_FLAG, 0, 0, 0, 0, stored, stored,
+                            len(name), len(extra))
+        return header + name + extra
+
+    def _begin(self, member: str, size: int) -> tuple[bytes, int]:
+        name = f"{self.prefix}/{member}".encode()
+        offset = self.pos
+        header = self._local_header(name, size)
+        write_all(self.fd, header)
+        self.pos += len(header)
+        return name, offset
+
+    def _end(self, name: bytes, offset: int, crc: int, size: int) -> None:
+        os.pwrite(self.fd, struct.pack("<I", crc), offset + CRC_FIELD)
+        self.entries.append((name, crc, size, offset))
+        self.digest.update(struct.pack("<IQ", crc, size))
+        self.pos += size
+        self.writeback.advance(self.pos)
+
+    def add_bytes(self, member: str, data: bytes) -> None:
+        name, offset = self._begin(member, len(data))
+        write_all(self.fd, data)
+        self._end(name, offset, zlib.crc32(data), len(data))
+
+    def add_copy(self, member: str, sources: SourceFiles, storage: StorageInfo, copy: StorageCopy) -> None:
+        """A ``data/<key>`` record: the storage's bytes streamed from the source file."""
+        name, offset = self._begin(member, storage.nbytes)
+        crc = 0
+        if storage.nbytes:
+            source = storage.source
+            if source is None:
+                raise UnsupportedFormat(f"storage {storage.id!r} has no data in the file (a meta storage)")
+            crc = copy(sources, storage, self.fd)
+        self._end(name, offset, crc, storage.nbytes)
+
+    def serialization_id(self) -> str:
+        # torch writes a 40-digit id into `.data/serialization_id`; derived from the content here
+        # (not random) so writing the same checkpoint twice gives identical bytes.
+        return str(int.from_bytes(self.digest.digest(), "little")).zfill(40)
+
+    def _central_entry(self, name: bytes, crc: int, size: int, offset: int) -> bytes:
+        fields = [v for v in (size, size) if v >= U32_MAX] + ([offset] if offset >= U32_MAX else [])
+        extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
+        version = 45 if fields else 20
+        return CENTRAL.pack(b"PK\x01\x02", version, version, UTF8_FLAG, 0, 0, 0, crc, min(size, U32_MAX),
+                            min(size, U32_MAX), len(name), len(extra), 0, 0, 0, 0,
+                            min(offset, U32_MAX)) + name + extra
+
+    def finish(self) -> int:
+        """Write the central directory and the (zip64) end records; return the archive size."""
+        directory = b"".join(self._central_entry(*entry) for entry in self.entries)
+        start, count = self.pos, len(self.entries)
+        end64 = self.pos + len(directory)
+        tail = ZIP64_END.pack(b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, len(directory), start)
+        tail += ZIP64_LOCATOR.pack(b"PK\x06\x07", 0, end64, 1)
+        tail += END.pack(b"PK\x05\x06", 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
+                         min(len(directory), U32_MAX), min(start, U32_MAX), 0)
+        write_all(self.fd, directory + tail)
+        self.pos += len(directory) + len(tail)
+        return self.pos
+
+
+StorageCopy = Callable[[SourceFiles, StorageInfo, int], int]
+
+
+def _swapping_copy(table: StorageTable, progress: Callable[[int], None] | None) -> StorageCopy:
+    """Copy a big-endian storage as little-endian: swap each element of the dtype it is viewed as."""
+    def copy(sources: SourceFiles, storage: StorageInfo, fd: int) -> int:
+        dtype = table.dtypes[storage]
+        flat = TensorRecord(dtype=dtype, shape=(storage.nbytes // itemsize(dtype),), stride=(1,), storage=storage)
+        crc = 0
+        for chunk in iter_tensor_chunks(flat, CHUNK, byteorder="big", progress=progress):
+            crc = zlib.crc32(chunk, crc)
+            write_all(fd, chunk)
+        return crc
+    return copy
+
+
+def write_torch_zip(fd: int, out: str, root: Any, *, byteorder: str = "little",
+                    progress: Callable[[int, int], None] | None = None) -> tuple[int, list[StorageInfo]]:
+    """Write ``root`` as a torch.save archive to ``fd``; return (file size, storages written).
+
+    Records in ``_save``'s order: ``data.pkl``, ``.format_version``, ``.storage_alignment``,
+    ``byteorder``, ``data/<key>`` per storage, then ``version`` and ``.data/serialization_id``
+    (``PyTorchStreamWriter::writeEndOfFile``). The output is always little-endian; storages
+    of a big-endian source are byte-swapped element by element.
+    """
+    table = StorageTable()
+    pickle_bytes = TreePickler(table).dump(root)
+    step = progress_counter(progress, sum(s.nbytes for s in table.order))
+    archive = ZipArchiveWriter(fd, archive_name(out))
+    archive.add_bytes("data.pkl", pickle_bytes)
+    archive.add_bytes(".format_version", b"1")
+    archive.add_bytes(".storage_alignment", str(ALIGNMENT).encode())
+    archive.add_bytes("byteorder", b"little")
+    with SourceFiles() as sources, ThreadPoolExecutor(max_workers=1) as pool:
+        def exact(sources: SourceFiles, storage: StorageInfo, fd: int) -> int:
+            assert storage.source is not None
+            # A whole record of a torch zip is copied byte for byte, so the CRC-32 its archive
+            # recorded for it is the CRC of what we write: no need to read the bytes again.
+            known = storage.crc32 is not None and storage.source.length == storage.nbytes
+            crc = copy_range(sources, storage.source.path, storage.source.offset, storage.nbytes, fd,
+                             with_crc=not known, progress=step, pool=pool)
+            return storage.crc32 if known and storage.crc32 is not None else crc
+
+        copy = _swapping_copy(table, step) if byteorder == "big" else exact
+        for storage in table.order:
+            archive.add_copy(f"data/{table.keys[storage]}", sources, storage, copy)
+    archive.add_bytes("version", b"3\n")
+    archive.add_bytes(".data/serialization_id", archive.serialization_id().encode())
+    return archive.finish(), table.order
