@@ -7,7 +7,6 @@ from typing import Optional
 import typer
 
 from ckptdoctor.cli.app import app, handle_errors
-from ckptdoctor.errors import UsageError
 
 
 @app.command("fix")
@@ -32,41 +31,15 @@ def fix_command(
 
     Example: ckptdoctor fix model.pth --strip module. -o fixed.pth
     """
-    from ckptdoctor.engines.doctor.check_fix import (  # noqa: PLC0415 - keep --help fast
-        full_unpickling_notes,
-        plan_repair,
-        remap_metadata,
-        repaired_entries,
-    )
-    from ckptdoctor.engines.matching.edits import AddPrefix, Edit, Strip, parse_rename  # noqa: PLC0415
-    from ckptdoctor.engines.spec import load_spec  # noqa: PLC0415
-    from ckptdoctor.formats import open_checkpoint  # noqa: PLC0415
-    from ckptdoctor.formats.writers.rewrite import source_metadata, write_checkpoint  # noqa: PLC0415
+    from ckptdoctor.engines.doctor.fix import KeyEdits, fix_checkpoint  # noqa: PLC0415 - keep --help fast
     from ckptdoctor.render import doctor_view  # noqa: PLC0415
 
-    if out is None and not dry_run:
-        raise UsageError("fix needs -o OUT (or --dry-run to only print the mapping)")
-    if (drop_unexpected or allow_missing) and not against:
-        raise UsageError("--drop-unexpected and --allow-missing need --against SPEC (only a spec says which keys "
-                         "the model lacks or wants)")
-    if not (strip or add_prefix or rename or against):
-        raise UsageError("nothing to do: give --strip, --add-prefix, --rename or --against SPEC")
-    edits: list[Edit] = [*(Strip(p) for p in strip), *(AddPrefix(p) for p in add_prefix),
-                         *(parse_rename(r) for r in rename)]
-    ckpt = open_checkpoint(path, entry)
-    spec = load_spec(against) if against else None
-    plan = plan_repair(ckpt, edits=edits, spec=spec, drop_unexpected=drop_unexpected, allow_missing=allow_missing)
-    report, notes = None, []
-    if not dry_run and out is not None:
-        entries = repaired_entries(ckpt, plan)
-        metadata = remap_metadata(source_metadata(ckpt), plan.mapping, plan.missing)
-        report = write_checkpoint(ckpt, entries, out, extract=extract, force=force, metadata=metadata)
-        if report.format == "torch-zip":
-            notes = full_unpickling_notes(ckpt.root if not extract else entries)
+    keys = KeyEdits(tuple(strip), tuple(add_prefix), tuple(rename), against, drop_unexpected, allow_missing)
+    result = fix_checkpoint(path, out, keys, entry=entry, extract=extract, dry_run=dry_run, force=force)
     if json_out:
         from ckptdoctor.render.console import print_json  # noqa: PLC0415
 
-        print_json(doctor_view.fix_document(plan, report, notes))
+        print_json(doctor_view.fix_document(result.plan, result.report, list(result.notes)))
     else:
-        doctor_view.render_fix(plan, report, notes)
+        doctor_view.render_fix(result.plan, result.report, list(result.notes))
     return 0

@@ -25,7 +25,7 @@ from typing import Any
 
 from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint, LimitExceeded, UsageError
 from ckptdoctor.io.atomic import atomic_output, progress_counter
-from ckptdoctor.model.checkpoint import Checkpoint, OpaqueObject, TensorRecord
+from ckptdoctor.model.checkpoint import Checkpoint, OpaqueObject, StorageInfo, TensorRecord
 from ckptdoctor.model.locate import children, is_module_object, node_at, state_dict_metadata
 
 TORCH_ZIP = "torch-zip"
@@ -299,7 +299,8 @@ def _input_paths(ckpt: Checkpoint) -> list[str]:
 def write_checkpoint(ckpt: Checkpoint, entries: Sequence[tuple[str, TensorRecord]], out: str | os.PathLike[str],
                      *, extract: bool = False, force: bool = False, fmt: str | None = None,
                      progress: Callable[[int, int], None] | None = None,
-                     metadata: Mapping[str, Any] | _Keep | None = KEEP) -> WriteReport:
+                     metadata: Mapping[str, Any] | _Keep | None = KEEP,
+                     storage_copy: Callable[[StorageInfo], Any] | None = None) -> WriteReport:
     """Write ``entries`` (the new state dict, in order) from ``ckpt`` to ``out``.
 
     ``fmt`` (``torch-zip`` / ``safetensors``) overrides the format OUT's extension selects.
@@ -309,6 +310,7 @@ def write_checkpoint(ckpt: Checkpoint, entries: Sequence[tuple[str, TensorRecord
     :class:`UnsupportedFormat` for content the output format cannot hold, and
     :class:`CorruptCheckpoint` when the source's bytes are unreadable or the written file
     does not read back as intended; in every failure nothing is left behind.
+    ``storage_copy`` is passed to the torch zip writer (``convert``'s casts).
     """
     out = os.fspath(out)
     kind = output_format(out, fmt)
@@ -324,7 +326,7 @@ def write_checkpoint(ckpt: Checkpoint, entries: Sequence[tuple[str, TensorRecord
                                                                    progress)
             else:
                 size, storages, written, more = _write_torch(fd, tmp, out, ckpt, state_dict, extract, byteorder,
-                                                             progress)
+                                                             progress, storage_copy)
         except RecursionError:  # a (hostile) object tree nested deeper than any checkpoint needs
             raise LimitExceeded("the file's object tree nests too deeply to be rewritten; nothing was written",
                                 path=str(ckpt.path),
@@ -337,12 +339,13 @@ def write_checkpoint(ckpt: Checkpoint, entries: Sequence[tuple[str, TensorRecord
 
 
 def _write_torch(fd: int, tmp: str, out: str, ckpt: Checkpoint, state_dict: OrderedDict[str, Any],
-                 extract: bool, byteorder: str, progress: Callable[[int, int], None] | None
-                 ) -> tuple[int, int, int, list[str]]:
+                 extract: bool, byteorder: str, progress: Callable[[int, int], None] | None,
+                 storage_copy: Callable[[StorageInfo], Any] | None = None) -> tuple[int, int, int, list[str]]:
     from ckptdoctor.formats.writers.torch_zip import write_torch_zip  # noqa: PLC0415 - import only the writer needed
 
     root, notes = _torch_root(ckpt, state_dict, extract)
-    size, storages = write_torch_zip(fd, out, root, byteorder=byteorder, progress=progress)
+    size, storages = write_torch_zip(fd, out, root, byteorder=byteorder, progress=progress,
+                                     storage_copy=storage_copy)
     tensors = [(k, v) for k, v in state_dict.items() if isinstance(v, TensorRecord)]
     written = _reread(tmp, out, _reread_entry(root, state_dict, ckpt.state_dict_path))
     _verify_torch(written, tensors, len(storages), out)

@@ -30,7 +30,7 @@ from ckptdoctor.model.checkpoint import TensorRecord, itemsize
 TORCH_TO_SAFETENSORS: dict[str, str] = {torch: st for st, torch in SAFETENSORS_DTYPES.items() if st != "F4"}
 
 
-def _check_tensor(key: str, tensor: TensorRecord) -> None:
+def check_tensor(key: str, tensor: TensorRecord) -> None:
     if tensor.dtype not in TORCH_TO_SAFETENSORS:
         raise UnsupportedFormat(f"tensor {key!r} is {tensor.dtype}, which safetensors cannot store",
                                 hint="Write a torch.save file instead (an OUT not ending in .safetensors).")
@@ -41,7 +41,7 @@ def _check_tensor(key: str, tensor: TensorRecord) -> None:
         raise UnsupportedFormat(f"tensor {key!r} has no data in the file")
 
 
-def _layout(entries: Sequence[tuple[str, TensorRecord]]) -> list[tuple[str, TensorRecord, int, int]]:
+def layout_entries(entries: Sequence[tuple[str, TensorRecord]]) -> list[tuple[str, TensorRecord, int, int]]:
     """(key, tensor, begin, end) with data ordered by element size, largest first (stable).
 
     Empty tensors go last, all at the end of the data, so no reader can mistake a zero-length
@@ -105,8 +105,8 @@ def write_safetensors(fd: int, entries: Sequence[tuple[str, TensorRecord]], meta
                       byteorder: str = "little", progress: Callable[[int], None] | None = None) -> int:
     """Write ``entries`` as a safetensors file to ``fd``; return the file size."""
     for key, tensor in entries:
-        _check_tensor(key, tensor)
-    layout = _layout(entries)
+        check_tensor(key, tensor)
+    layout = layout_entries(entries)
     header = build_header(layout, metadata)
     write_all(fd, header)
     writeback = EarlyWriteback(fd)

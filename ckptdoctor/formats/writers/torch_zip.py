@@ -446,6 +446,9 @@ class ZipArchiveWriter:
         self.fd = fd
         self.prefix = prefix
         self.pos = 0
+        # Where the archive starts in the file: 0, or further on when it is one record of a
+        # container (a DCP ``.distcp`` file holds one torch.save archive per tensor).
+        self.base = os.lseek(fd, 0, os.SEEK_CUR)
         self.entries: list[tuple[bytes, int, int, int]] = []  # (name, crc, size, header offset)
         self.digest = hashlib.blake2b(digest_size=16)
         self.writeback = EarlyWriteback(fd)
@@ -471,7 +474,7 @@ class ZipArchiveWriter:
         return name, offset
 
     def _end(self, name: bytes, offset: int, crc: int, size: int) -> None:
-        os.pwrite(self.fd, struct.pack("<I", crc), offset + CRC_FIELD)
+        os.pwrite(self.fd, struct.pack("<I", crc), self.base + offset + CRC_FIELD)
         self.entries.append((name, crc, size, offset))
         self.digest.update(struct.pack("<IQ", crc, size))
         self.pos += size
@@ -537,13 +540,17 @@ def _swapping_copy(table: StorageTable, progress: Callable[[int], None] | None) 
 
 
 def write_torch_zip(fd: int, out: str, root: Any, *, byteorder: str = "little",
-                    progress: Callable[[int, int], None] | None = None) -> tuple[int, list[StorageInfo]]:
+                    progress: Callable[[int, int], None] | None = None,
+                    storage_copy: Callable[[StorageInfo], StorageCopy | None] | None = None
+                    ) -> tuple[int, list[StorageInfo]]:
     """Write ``root`` as a torch.save archive to ``fd``; return (file size, storages written).
 
     Records in ``_save``'s order: ``data.pkl``, ``.format_version``, ``.storage_alignment``,
     ``byteorder``, ``data/<key>`` per storage, then ``version`` and ``.data/serialization_id``
     (``PyTorchStreamWriter::writeEndOfFile``). The output is always little-endian; storages
-    of a big-endian source are byte-swapped element by element.
+    of a big-endian source are byte-swapped element by element. ``storage_copy(storage)`` may
+    supply the copier of a storage whose bytes are not its source's bytes (``convert --dtype``
+    casts); such a copier returns the CRC-32 of what it wrote.
     """
     table = StorageTable()
     pickle_bytes = TreePickler(table).dump(root)
@@ -565,7 +572,8 @@ def write_torch_zip(fd: int, out: str, root: Any, *, byteorder: str = "little",
 
         copy = _swapping_copy(table, step) if byteorder == "big" else exact
         for storage in table.order:
-            archive.add_copy(f"data/{table.keys[storage]}", sources, storage, copy)
+            own = storage_copy(storage) if storage_copy is not None else None
+            archive.add_copy(f"data/{table.keys[storage]}", sources, storage, own or copy)
     archive.add_bytes("version", b"3\n")
     archive.add_bytes(".data/serialization_id", archive.serialization_id().encode())
     return archive.finish(), table.order

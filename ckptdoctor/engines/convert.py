@@ -1,0 +1,435 @@
+"""``convert``: the same state dict in another container, streamed, optionally cast, verified.
+
+"fix is a convert that must change keys": the key edits are :mod:`.doctor.fix`'s plan, the
+torch zip output is fix's writer; the other containers (one safetensors file, Hugging Face
+shards, a DCP directory) are written from :class:`~ckptdoctor.formats.writers.stream.Item`s.
+
+Two calls, so that the CLI can size a progress bar between them: :func:`plan_conversion`
+reads the source and decides everything (keys, dtypes, aliases, shards), :func:`run_conversion`
+writes into a temporary directory beside OUT, verifies when asked and renames into place; an
+interrupted or failed run leaves nothing at OUT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ckptdoctor.engines.doctor.check_fix import RepairPlan, full_unpickling_notes, remap_metadata, repaired_entries
+from ckptdoctor.engines.doctor.fix import KeyEdits, check_key_edits, plan_keys
+from ckptdoctor.errors import CorruptCheckpoint, OutputError, UsageError
+from ckptdoctor.formats.writers import hf_shards
+from ckptdoctor.formats.writers.cast import CASTABLE, TARGETS
+from ckptdoctor.formats.writers.stream import Item
+from ckptdoctor.io.atomic import TEMP_PREFIX
+from ckptdoctor.model.checkpoint import Checkpoint, StorageInfo, TensorRecord, itemsize
+
+TARGET_FORMATS = ("torch", "safetensors", "hf", "dcp")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    to: str | None = None
+    max_shard_size: str = hf_shards.DEFAULT_MAX_SHARD_SIZE
+    dtype: str | None = None
+    keep_dtype: tuple[str, ...] = ()
+    entry: str | None = None
+    extract: bool = False
+    verify: bool = False
+    workers: int = 1
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """Everything decided before a byte is written."""
+
+    source: str
+    out: str
+    to: str
+    checkpoint: Checkpoint
+    repair: RepairPlan
+    entries: tuple[tuple[str, Any], ...]  # the new state dict (key, value), tensors not yet cast
+    items: tuple[Item, ...]  # the tensors written (aliases removed for safetensors containers)
+    aliases: tuple[tuple[str, str], ...]  # (alias, key it shares) written once
+    shards: tuple[tuple[Item, ...], ...]  # hf only
+    companions: tuple[str, ...]  # hf only: config/tokenizer files copied along
+    options: ConvertOptions
+    notes: tuple[str, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(item.nbytes for item in self.items)
+
+    @property
+    def dtype_changed(self) -> int:
+        return sum(item.cast for item in self.items)
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    plan: ConversionPlan
+    outputs: tuple[str, ...]
+    bytes_written: int
+    verified: bool
+    notes: tuple[str, ...]
+
+
+# -- planning ------------------------------------------------------------------------------
+
+def output_kind(out: str, to: str | None) -> str:
+    """``--to``, or what OUT's name says (contract: .safetensors, torch suffixes, a directory)."""
+    if to is not None:
+        if to not in TARGET_FORMATS:
+            raise UsageError(f"unknown --to {to!r} (one of: {', '.join(TARGET_FORMATS)})")
+        return to
+    lower = out.lower()
+    if lower.endswith(".safetensors"):
+        return "safetensors"
+    if lower.endswith(TORCH_SUFFIXES):
+        return "torch"
+    if out.endswith(("/", os.sep)) or os.path.isdir(out):
+        return "hf"
+    raise UsageError(f"cannot tell the output format from {out!r}",
+                     hint="Pass --to torch|safetensors|hf|dcp, or end OUT with .safetensors, .pt or a '/'.")
+
+
+def _target_dtype(dtype: str | None) -> str | None:
+    if dtype is None:
+        return None
+    if dtype.lower() not in TARGETS:
+        raise UsageError(f"unknown --dtype {dtype!r} (one of: bf16, fp16, fp32)")
+    return TARGETS[dtype.lower()]
+
+
+def _out_dtype(key: str, tensor: TensorRecord, target: str | None, keep: Sequence[str]) -> str:
+    if target is None or tensor.dtype not in CASTABLE or any(fnmatch.fnmatchcase(key, g) for g in keep):
+        return tensor.dtype
+    return target
+
+
+def _view_key(tensor: TensorRecord) -> tuple[Any, ...] | None:
+    if tensor.storage is None or not tensor.numel:
+        return None
+    return (tensor.storage.id, tensor.storage_offset, tensor.shape, tensor.stride, tensor.dtype)
+
+
+def _dedupe(items: list[Item]) -> tuple[list[Item], list[tuple[str, str]]]:
+    """Tied tensors (the same view of one storage under several keys) written once, as save_pretrained does."""
+    first: dict[Any, str] = {}
+    kept, aliases = [], []
+    for item in items:
+        view = _view_key(item.tensor)
+        if view is not None and view in first:
+            aliases.append((item.key, first[view]))
+            continue
+        if view is not None:
+            first[view] = item.key
+        kept.append(item)
+    return kept, aliases
+
+
+def _shared_storage_casts(items: list[Item]) -> list[Item]:
+    """A storage viewed by one key that keeps its dtype and another that is cast: keep both.
+
+    Views share elements, so they must share a dtype in a container that keeps sharing (torch zip)."""
+    kept = {item.tensor.storage.id for item in items if item.tensor.storage is not None and not item.cast
+            and item.tensor.dtype in CASTABLE}
+    return [replace(item, dtype=item.tensor.dtype) if item.cast and item.tensor.storage is not None
+            and item.tensor.storage.id in kept else item for item in items]
+
+
+def plan_conversion(source: str, out: str, keys: KeyEdits, options: ConvertOptions) -> ConversionPlan:
+    """Read ``source`` and decide what ``out`` will hold; nothing is written."""
+    from ckptdoctor.formats import open_checkpoint  # noqa: PLC0415 - the package imports the readers
+
+    to = output_kind(out, options.to)
+    target = _target_dtype(options.dtype)
+    check_key_edits(keys)
+    if options.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if options.extract and to != "torch":
+        raise UsageError("--extract applies to --to torch only (the other containers hold the state dict alone)")
+    max_shard = hf_shards.parse_size(options.max_shard_size)
+    edits = keys.edits()
+    ckpt = open_checkpoint(source, options.entry)
+    repair = plan_keys(ckpt, keys, edits)
+    entries = repaired_entries(ckpt, repair)
+    byteorder = str(ckpt.extra.get("byteorder", "little"))
+    items = [Item(key, value, _out_dtype(key, value, target, options.keep_dtype), byteorder)
+             for key, value in entries if isinstance(value, TensorRecord)]
+    notes: list[str] = []
+    aliases: list[tuple[str, str]] = []
+    if to == "torch":
+        items = _shared_storage_casts(items)
+    else:
+        items, aliases = _dedupe(items)
+        skipped = [key for key, value in entries if not isinstance(value, TensorRecord)]
+        if skipped:
+            notes.append(f"{to} holds tensors only; non-tensor state-dict entries were left out: "
+                         + ", ".join(f"`{k}`" for k in skipped[:6]))
+        others = [str(k) for k in (ckpt.root if isinstance(ckpt.root, dict) else {})
+                  if ckpt.state_dict_path and str(k) != ckpt.state_dict_path[0]]
+        if others:
+            notes.append(f"only the state dict at `{'/'.join(ckpt.state_dict_path)}` was written; the file's other "
+                         "entries were left out: " + ", ".join(f"`{k}`" for k in others[:6]))
+    uncast = sorted({item.tensor.dtype for item in items if target and item.tensor.dtype not in CASTABLE
+                     and item.tensor.dtype.startswith(("float", "complex"))})
+    if uncast:
+        notes.append(f"--dtype casts float64/32/16 and bfloat16 only; {', '.join(uncast)} tensors were kept")
+    shards = hf_shards.plan_shards(items, max_shard) if to == "hf" else []
+    companions = hf_shards.companion_files(source) if to == "hf" else []
+    return ConversionPlan(source=source, out=out.rstrip("/") or out, to=to, checkpoint=ckpt, repair=repair,
+                          entries=tuple(entries), items=tuple(items), aliases=tuple(aliases),
+                          shards=tuple(tuple(s) for s in shards), companions=tuple(companions), options=options,
+                          notes=tuple(notes))
+
+
+# -- the output path -------------------------------------------------------------------------
+
+def _input_paths(ckpt: Checkpoint) -> set[str]:
+    paths = {os.path.realpath(ckpt.path)}
+    for info in ckpt.tensors:
+        storage = info.tensor.storage
+        if storage is not None and storage.source is not None:
+            paths.add(os.path.realpath(storage.source.path))
+    return paths
+
+
+def _check_out(plan: ConversionPlan) -> str:
+    """Refuse an OUT that is (or holds) an input, or exists without --force; return its parent directory."""
+    out = os.path.realpath(plan.out)
+    for path in _input_paths(plan.checkpoint):
+        if path == out or path.startswith(out + os.sep):
+            raise OutputError("the output would replace the input; ckptdoctor never modifies its input",
+                              path=plan.out, hint="Write the converted checkpoint to a new path.")
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise OutputError(f"the output directory {parent} does not exist", path=plan.out)
+    if os.path.lexists(plan.out) and not plan.options.force:
+        empty_dir = os.path.isdir(plan.out) and not os.listdir(plan.out) and plan.to in ("hf", "dcp")
+        if not empty_dir:
+            raise OutputError("the output already exists", path=plan.out, hint="Pass --force to replace it.")
+    if os.path.isdir(plan.out) and plan.to in ("torch", "safetensors") and os.listdir(plan.out):
+        raise OutputError("the output path is a non-empty directory", path=plan.out)
+    return parent
+
+
+def _move_into_place(built: str, out: str, scratch: str) -> None:
+    if os.path.lexists(out):
+        old = os.path.join(scratch, "replaced")
+        os.rename(out, old)
+    os.rename(built, out)
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+def _cast_storage(items: Sequence[Item]) -> tuple[dict[str, TensorRecord], dict[str, Item]]:
+    """For a torch zip with casts: the cast record per key and, per new storage id, the flat item to stream.
+
+    A storage is cast as a whole (every element), so views of it keep their offsets and strides
+    and stay shared."""
+    records: dict[str, TensorRecord] = {}
+    flats: dict[str, Item] = {}
+    storages: dict[str, StorageInfo] = {}
+    for item in items:
+        tensor = item.tensor
+        if not item.cast or tensor.storage is None:
+            continue
+        old = tensor.storage
+        new = storages.get(old.id)
+        if new is None:
+            count = old.nbytes // itemsize(tensor.dtype)
+            new = replace(old, id=f"{old.id}:{item.dtype}", dtype=item.dtype, nbytes=count * itemsize(item.dtype),
+                          crc32=None)
+            storages[old.id] = new
+            flat = TensorRecord(dtype=tensor.dtype, shape=(count,), stride=(1,), storage=old)
+            flats[new.id] = Item(item.key, flat, item.dtype, item.byteorder)
+        records[item.key] = replace(tensor, dtype=item.dtype, storage=new)
+    return records, flats
+
+
+def _write_torch(plan: ConversionPlan, target: str, progress: Progress | None) -> tuple[list[str], list[str]]:
+    from ckptdoctor.formats.writers.rewrite import source_metadata, write_checkpoint  # noqa: PLC0415
+    from ckptdoctor.formats.writers.stream import stream_item  # noqa: PLC0415
+
+    records, flats = _cast_storage(plan.items)
+    entries = [(key, records.get(key, value)) for key, value in plan.entries]
+    metadata = remap_metadata(source_metadata(plan.checkpoint), plan.repair.mapping, plan.repair.missing)
+
+    def storage_copy(storage: StorageInfo) -> Any:
+        flat = flats.get(storage.id)
+        if flat is None:
+            return None
+        return lambda sources, _storage, fd: stream_item(sources, flat, fd, with_crc=True, progress=progress)
+
+    step = None if progress is None else _delta(progress)
+    report = write_checkpoint(plan.checkpoint, entries, target, extract=plan.options.extract, force=False,
+                              metadata=metadata, storage_copy=storage_copy if flats else None, progress=step)
+    notes = list(report.notes)
+    if not plan.options.extract:
+        notes += full_unpickling_notes(plan.checkpoint.root)
+    return [target], notes
+
+
+def _delta(progress: Progress) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback feeding a ``progress(n)`` one."""
+    last = 0
+
+    def step(done: int, _total: int) -> None:
+        nonlocal last
+        progress(done - last)
+        last = done
+    return step
+
+
+def _write_safetensors_file(path: str, items: Sequence[Item], metadata: dict[str, str],
+                            progress: Progress | None = None) -> int:
+    from ckptdoctor.formats.writers.stream import write_safetensors_items  # noqa: PLC0415
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        size = write_safetensors_items(fd, items, metadata, progress=progress)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return size
+
+
+def _write_hf(plan: ConversionPlan, target: str, progress: Progress | None) -> list[str]:
+    os.mkdir(target)
+    names = hf_shards.shard_names(len(plan.shards))
+    paths = [os.path.join(target, name) for name in names]
+    metadata = {"format": "pt"}
+    if plan.options.workers > 1 and len(plan.shards) > 1:
+        with ProcessPoolExecutor(max_workers=plan.options.workers) as pool:
+            futures = [pool.submit(_write_safetensors_file, path, shard, metadata)
+                       for path, shard in zip(paths, plan.shards)]
+            for future, shard in zip(futures, plan.shards):
+                future.result()
+                if progress is not None:
+                    progress(sum(item.nbytes for item in shard))
+    else:
+        for path, shard in zip(paths, plan.shards):
+            _write_safetensors_file(path, shard, metadata, progress)
+    written = list(paths)
+    if len(names) > 1:
+        index = os.path.join(target, hf_shards.INDEX_NAME)
+        with open(index, "w", encoding="utf-8") as f:
+            f.write(hf_shards.index_document(plan.shards, names))
+        written.append(index)
+    return written + hf_shards.copy_companions(plan.source, plan.companions, target)
+
+
+def _write_dcp(plan: ConversionPlan, target: str, progress: Progress | None) -> list[str]:
+    from ckptdoctor.formats.writers.dcp import DATA_FILE, METADATA_FILE, metadata_bytes, write_dcp_data  # noqa: PLC0415
+
+    os.mkdir(target)
+    data = os.path.join(target, DATA_FILE)
+    records = write_dcp_data(data, plan.items, progress)
+    meta = os.path.join(target, METADATA_FILE)
+    with open(meta, "wb") as f:
+        f.write(metadata_bytes(records))
+        f.flush()
+        os.fsync(f.fileno())
+    return [meta, data]
+
+
+def _write(plan: ConversionPlan, target: str, progress: Progress | None) -> tuple[list[str], list[str]]:
+    if plan.to == "torch":
+        return _write_torch(plan, target, progress)
+    if plan.to == "safetensors":
+        source_meta = plan.checkpoint.extra.get("metadata")
+        metadata = {str(k): str(v) for k, v in source_meta.items()} if isinstance(source_meta, dict) else {}
+        metadata.setdefault("format", "pt")
+        _write_safetensors_file(target, plan.items, metadata, progress)
+        return [target], []
+    if plan.to == "hf":
+        return _write_hf(plan, target, progress), []
+    return _write_dcp(plan, target, progress), []
+
+
+# -- verification ----------------------------------------------------------------------------
+
+def _same_stream(item: Item, written: TensorRecord) -> bool:
+    from ckptdoctor.formats.tensor_bytes import iter_tensor_chunks  # noqa: PLC0415
+    from ckptdoctor.formats.writers.stream import output_chunks  # noqa: PLC0415
+
+    if (written.dtype, tuple(written.shape)) != (item.dtype, tuple(item.tensor.shape)):
+        return False
+    if not item.tensor.numel:
+        return True
+    pending = b""
+    got = iter_tensor_chunks(written, 8 << 20)
+    for chunk in output_chunks(item):
+        pending += chunk
+        while pending:
+            try:
+                part = next(got)
+            except StopIteration:
+                return False
+            if pending[:len(part)] != part:
+                return False
+            pending = pending[len(part):]
+            if len(pending) < len(part):
+                break
+    return pending == b"" and next(got, None) is None
+
+
+def verify_output(plan: ConversionPlan, target: str) -> None:
+    """Re-read what was written and compare every tensor with its source (bytes, or values after the cast)."""
+    from ckptdoctor.formats import open_checkpoint  # noqa: PLC0415
+
+    entry = "/".join(plan.checkpoint.state_dict_path) if plan.to == "torch" and not plan.options.extract \
+        and plan.checkpoint.state_dict_path else None
+    written = open_checkpoint(target, entry).by_key()
+    expected = {item.key for item in plan.items}
+    if plan.to == "torch":
+        expected |= {alias for alias, _ in plan.aliases}
+    if set(written) != expected:
+        missing = sorted(expected - set(written))[:3]
+        extra = sorted(set(written) - expected)[:3]
+        raise CorruptCheckpoint(f"verify: the output's keys differ from the source's (missing {missing}, "
+                                f"unexpected {extra})", path=plan.out,
+                                hint="This is a ckptdoctor bug; nothing was written. Please report it.")
+    for item in plan.items:
+        if not _same_stream(item, written[item.key].tensor):
+            raise CorruptCheckpoint(f"verify: tensor `{item.key}` reads back different from the source",
+                                    path=plan.out,
+                                    hint="This is a ckptdoctor bug; nothing was written. Please report it.")
+
+
+# -- the entry point -------------------------------------------------------------------------
+
+def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> ConvertResult:
+    """Write ``plan`` into a temporary directory beside OUT, verify if asked, rename into place."""
+    parent = _check_out(plan)
+    try:
+        scratch = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=parent)
+    except OSError as exc:
+        raise OutputError(f"cannot create a directory in {parent} ({exc.strerror})", path=plan.out) from None
+    try:
+        target = os.path.join(scratch, os.path.basename(os.path.realpath(plan.out)) or "out")
+        written, more = _write(plan, target, progress)
+        if plan.options.verify:
+            verify_output(plan, target)
+        size = sum(os.path.getsize(p) for p in written)
+        if os.path.lexists(plan.out) and not plan.options.force and not (
+                os.path.isdir(plan.out) and not os.listdir(plan.out)):
+            raise OutputError("the output appeared while writing; not replaced", path=plan.out)
+        _move_into_place(target, plan.out, scratch)
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(scratch)
+    final = [os.path.join(plan.out, os.path.relpath(p, target)) if p != target else plan.out for p in written]
+    return ConvertResult(plan=plan, outputs=tuple(final), bytes_written=size, verified=plan.options.verify,
+                         notes=(*plan.notes, *more))

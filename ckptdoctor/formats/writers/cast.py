@@ -1,0 +1,81 @@
+"""Floating-point casts on raw little-endian bytes, bit for bit as torch's ``Tensor.to(dtype)`` gives them.
+
+``convert --dtype`` streams tensors chunk by chunk through :func:`cast_bytes`, so no torch
+import and no whole tensor in memory. numpy has no bfloat16, so bfloat16 is handled as the top
+half of a float32 (uint16/uint32 views):
+
+* widening (bfloat16/float16 → float32) is exact;
+* float32 → bfloat16 rounds to nearest, ties to even, as c10's ``round_to_nearest_even``
+  (c10/util/BFloat16.h): add ``0x7FFF + lsb`` and keep the top 16 bits, so overflow becomes
+  inf and subnormals round like any other value;
+* float32 → float16 is IEEE round-to-nearest-even (numpy's ``astype``, as F16C's
+  ``vcvtps2ph`` that torch's CPU kernels use), subnormals and overflow to inf included;
+* float64 goes through float32 first, as torch does (``c10::BFloat16``/``c10::Half`` are built
+  from a ``float``), which is what makes ``float64 → bfloat16`` double-rounded in torch too.
+
+NaNs stay NaNs at the same places. Their bit patterns are not part of the contract: torch itself
+writes different ones for the same input depending on the tensor's length (vectorised body or
+scalar tail). We write what its vectorised kernels write for long tensors: float32 → bfloat16
+gives ``0xFFFF`` (``cvtfp32_bf16`` blends in all-ones), float16/float64 → bfloat16 ``0x7FC0``,
+and other NaNs keep sign and top payload bits with the quiet bit set (F16C).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+# The floating dtypes --dtype may cast between (by torch's name); others are never cast.
+CASTABLE = frozenset({"float64", "float32", "float16", "bfloat16"})
+TARGETS = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16",
+           "fp32": "float32", "float32": "float32", "float": "float32"}
+
+
+def _to_f32(data: bytes, src: str) -> tuple[Any, Any]:
+    """(float32 values, NaN mask) of little-endian ``data`` holding ``src`` elements."""
+    if src == "float32":
+        values = np.frombuffer(data, dtype="<f4")
+    elif src == "bfloat16":
+        values = (np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    elif src == "float16":
+        values = np.frombuffer(data, dtype="<f2").astype(np.float32)
+    elif src == "float64":
+        with np.errstate(over="ignore", invalid="ignore"):
+            values = np.frombuffer(data, dtype="<f8").astype(np.float32)
+    else:
+        raise ValueError(f"cannot cast {src}")
+    return values, np.isnan(values)
+
+
+def _f32_to_bf16(values: Any, nan: Any, nan_bits: int) -> Any:
+    bits = values.view(np.uint32)
+    rounded = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
+    rounded[nan] = nan_bits
+    return rounded
+
+
+def _f32_to_f16(values: Any, nan: Any) -> Any:
+    with np.errstate(over="ignore", invalid="ignore"):
+        half = values.astype(np.float16).view(np.uint16)
+    if nan.any():
+        bits = values.view(np.uint32)[nan]
+        half[nan] = (((bits >> 16) & 0x8000) | 0x7E00 | ((bits >> 13) & 0x3FF)).astype(np.uint16)
+    return half
+
+
+def cast_bytes(data: bytes, src: str, dst: str) -> bytes:
+    """``data`` (whole little-endian ``src`` elements) as ``dst`` elements, as torch's ``.to(dst)``."""
+    if src == dst:
+        return data
+    values, nan = _to_f32(data, src)
+    if dst == "float32":
+        if src == "float16" and nan.any():  # quiet, as F16C's vcvtph2ps makes every NaN
+            values = values.copy()
+            values.view(np.uint32)[nan] |= 0x00400000
+        return values.astype("<f4", copy=False).tobytes()
+    if dst == "bfloat16":
+        return _f32_to_bf16(values, nan, 0xFFFF if src == "float32" else 0x7FC0).astype("<u2", copy=False).tobytes()
+    if dst == "float16":
+        return _f32_to_f16(values, nan).astype("<u2", copy=False).tobytes()
+    raise ValueError(f"cannot cast to {dst}")

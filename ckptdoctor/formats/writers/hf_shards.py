@@ -1,0 +1,102 @@
+"""The Hugging Face sharded-safetensors layout, as ``save_pretrained`` / huggingface_hub write it.
+
+* shards are filled in state-dict order, a new shard starting when the next tensor would pass
+  ``max_shard_size``; a tensor larger than the limit gets a shard of its own
+  (huggingface_hub ``split_state_dict_into_shards_factory``);
+* one shard is ``model.safetensors``; several are ``model-00001-of-0000N.safetensors`` plus
+  ``model.safetensors.index.json`` = ``{"metadata": {"total_size": ...}, "weight_map": {...}}``;
+* every shard carries the metadata ``{"format": "pt"}`` (transformers refuses others);
+* ``config.json``, the generation config and tokenizer files of a source directory go along.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Sequence
+
+from ckptdoctor.errors import UsageError
+from ckptdoctor.formats.writers.stream import Item
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+# huggingface_hub.serialization._base.SIZE_UNITS: decimal units, as parse_size_to_int reads them.
+SIZE_UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3}
+# Files save_pretrained / tokenizers write beside the weights that a converted model still needs.
+COMPANION_FILES = re.compile(r"^(config\.json|generation_config\.json|tokenizer(_config)?\.json|tokenizer\.model|"
+                             r"special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|"
+                             r"spiece\.model|sentencepiece\.bpe\.model|chat_template\.(jinja|json)|"
+                             r"preprocessor_config\.json|processor_config\.json)$")
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` → 5_000_000_000, as huggingface_hub's ``parse_size_to_int``; a plain number is bytes."""
+    if isinstance(text, int):
+        return text
+    value = text.strip()
+    if value.isdigit():
+        size = int(value)
+    else:
+        unit = value[-2:].upper()
+        if unit not in SIZE_UNITS:
+            raise UsageError(f"cannot read the size {text!r}",
+                             hint="Give a number of bytes or a number with TB, GB, MB or KB (decimal), e.g. 5GB.")
+        try:
+            size = int(float(value[:-2].strip()) * SIZE_UNITS[unit])
+        except ValueError:
+            raise UsageError(f"cannot read the size {text!r}", hint="e.g. --max-shard-size 5GB or 500MB") from None
+    if size <= 0:
+        raise UsageError(f"the shard size must be positive, got {text!r}")
+    return size
+
+
+def plan_shards(items: Sequence[Item], max_shard_size: int) -> list[list[Item]]:
+    """Items grouped into shards in order (huggingface_hub's greedy split)."""
+    shards: list[list[Item]] = []
+    current: list[Item] = []
+    size = 0
+    for item in items:
+        if item.nbytes > max_shard_size:
+            shards.append([item])
+            continue
+        if current and size + item.nbytes > max_shard_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += item.nbytes
+    if current:
+        shards.append(current)
+    return shards or [[]]
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [WEIGHTS_NAME]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def index_document(shards: Sequence[Sequence[Item]], names: Sequence[str]) -> str:
+    """The index JSON as transformers writes it (indent 2, keys sorted, trailing newline)."""
+    weight_map = {item.key: name for shard, name in zip(shards, names) for item in shard}
+    total = sum(item.nbytes for shard in shards for item in shard)
+    return json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n"
+
+
+def companion_files(source: str) -> list[str]:
+    """The config and tokenizer files beside the weights of a source directory (none for a file)."""
+    if not os.path.isdir(source):
+        return []
+    return sorted(name for name in os.listdir(source)
+                  if COMPANION_FILES.match(name) and os.path.isfile(os.path.join(source, name)))
+
+
+def copy_companions(source: str, names: Sequence[str], directory: str) -> list[str]:
+    written = []
+    for name in names:
+        target = os.path.join(directory, name)
+        shutil.copyfile(os.path.join(source, name), target)
+        written.append(target)
+    return written

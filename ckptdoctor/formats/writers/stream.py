@@ -1,0 +1,95 @@
+"""Tensors to write, each with the dtype it is written in, streamed from the source in bounded chunks.
+
+The containers ``convert`` writes (safetensors files and shards, DCP records) all store a
+tensor as its own dense, row-major, little-endian bytes. :func:`stream_item` produces exactly
+those: a kernel copy (``copy_file_range``) when the view is contiguous and keeps its dtype,
+otherwise chunk by chunk through the gatherer of :mod:`ckptdoctor.formats.tensor_bytes` and,
+for a cast, :func:`~ckptdoctor.formats.writers.cast.cast_bytes`. At most a few chunks are alive.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from ckptdoctor.errors import UnsupportedFormat
+from ckptdoctor.formats.pickle.stand_ins import contiguous_stride
+from ckptdoctor.formats.tensor_bytes import iter_tensor_chunks
+from ckptdoctor.formats.writers.cast import cast_bytes
+from ckptdoctor.formats.writers.safetensors import TORCH_TO_SAFETENSORS, build_header, check_tensor, layout_entries
+from ckptdoctor.io.atomic import CHUNK, EarlyWriteback, SourceFiles, copy_range, write_all
+from ckptdoctor.model.checkpoint import TensorRecord, itemsize
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One tensor to write: its key, the source record, the dtype it is written in, the source's byte order."""
+
+    key: str
+    tensor: TensorRecord
+    dtype: str
+    byteorder: str = "little"
+
+    @property
+    def cast(self) -> bool:
+        return self.dtype != self.tensor.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel * itemsize(self.dtype)
+
+    def written(self) -> TensorRecord:
+        """The record as written: dense, row-major, in the output dtype (no storage)."""
+        return TensorRecord(dtype=self.dtype, shape=self.tensor.shape, stride=contiguous_stride(self.tensor.shape))
+
+
+def output_chunks(item: Item, progress: Progress | None = None) -> Iterator[bytes]:
+    """The item's bytes as written, in bounded chunks (each a whole number of elements)."""
+    per = CHUNK // itemsize(item.tensor.dtype) * itemsize(item.tensor.dtype)
+    for chunk in iter_tensor_chunks(item.tensor, per, byteorder=item.byteorder):
+        out = cast_bytes(chunk, item.tensor.dtype, item.dtype) if item.cast else chunk
+        if progress is not None:
+            progress(len(out))
+        yield out
+
+
+def stream_item(sources: SourceFiles, item: Item, fd: int, *, with_crc: bool = False,
+                progress: Progress | None = None) -> int:
+    """Append the item's bytes as written to ``fd``; return their CRC-32 when asked (else 0)."""
+    tensor = item.tensor
+    if tensor.numel == 0:
+        return 0
+    if tensor.storage is None or tensor.storage.source is None:
+        raise UnsupportedFormat(f"tensor {item.key!r} has no data in the file (a meta tensor)")
+    if not item.cast and tensor.is_contiguous() and item.byteorder == "little":
+        source = tensor.storage.source
+        start = source.offset + tensor.storage_offset * itemsize(tensor.dtype)
+        return copy_range(sources, source.path, start, tensor.nbytes, fd, with_crc=with_crc, progress=progress)
+    crc = 0
+    for chunk in output_chunks(item, progress):
+        if with_crc:
+            crc = zlib.crc32(chunk, crc)
+        write_all(fd, chunk)
+    return crc
+
+
+def write_safetensors_items(fd: int, items: Sequence[Item], metadata: Mapping[str, str], *,
+                            progress: Progress | None = None) -> int:
+    """Write ``items`` as one safetensors file (the layout of :mod:`.safetensors`); return its size."""
+    for item in items:
+        check_tensor(item.key, item.tensor)
+        if item.dtype not in TORCH_TO_SAFETENSORS:
+            raise UnsupportedFormat(f"tensor {item.key!r} is {item.dtype}, which safetensors cannot store")
+    by_key = {item.key: item for item in items}
+    layout = layout_entries([(item.key, item.written()) for item in items])
+    header = build_header(layout, metadata)
+    write_all(fd, header)
+    writeback = EarlyWriteback(fd)
+    with SourceFiles() as sources:
+        for key, _record, _begin, end in sorted(layout, key=lambda entry: entry[2]):
+            stream_item(sources, by_key[key], fd, progress=progress)
+            writeback.advance(len(header) + end)
+    return len(header) + sum(item.nbytes for item in items)
