@@ -18,12 +18,12 @@ model's state dict in place.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ckptdoctor.formats.pickle.stand_ins import DtypeRef, LayoutRef
 from ckptdoctor.formats.writers.stream import Item, stream_item
-from ckptdoctor.formats.writers.torch_zip import StorageCopy, TreePickler, StorageTable, write_torch_zip
+from ckptdoctor.formats.writers.torch_zip import StorageCopy, StorageTable, TreePickler, write_torch_zip
 from ckptdoctor.io.atomic import SourceFiles
 from ckptdoctor.model.checkpoint import GlobalRef, OpaqueObject, StorageInfo, TensorRecord
 
@@ -81,6 +81,13 @@ def _record(item: Item, index: int) -> TensorRecord:
     return TensorRecord(dtype=written.dtype, shape=written.shape, stride=written.stride, storage=storage)
 
 
+def _streaming_copy(sources: SourceFiles, item: Item, progress: Any) -> Callable[[StorageInfo], StorageCopy]:
+    """The torch zip writer's copier for the item's one storage: its bytes as written (cast if asked)."""
+    def copy(_sources: SourceFiles, _storage: StorageInfo, out_fd: int) -> int:
+        return stream_item(sources, item, out_fd, with_crc=True, progress=progress)
+    return lambda _storage: copy
+
+
 def write_dcp_data(path: str, items: Sequence[Item], progress: Any = None) -> list[tuple[Item, int, int]]:
     """Write ``__0_0.distcp`` at ``path``: one torch.save archive per item; return (item, offset, length)."""
     records: list[tuple[Item, int, int]] = []
@@ -90,11 +97,8 @@ def write_dcp_data(path: str, items: Sequence[Item], progress: Any = None) -> li
             for index, item in enumerate(items):
                 offset = os.lseek(fd, 0, os.SEEK_CUR)
 
-                def copy(_sources: SourceFiles, _storage: StorageInfo, out_fd: int, item: Item = item) -> int:
-                    return stream_item(sources, item, out_fd, with_crc=True, progress=progress)
-
-                own: StorageCopy = copy
-                size, _ = write_torch_zip(fd, "archive", _record(item, index), storage_copy=lambda _s: own)
+                size, _ = write_torch_zip(fd, "archive", _record(item, index),
+                                          storage_copy=_streaming_copy(sources, item, progress))
                 records.append((item, offset, size))
         os.fsync(fd)
     finally:
