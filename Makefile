@@ -35,7 +35,11 @@ demo: setup
 		-o $(DEMO)/example3_fixed.pth
 	@echo; echo "$$ ckptdoctor check $(DEMO)/example3_fixed.pth --against examples/seed_models.py:CNNWithWrappedStage"
 	@$(CKPT) check $(DEMO)/example3_fixed.pth --against examples/seed_models.py:CNNWithWrappedStage
-	@echo; echo "demo finished: the broken checkpoint was diagnosed, repaired and now loads strictly."
+	@echo; echo "$$ ckptdoctor convert $(DEMO)/example3_fixed.pth $(DEMO)/example3_hf/ --verify"
+	@$(CKPT) convert $(DEMO)/example3_fixed.pth $(DEMO)/example3_hf/ --verify
+	@echo; echo "$$ ckptdoctor inspect $(DEMO)/example3_hf"
+	@$(CKPT) inspect $(DEMO)/example3_hf
+	@echo; echo "demo finished: the broken checkpoint was diagnosed, repaired, loads strictly and was converted to safetensors."
 
 test: setup
 	$(PY) -m pytest -q

@@ -336,6 +336,10 @@ def _write_dcp(plan: ConversionPlan, target: str, progress: Progress | None) -> 
     os.mkdir(target)
     data = os.path.join(target, DATA_FILE)
     records = write_dcp_data(data, plan.items, progress)
+    # A tied key points at the bytes its partner was written to: stored once, loaded under both names.
+    by_key = {item.key: (offset, length) for item, offset, length in records}
+    items = {item.key: item for item in plan.items}
+    records += [(replace(items[real], key=alias), *by_key[real]) for alias, real in plan.aliases]
     meta = os.path.join(target, METADATA_FILE)
     with open(meta, "wb") as f:
         f.write(metadata_bytes(records))
@@ -393,7 +397,7 @@ def verify_output(plan: ConversionPlan, target: str) -> None:
         and plan.checkpoint.state_dict_path else None
     written = open_checkpoint(target, entry).by_key()
     expected = {item.key for item in plan.items}
-    if plan.to == "torch":
+    if plan.to == "dcp":  # tied keys are kept (both names point at one record)
         expected |= {alias for alias, _ in plan.aliases}
     if set(written) != expected:
         missing = sorted(expected - set(written))[:3]
@@ -401,9 +405,12 @@ def verify_output(plan: ConversionPlan, target: str) -> None:
         raise CorruptCheckpoint(f"verify: the output's keys differ from the source's (missing {missing}, "
                                 f"unexpected {extra})", path=plan.out,
                                 hint="This is a ckptdoctor bug; nothing was written. Please report it.")
-    for item in plan.items:
-        if not _same_stream(item, written[item.key].tensor):
-            raise CorruptCheckpoint(f"verify: tensor `{item.key}` reads back different from the source",
+    shares = dict(plan.aliases)
+    items = {item.key: item for item in plan.items}
+    for key in sorted(expected):
+        item = items[shares.get(key, key)]
+        if not _same_stream(item, written[key].tensor):
+            raise CorruptCheckpoint(f"verify: tensor `{key}` reads back different from the source",
                                     path=plan.out,
                                     hint="This is a ckptdoctor bug; nothing was written. Please report it.")
 

@@ -7,6 +7,7 @@ from typing import Any
 from rich.markup import escape
 
 from ckptdoctor.engines.convert import ConvertResult
+from ckptdoctor.engines.doctor.check_fix import group_mapping
 from ckptdoctor.render.console import stdout_console
 from ckptdoctor.render.doctor_view import SCHEMA_VERSION, render_mapping
 
@@ -38,10 +39,17 @@ def render_convert(result: ConvertResult) -> None:
     console = stdout_console()
     if plan.repair.edits or plan.repair.diagnosis is not None:
         render_mapping(plan.repair)
-    for alias, real in plan.aliases[:MAX_LISTED]:
-        console.print(f"  = {escape(alias)} is {escape(real)}  [dim](tied: stored once, as save_pretrained does)[/]")
-    if len(plan.aliases) > MAX_LISTED:
-        console.print(f"  [dim]... and {len(plan.aliases) - MAX_LISTED} more tied keys stored once[/]")
+    how = "both keys point at it" if plan.to == "dcp" else "as save_pretrained does"
+    groups = group_mapping(list(plan.aliases))  # one line per pattern: stage2.module.* = stage1.* ×7
+    for group in groups[:MAX_LISTED]:
+        if group.count == 1:
+            alias, real = group.example
+        else:
+            alias, real = f"{group.old}.*" if group.old else "*", f"{group.new}.*" if group.new else "*"
+        count = f" [yellow]×{group.count}[/]" if group.count > 1 else ""
+        console.print(f"  = {escape(alias)} is {escape(real)}{count}  [dim](tied: stored once, {how})[/]")
+    if len(groups) > MAX_LISTED:
+        console.print(f"  [dim]... and {len(groups) - MAX_LISTED} more groups of tied keys stored once[/]")
     for note in result.notes:
         console.print(f"[dim]Note:[/] {escape(note)}")
     files = len(result.outputs)
