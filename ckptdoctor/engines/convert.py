@@ -65,6 +65,7 @@ class ConversionPlan:
     companions: tuple[str, ...]  # hf only: config/tokenizer files copied along
     options: ConvertOptions
     notes: tuple[str, ...]
+    dtype: str | None = None  # the --dtype target, by torch's name
 
     @property
     def total_bytes(self) -> int:
@@ -117,6 +118,22 @@ def _out_dtype(key: str, tensor: TensorRecord, target: str | None, keep: Sequenc
     return target
 
 
+def _same_bytes(items: list[Item]) -> list[Item]:
+    """One storage per byte range of the source: readers of formats without storages (DCP,
+    safetensors) give tied keys separate storages over the same bytes; they are one tensor."""
+    canonical: dict[tuple[str, int, int, str], StorageInfo] = {}
+    out = []
+    for item in items:
+        storage = item.tensor.storage
+        if storage is None or storage.source is None:
+            out.append(item)
+            continue
+        key = (storage.source.path, storage.source.offset, storage.nbytes, storage.dtype)
+        first = canonical.setdefault(key, storage)
+        out.append(item if first is storage else replace(item, tensor=replace(item.tensor, storage=first)))
+    return out
+
+
 def _view_key(tensor: TensorRecord) -> tuple[Any, ...] | None:
     if tensor.storage is None or not tensor.numel:
         return None
@@ -165,8 +182,8 @@ def plan_conversion(source: str, out: str, keys: KeyEdits, options: ConvertOptio
     repair = plan_keys(ckpt, keys, edits)
     entries = repaired_entries(ckpt, repair)
     byteorder = str(ckpt.extra.get("byteorder", "little"))
-    items = [Item(key, value, _out_dtype(key, value, target, options.keep_dtype), byteorder)
-             for key, value in entries if isinstance(value, TensorRecord)]
+    items = _same_bytes([Item(key, value, _out_dtype(key, value, target, options.keep_dtype), byteorder)
+                         for key, value in entries if isinstance(value, TensorRecord)])
     notes: list[str] = []
     aliases: list[tuple[str, str]] = []
     if to == "torch":
@@ -191,7 +208,7 @@ def plan_conversion(source: str, out: str, keys: KeyEdits, options: ConvertOptio
     return ConversionPlan(source=source, out=out.rstrip("/") or out, to=to, checkpoint=ckpt, repair=repair,
                           entries=tuple(entries), items=tuple(items), aliases=tuple(aliases),
                           shards=tuple(tuple(s) for s in shards), companions=tuple(companions), options=options,
-                          notes=tuple(notes))
+                          notes=tuple(notes), dtype=target)
 
 
 # -- the output path -------------------------------------------------------------------------
@@ -263,7 +280,8 @@ def _write_torch(plan: ConversionPlan, target: str, progress: Progress | None) -
     from ckptdoctor.formats.writers.stream import stream_item  # noqa: PLC0415
 
     records, flats = _cast_storage(plan.items)
-    entries = [(key, records.get(key, value)) for key, value in plan.entries]
+    tensors = {item.key: item.tensor for item in plan.items}
+    entries = [(key, records.get(key, tensors.get(key, value))) for key, value in plan.entries]
     metadata = remap_metadata(source_metadata(plan.checkpoint), plan.repair.mapping, plan.repair.missing)
 
     def storage_copy(storage: StorageInfo) -> Any:

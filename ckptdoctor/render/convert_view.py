@@ -25,7 +25,7 @@ def convert_document(result: ConvertResult) -> dict[str, Any]:
         "tensors": len(plan.items),
         "bytes_written": result.bytes_written,
         "dtype_changed": plan.dtype_changed,
-        "dtype": plan.options.dtype,
+        "dtype": plan.dtype,
         "verified": result.verified,
         "aliases": [{"key": alias, "shares": real} for alias, real in plan.aliases],
         "shards": len(plan.shards) if plan.to == "hf" else None,
@@ -55,10 +55,6 @@ def render_convert(result: ConvertResult) -> None:
     files = len(result.outputs)
     what = f"{plan.to}, {files} file{'s' if files != 1 else ''}, {len(plan.items)} tensors"
     if plan.dtype_changed:
-        what += f", {plan.dtype_changed} cast to {_target(plan)}"
+        what += f", {plan.dtype_changed} cast to {plan.dtype}"
     checked = "; re-read and verified" if result.verified else ""
     console.print(f"[bold green]✓ wrote[/] {escape(plan.out)} ({what}, {result.bytes_written:,} bytes{checked})")
-
-
-def _target(plan: Any) -> str:
-    return next(item.dtype for item in plan.items if item.cast)
