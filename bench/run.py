@@ -13,6 +13,9 @@ Cases (targets from the issues):
   fix-strip       fix --strip module. on the 2.4 GB file vs `cp SRC DST && sync DST`: <= 1.5x, <= 200 MB
   check-7b        check against a 7-billion-parameter model callable (meta device): <= 1 GB peak
   diff-values     diff --values of two 2.4 GB files differing in one element vs `cat a b > /dev/null`: <= 2x, <= 300 MB
+  convert-hf      convert of the 2.4 GB torch zip to Hugging Face 1 GB shards vs `cp && sync`: <= 1.2x, <= 200 MB
+  convert-dcp     convert of a 2.4 GB DCP directory to a torch zip vs `cp && sync` of its data: <= 1.5x, <= 200 MB
+  convert-bf16    convert of the 2.4 GB torch zip to bf16 safetensors vs `cp && sync` of the source: <= 1.5x, <= 300 MB
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ def make_inputs(workdir: Path) -> dict[str, Path]:
         "small": workdir / "big-keys-240MB.pt",
         "many": workdir / "many-20k.pt",
         "big_b": workdir / "big-2.4GB-b.pt",
+        "dcp": workdir / "big-2.4GB-dcp",
     }
     if not paths["big"].exists() or not paths["big_b"].exists():
         gen = torch.Generator().manual_seed(0)
@@ -82,6 +86,16 @@ def make_inputs(workdir: Path) -> dict[str, Path]:
         torch.save(sd, paths["big"])
         sd["module.layers.200.weight"][3, 7] += 1.0  # one element differs
         torch.save(sd, paths["big_b"])
+        del sd
+    if not (paths["dcp"] / ".metadata").exists():
+        import warnings  # noqa: PLC0415
+
+        import torch.distributed.checkpoint as dcp  # noqa: PLC0415
+
+        sd = torch.load(paths["big"], mmap=True, weights_only=True)
+        with warnings.catch_warnings():  # "torch.distributed is disabled ... assuming a single process"
+            warnings.simplefilter("ignore")
+            dcp.save({"model": sd}, checkpoint_id=paths["dcp"])
         del sd
     if not paths["small"].exists():
         torch.save({f"module.layers.{i}.weight": torch.zeros(125, 1250) for i in range(384)}, paths["small"])
@@ -97,6 +111,42 @@ def row(name: str, ours: Timing, theirs: Timing | None, target: str) -> str:
     ratio = ours.median_s / theirs.median_s
     return (f"{name:<16} {ours.median_s:>9.3f}s {theirs.median_s:>9.3f}s {ratio:>6.2f}x "
             f"{ours.peak_mb:>9.0f} {theirs.peak_mb:>9.0f}  {target}")
+
+
+def convert_rows(p: dict[str, Path], out_dir: Path, repeat: int, want: Callable[[str], bool]) -> list[str]:
+    """convert against what copying the same bytes costs (``cp && sync``: the floor for any converter)."""
+    results = []
+    out, copy = out_dir / "converted", out_dir / "copy"
+
+    def clean() -> None:
+        for f in (out, copy):
+            if f.is_dir():
+                shutil.rmtree(f)
+            else:
+                f.unlink(missing_ok=True)
+
+    cases = {
+        "convert-hf": ([str(p["big"]), f"{out}/", "--max-shard-size", "1GB"], p["big"],
+                       "<= 1.2x of cp+sync, <= 200 MB"),
+        "convert-dcp": ([str(p["dcp"]), str(out) + ".pt", "--entry", "model"], p["dcp"] / "__0_0.distcp",
+                        "<= 1.5x of cp+sync, <= 200 MB"),
+        "convert-bf16": ([str(p["big"]), str(out) + ".safetensors", "--dtype", "bf16"], p["big"],
+                         "<= 1.5x of cp+sync (source), <= 300 MB"),
+    }
+    for name, (args, source, target) in cases.items():
+        if not want(name):
+            continue
+
+        def clean_all() -> None:
+            clean()
+            for suffix in (".pt", ".safetensors"):
+                Path(str(out) + suffix).unlink(missing_ok=True)
+
+        ours = measure([CKPT, "convert", *args], repeat, clean_all)
+        theirs = measure(f"cp {source} {copy} && sync {copy}", repeat, clean_all)
+        results.append(row(name, ours, theirs, target))
+        clean_all()
+    return results
 
 
 def main() -> None:
@@ -146,6 +196,7 @@ def main() -> None:
         ours = measure([CKPT, "diff", "--values", str(p["big"]), str(p["big_b"])], args.repeat)
         theirs = measure(f"cat {p['big']} {p['big_b']} > /dev/null", args.repeat)
         results.append(row("diff-values", ours, theirs, "<= 2x of cat, <= 300 MB"))
+    results += convert_rows(p, out_dir, args.repeat, want)
     shutil.rmtree(out_dir, ignore_errors=True)
     print()
     print(f"{'case':<16} {'ckptdoctor':>10} {'baseline':>10} {'ratio':>7} {'peak MB':>9} {'base MB':>9}  target")

@@ -244,3 +244,30 @@ def test_unknown_output_name_and_bad_flags(tmp_path: Path) -> None:
         result = run_cli("convert", fixture.path, f"{tmp_path}/{args[0]}", *args[1:])
         assert result.exit_code == 2, args
         assert result.stderr.startswith("Error:"), args
+
+
+def test_convert_never_imports_torch(tmp_path: Path) -> None:
+    """Every container, casts included, is written with torch unimportable (the .metadata pickle of DCP too)."""
+    import subprocess
+    import sys
+
+    fixture = zoo.build("tied_scalar_empty", tmp_path)
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from ckptdoctor.cli.app import main\n"
+        "source = sys.argv[1]\n"
+        "for out, extra in (('a.pt', []), ('b.safetensors', []), ('c/', ['--max-shard-size', '50']),"
+        " ('d', ['--to', 'dcp'])):\n"
+        "    sys.argv = ['ckptdoctor', 'convert', source, out, '--dtype', 'bf16', '--verify', *extra]\n"
+        "    try:\n"
+        "        main()\n"
+        "    except SystemExit as exc:\n"
+        "        assert exc.code == 0, exc.code\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(fixture.path)], cwd=tmp_path, capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    sd = load_dcp(tmp_path / "d", {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                                   for k, v in fixture.reference().items()})
+    for key, want in fixture.reference().items():
+        assert_same(sd[key], want.to(torch.bfloat16) if want.is_floating_point() else want, key)

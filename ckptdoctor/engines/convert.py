@@ -17,19 +17,20 @@ import fnmatch
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ckptdoctor.engines.doctor.check_fix import RepairPlan, full_unpickling_notes, remap_metadata, repaired_entries
 from ckptdoctor.engines.doctor.fix import KeyEdits, check_key_edits, plan_keys
 from ckptdoctor.errors import CorruptCheckpoint, OutputError, UsageError
 from ckptdoctor.formats.writers import hf_shards
-from ckptdoctor.formats.writers.cast import CASTABLE, TARGETS
+from ckptdoctor.formats.writers.cast_names import CASTABLE, TARGETS
 from ckptdoctor.formats.writers.stream import Item
 from ckptdoctor.io.atomic import TEMP_PREFIX
 from ckptdoctor.model.checkpoint import Checkpoint, StorageInfo, TensorRecord, itemsize
+
+if TYPE_CHECKING:  # the matcher behind check_fix is imported when the plan is made
+    from ckptdoctor.engines.doctor.check_fix import RepairPlan
 
 TARGET_FORMATS = ("torch", "safetensors", "hf", "dcp")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
@@ -167,6 +168,7 @@ def _shared_storage_casts(items: list[Item]) -> list[Item]:
 
 def plan_conversion(source: str, out: str, keys: KeyEdits, options: ConvertOptions) -> ConversionPlan:
     """Read ``source`` and decide what ``out`` will hold; nothing is written."""
+    from ckptdoctor.engines.doctor.check_fix import repaired_entries  # noqa: PLC0415
     from ckptdoctor.formats import open_checkpoint  # noqa: PLC0415 - the package imports the readers
 
     to = output_kind(out, options.to)
@@ -276,6 +278,7 @@ def _cast_storage(items: Sequence[Item]) -> tuple[dict[str, TensorRecord], dict[
 
 
 def _write_torch(plan: ConversionPlan, target: str, progress: Progress | None) -> tuple[list[str], list[str]]:
+    from ckptdoctor.engines.doctor.check_fix import full_unpickling_notes, remap_metadata  # noqa: PLC0415
     from ckptdoctor.formats.writers.rewrite import source_metadata, write_checkpoint  # noqa: PLC0415
     from ckptdoctor.formats.writers.stream import stream_item  # noqa: PLC0415
 
@@ -329,6 +332,8 @@ def _write_hf(plan: ConversionPlan, target: str, progress: Progress | None) -> l
     paths = [os.path.join(target, name) for name in names]
     metadata = {"format": "pt"}
     if plan.options.workers > 1 and len(plan.shards) > 1:
+        from concurrent.futures import ProcessPoolExecutor  # noqa: PLC0415 - multiprocessing only when asked
+
         with ProcessPoolExecutor(max_workers=plan.options.workers) as pool:
             futures = [pool.submit(_write_safetensors_file, path, shard, metadata)
                        for path, shard in zip(paths, plan.shards)]
@@ -382,6 +387,25 @@ def _write(plan: ConversionPlan, target: str, progress: Progress | None) -> tupl
 
 # -- verification ----------------------------------------------------------------------------
 
+def _same_chunks(a: Iterator[bytes], b: Iterator[bytes]) -> bool:
+    """Two byte streams cut into chunks of any sizes hold the same bytes."""
+    left: memoryview | None = memoryview(b"")
+    right: memoryview | None = memoryview(b"")
+    while True:
+        if left is not None and not left:
+            chunk = next(a, None)
+            left = None if chunk is None else memoryview(chunk)
+        if right is not None and not right:
+            chunk = next(b, None)
+            right = None if chunk is None else memoryview(chunk)
+        if left is None or right is None:
+            return left is None and right is None
+        n = min(len(left), len(right))
+        if left[:n] != right[:n]:
+            return False
+        left, right = left[n:], right[n:]
+
+
 def _same_stream(item: Item, written: TensorRecord) -> bool:
     from ckptdoctor.formats.tensor_bytes import iter_tensor_chunks  # noqa: PLC0415
     from ckptdoctor.formats.writers.stream import output_chunks  # noqa: PLC0415
@@ -390,21 +414,7 @@ def _same_stream(item: Item, written: TensorRecord) -> bool:
         return False
     if not item.tensor.numel:
         return True
-    pending = b""
-    got = iter_tensor_chunks(written, 8 << 20)
-    for chunk in output_chunks(item):
-        pending += chunk
-        while pending:
-            try:
-                part = next(got)
-            except StopIteration:
-                return False
-            if pending[:len(part)] != part:
-                return False
-            pending = pending[len(part):]
-            if len(pending) < len(part):
-                break
-    return pending == b"" and next(got, None) is None
+    return _same_chunks(output_chunks(item), iter_tensor_chunks(written, 8 << 20))
 
 
 def verify_output(plan: ConversionPlan, target: str) -> None:

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ckptdoctor.engines.doctor.check_fix import (
-    RepairPlan,
-    full_unpickling_notes,
-    plan_repair,
-    remap_metadata,
-    repaired_entries,
-)
 from ckptdoctor.engines.matching.edits import AddPrefix, Edit, Strip, parse_rename
 from ckptdoctor.errors import UsageError
-from ckptdoctor.formats.writers.rewrite import WriteReport
-from ckptdoctor.model.checkpoint import Checkpoint
+
+if TYPE_CHECKING:  # the matcher behind check_fix is imported only when a plan is made
+    from ckptdoctor.engines.doctor.check_fix import RepairPlan
+    from ckptdoctor.formats.writers.rewrite import WriteReport
+    from ckptdoctor.model.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -64,6 +61,7 @@ def plan_keys(ckpt: Checkpoint, keys: KeyEdits, edits: Sequence[Edit] | None = N
 
     ``edits`` are ``keys.edits()`` when the caller parsed them already (to refuse a bad
     ``--rename`` before reading the checkpoint)."""
+    from ckptdoctor.engines.doctor.check_fix import plan_repair  # noqa: PLC0415
     from ckptdoctor.engines.spec import load_spec  # noqa: PLC0415 - a spec may import torch
 
     edits = keys.edits() if edits is None else edits
@@ -79,6 +77,11 @@ def fix_checkpoint(path: str, out: str | None, keys: KeyEdits, *, entry: str | N
     Raises :class:`UsageError` for contradictory flags, :class:`FixRefused` when the result
     would not load strictly into the spec, and the writer's errors; nothing is written then.
     """
+    from ckptdoctor.engines.doctor.check_fix import (  # noqa: PLC0415
+        full_unpickling_notes,
+        remap_metadata,
+        repaired_entries,
+    )
     from ckptdoctor.formats import open_checkpoint  # noqa: PLC0415 - the package imports the readers
     from ckptdoctor.formats.writers.rewrite import source_metadata, write_checkpoint  # noqa: PLC0415
 

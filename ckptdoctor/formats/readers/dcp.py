@@ -165,7 +165,8 @@ class DcpFiles:
                                         f"{info.file_size}", path=self.directory)
             device = location if isinstance(location, str) and len(location) <= 64 else "cpu"
             return StorageInfo(id=f"{id_prefix}{key}", dtype=storage_type.dtype, nbytes=nbytes, device=device,
-                               source=ByteRange(path, item.offset + start, nbytes), name=f"{where}/{key}")
+                               source=ByteRange(path, item.offset + start, nbytes), name=f"{where}/{key}",
+                               crc32=info.CRC if nbytes == info.file_size else None)
 
         return resolve
 

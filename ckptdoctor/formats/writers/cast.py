@@ -26,11 +26,6 @@ from typing import Any
 
 import numpy as np
 
-# The floating dtypes --dtype may cast between (by torch's name); others are never cast.
-CASTABLE = frozenset({"float64", "float32", "float16", "bfloat16"})
-TARGETS = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16",
-           "fp32": "float32", "float32": "float32", "float": "float32"}
-
 
 def _to_f32(data: bytes, src: str) -> tuple[Any, Any]:
     """(float32 values, NaN mask) of little-endian ``data`` holding ``src`` elements."""
@@ -49,9 +44,17 @@ def _to_f32(data: bytes, src: str) -> tuple[Any, Any]:
 
 
 def _f32_to_bf16(values: Any, nan: Any, nan_bits: int) -> Any:
+    # bits + 0x7FFF + lsb, top half; in place on one temporary (a chunk is 16 MiB). Only NaNs
+    # can wrap around 2**32, and they are overwritten below.
     bits = values.view(np.uint32)
-    rounded = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
-    rounded[nan] = nan_bits
+    work = np.right_shift(bits, 16)
+    np.bitwise_and(work, 1, out=work)
+    np.add(work, 0x7FFF, out=work)
+    np.add(work, bits, out=work)
+    np.right_shift(work, 16, out=work)
+    rounded = work.astype(np.uint16)
+    if nan.any():
+        rounded[nan] = nan_bits
     return rounded
 
 

@@ -16,9 +16,12 @@ import os
 import re
 import shutil
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ckptdoctor.errors import UsageError
-from ckptdoctor.formats.writers.stream import Item
+
+if TYPE_CHECKING:
+    from ckptdoctor.formats.writers.stream import Item
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"

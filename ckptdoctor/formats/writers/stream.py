@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from ckptdoctor.errors import UnsupportedFormat
 from ckptdoctor.formats.pickle.stand_ins import contiguous_stride
 from ckptdoctor.formats.tensor_bytes import iter_tensor_chunks
-from ckptdoctor.formats.writers.cast import cast_bytes
 from ckptdoctor.formats.writers.safetensors import TORCH_TO_SAFETENSORS, build_header, check_tensor, layout_entries
 from ckptdoctor.io.atomic import CHUNK, EarlyWriteback, SourceFiles, copy_range, write_all
 from ckptdoctor.model.checkpoint import TensorRecord, itemsize
 
 Progress = Callable[[int], None]
+CAST_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,12 @@ class Item:
 
 def output_chunks(item: Item, progress: Progress | None = None) -> Iterator[bytes]:
     """The item's bytes as written, in bounded chunks (each a whole number of elements)."""
-    per = CHUNK // itemsize(item.tensor.dtype) * itemsize(item.tensor.dtype)
+    from ckptdoctor.formats.writers.cast import cast_bytes  # noqa: PLC0415 - numpy only when casting
+
+    # A cast makes several numpy passes over each chunk: 1 MiB chunks stay in the CPU cache
+    # (measured 2x faster than 16 MiB ones); a plain gather uses the copy chunk.
+    size = CAST_CHUNK if item.cast else CHUNK
+    per = size // itemsize(item.tensor.dtype) * itemsize(item.tensor.dtype)
     for chunk in iter_tensor_chunks(item.tensor, per, byteorder=item.byteorder):
         out = cast_bytes(chunk, item.tensor.dtype, item.dtype) if item.cast else chunk
         if progress is not None:
