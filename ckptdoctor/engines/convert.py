@@ -387,7 +387,7 @@ def _write(plan: ConversionPlan, target: str, progress: Progress | None) -> tupl
 
 # -- verification ----------------------------------------------------------------------------
 
-def _same_chunks(a: Iterator[bytes], b: Iterator[bytes]) -> bool:
+def _same_chunks(a: Iterator[bytes | memoryview], b: Iterator[bytes]) -> bool:
     """Two byte streams cut into chunks of any sizes hold the same bytes."""
     left: memoryview | None = memoryview(b"")
     right: memoryview | None = memoryview(b"")

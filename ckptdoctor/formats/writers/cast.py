@@ -67,8 +67,10 @@ def _f32_to_f16(values: Any, nan: Any) -> Any:
     return half
 
 
-def cast_bytes(data: bytes, src: str, dst: str) -> bytes:
-    """``data`` (whole little-endian ``src`` elements) as ``dst`` elements, as torch's ``.to(dst)``."""
+def cast_bytes(data: bytes, src: str, dst: str) -> bytes | memoryview:
+    """``data`` (whole little-endian ``src`` elements) as ``dst`` elements, as torch's ``.to(dst)``.
+
+    Returns a buffer over the result (no copy into ``bytes``)."""
     if src == dst:
         return data
     values, nan = _to_f32(data, src)
@@ -76,9 +78,10 @@ def cast_bytes(data: bytes, src: str, dst: str) -> bytes:
         if src == "float16" and nan.any():  # quiet, as F16C's vcvtph2ps makes every NaN
             values = values.copy()
             values.view(np.uint32)[nan] |= 0x00400000
-        return values.astype("<f4", copy=False).tobytes()
+        out: Any = np.ascontiguousarray(values, dtype="<f4")
+        return memoryview(out).cast("B")
     if dst == "bfloat16":
-        return _f32_to_bf16(values, nan, 0xFFFF if src == "float32" else 0x7FC0).astype("<u2", copy=False).tobytes()
+        return memoryview(_f32_to_bf16(values, nan, 0xFFFF if src == "float32" else 0x7FC0)).cast("B")
     if dst == "float16":
-        return _f32_to_f16(values, nan).astype("<u2", copy=False).tobytes()
+        return memoryview(_f32_to_f16(values, nan)).cast("B")
     raise ValueError(f"cannot cast to {dst}")

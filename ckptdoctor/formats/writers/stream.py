@@ -46,7 +46,7 @@ class Item:
         return TensorRecord(dtype=self.dtype, shape=self.tensor.shape, stride=contiguous_stride(self.tensor.shape))
 
 
-def output_chunks(item: Item, progress: Progress | None = None) -> Iterator[bytes]:
+def output_chunks(item: Item, progress: Progress | None = None) -> Iterator[bytes | memoryview]:
     """The item's bytes as written, in bounded chunks (each a whole number of elements)."""
     from ckptdoctor.formats.writers.cast import cast_bytes  # noqa: PLC0415 - numpy only when casting
 
