@@ -9,8 +9,11 @@ for a cast, :func:`~ckptdoctor.formats.writers.cast.cast_bytes`. At most a few c
 
 from __future__ import annotations
 
+import os
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ckptdoctor.errors import UnsupportedFormat
@@ -22,6 +25,8 @@ from ckptdoctor.model.checkpoint import TensorRecord, itemsize
 
 Progress = Callable[[int], None]
 CAST_CHUNK = 1 << 20
+CAST_THREADS = min(4, os.cpu_count() or 1)
+CAST_AHEAD = 2 * CAST_THREADS
 
 
 @dataclass(frozen=True)
@@ -47,18 +52,44 @@ class Item:
 
 
 def output_chunks(item: Item, progress: Progress | None = None) -> Iterator[bytes | memoryview]:
-    """The item's bytes as written, in bounded chunks (each a whole number of elements)."""
-    from ckptdoctor.formats.writers.cast import cast_bytes  # noqa: PLC0415 - numpy only when casting
+    """The item's bytes as written, in bounded chunks (each a whole number of elements).
 
+    Casts run on CAST_THREADS threads (numpy releases the GIL) while the next chunks are read,
+    at most CAST_AHEAD chunks in flight, so memory stays bounded and the cores are busy.
+    """
     # A cast makes several numpy passes over each chunk: 1 MiB chunks stay in the CPU cache
     # (measured 2x faster than 16 MiB ones); a plain gather uses the copy chunk.
     size = CAST_CHUNK if item.cast else CHUNK
     per = size // itemsize(item.tensor.dtype) * itemsize(item.tensor.dtype)
-    for chunk in iter_tensor_chunks(item.tensor, per, byteorder=item.byteorder):
-        out = cast_bytes(chunk, item.tensor.dtype, item.dtype) if item.cast else chunk
-        if progress is not None:
-            progress(len(out))
-        yield out
+    chunks = iter_tensor_chunks(item.tensor, per, byteorder=item.byteorder)
+    if not item.cast:
+        for chunk in chunks:
+            if progress is not None:
+                progress(len(chunk))
+            yield chunk
+        return
+    from ckptdoctor.formats.writers.cast import cast_bytes  # noqa: PLC0415 - numpy only when casting
+
+    src, dst = item.tensor.dtype, item.dtype
+    with ThreadPoolExecutor(max_workers=CAST_THREADS) as pool:
+        pending: deque[Future[bytes | memoryview]] = deque()
+        try:
+            for chunk in chunks:
+                pending.append(pool.submit(cast_bytes, chunk, src, dst))
+                if len(pending) >= CAST_AHEAD:
+                    yield _done(pending.popleft(), progress)
+            while pending:
+                yield _done(pending.popleft(), progress)
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _done(future: Future[bytes | memoryview], progress: Progress | None) -> bytes | memoryview:
+    out = future.result()
+    if progress is not None:
+        progress(len(out))
+    return out
 
 
 def stream_item(sources: SourceFiles, item: Item, fd: int, *, with_crc: bool = False,
