@@ -26,7 +26,7 @@ from ckptdoctor.errors import CorruptCheckpoint, OutputError, UsageError
 from ckptdoctor.formats.writers import hf_shards
 from ckptdoctor.formats.writers.cast_names import CASTABLE, TARGETS
 from ckptdoctor.formats.writers.stream import Item
-from ckptdoctor.io.atomic import TEMP_PREFIX
+from ckptdoctor.io.atomic import TEMP_PREFIX, _fsync_directory
 from ckptdoctor.model.checkpoint import Checkpoint, StorageInfo, TensorRecord, itemsize
 
 if TYPE_CHECKING:  # the matcher behind check_fix is imported when the plan is made
@@ -244,10 +244,18 @@ def _check_out(plan: ConversionPlan) -> str:
 
 
 def _move_into_place(built: str, out: str, scratch: str) -> None:
-    if os.path.lexists(out):
+    """A file replaces OUT atomically; a directory swaps places with the old OUT (put back on failure)."""
+    if not os.path.isdir(built) or not os.path.lexists(out):
+        os.replace(built, out)
+    else:
         old = os.path.join(scratch, "replaced")
         os.rename(out, old)
-    os.rename(built, out)
+        try:
+            os.rename(built, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+    _fsync_directory(os.path.dirname(os.path.abspath(out)))
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -350,7 +358,14 @@ def _write_hf(plan: ConversionPlan, target: str, progress: Progress | None) -> l
         with open(index, "w", encoding="utf-8") as f:
             f.write(hf_shards.index_document(plan.shards, names))
         written.append(index)
-    return written + hf_shards.copy_companions(plan.source, plan.companions, target)
+    companions = hf_shards.copy_companions(plan.source, plan.companions, target)
+    for path in written[len(paths):] + companions:  # the shards were fsynced as they were written
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return written + companions
 
 
 def _write_dcp(plan: ConversionPlan, target: str, progress: Progress | None) -> list[str]:
