@@ -271,3 +271,14 @@ def test_convert_never_imports_torch(tmp_path: Path) -> None:
                                    for k, v in fixture.reference().items()})
     for key, want in fixture.reference().items():
         assert_same(sd[key], want.to(torch.bfloat16) if want.is_floating_point() else want, key)
+
+
+def test_dcp_with_workers_writes_several_files_dcp_load_reads(tmp_path: Path) -> None:
+    fixture = zoo.build("tied_scalar_empty", tmp_path)
+    reference = fixture.reference()
+    result = run_cli("convert", fixture.path, tmp_path / "d", "--to", "dcp", "--workers", "2", "--verify", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(os.listdir(tmp_path / "d")) == [".metadata", "__0_0.distcp", "__0_1.distcp"]
+    got = load_dcp(tmp_path / "d", reference)
+    for key, want in reference.items():
+        assert_same(got[key], want, key)

@@ -31,7 +31,7 @@ def convert_command(
     allow_missing: bool = typer.Option(False, "--allow-missing", help="With --against: write with keys missing."),
     extract: bool = typer.Option(False, "--extract", help="--to torch: write the bare state dict only."),
     verify: bool = typer.Option(False, "--verify", help="Re-read the output and compare every tensor."),
-    workers: int = typer.Option(1, "--workers", metavar="N", help="Write hf shards in N parallel processes."),
+    workers: int = typer.Option(1, "--workers", metavar="N", help="Write hf shards or N DCP files in N processes."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (never SOURCE itself)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document (schema_version 1)."),
 ) -> int:

@@ -369,21 +369,46 @@ def _write_hf(plan: ConversionPlan, target: str, progress: Progress | None) -> l
 
 
 def _write_dcp(plan: ConversionPlan, target: str, progress: Progress | None) -> list[str]:
-    from ckptdoctor.formats.writers.dcp import DATA_FILE, METADATA_FILE, metadata_bytes, write_dcp_data  # noqa: PLC0415
+    from ckptdoctor.formats.writers.dcp import METADATA_FILE, data_file, metadata_bytes, write_dcp_data  # noqa: PLC0415
 
     os.mkdir(target)
-    data = os.path.join(target, DATA_FILE)
-    records = write_dcp_data(data, plan.items, progress)
+    groups = _balanced(plan.items, plan.options.workers)
+    paths = [os.path.join(target, data_file(i)) for i in range(len(groups))]
+    if len(groups) > 1:
+        from concurrent.futures import ProcessPoolExecutor  # noqa: PLC0415 - multiprocessing only when asked
+
+        with ProcessPoolExecutor(max_workers=len(groups)) as pool:
+            futures = [pool.submit(write_dcp_data, path, group) for path, group in zip(paths, groups)]
+            records = []
+            for future, group in zip(futures, groups):
+                records += future.result()
+                if progress is not None:
+                    progress(sum(item.nbytes for item in group))
+    else:
+        records = write_dcp_data(paths[0], plan.items, progress)
     # A tied key points at the bytes its partner was written to: stored once, loaded under both names.
-    by_key = {item.key: (offset, length) for item, offset, length in records}
+    where = {item.key: (name, offset, length) for item, name, offset, length in records}
     items = {item.key: item for item in plan.items}
-    records += [(replace(items[real], key=alias), *by_key[real]) for alias, real in plan.aliases]
+    records += [(replace(items[real], key=alias), *where[real]) for alias, real in plan.aliases]
     meta = os.path.join(target, METADATA_FILE)
     with open(meta, "wb") as f:
         f.write(metadata_bytes(records))
         f.flush()
         os.fsync(f.fileno())
-    return [meta, data]
+    return [meta, *paths]
+
+
+def _balanced(items: Sequence[Item], workers: int) -> list[list[Item]]:
+    """``items`` in ``workers`` groups of about equal bytes (largest first onto the lightest), order kept within."""
+    if workers <= 1 or len(items) <= 1:
+        return [list(items)]
+    groups: list[list[int]] = [[] for _ in range(min(workers, len(items)))]
+    sizes = [0] * len(groups)
+    for i in sorted(range(len(items)), key=lambda i: -items[i].nbytes):
+        lightest = sizes.index(min(sizes))
+        groups[lightest].append(i)
+        sizes[lightest] += items[i].nbytes
+    return [[items[i] for i in sorted(group)] for group in groups if group]
 
 
 def _write(plan: ConversionPlan, target: str, progress: Progress | None) -> tuple[list[str], list[str]]:

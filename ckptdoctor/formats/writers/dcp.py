@@ -29,7 +29,7 @@ from ckptdoctor.model.checkpoint import GlobalRef, OpaqueObject, StorageInfo, Te
 
 METADATA = "torch.distributed.checkpoint.metadata"
 FILESYSTEM = "torch.distributed.checkpoint.filesystem"
-DATA_FILE = "__0_0.distcp"
+DATA_FILE = "__0_0.distcp"  # FileSystemWriter's name for rank 0's first file; __0_1 ... with thread_count > 1
 METADATA_FILE = ".metadata"
 VERSION = "1.0.0"  # torch/distributed/checkpoint/metadata.py Metadata.version default
 
@@ -49,28 +49,35 @@ def _properties(dtype: str) -> OpaqueObject:
     return _obj(METADATA, "TensorProperties", (DtypeRef(dtype), LayoutRef("strided"), False, memory_format, False))
 
 
-def metadata_tree(records: Sequence[tuple[Item, int, int]]) -> OpaqueObject:
-    """The ``Metadata`` object for items written at (offset, length) in ``__0_0.distcp``."""
+Record = tuple[Item, str, int, int]  # item, data file name, offset, length
+
+
+def data_file(index: int) -> str:
+    return f"__0_{index}.distcp"
+
+
+def metadata_tree(records: Sequence[Record]) -> OpaqueObject:
+    """The ``Metadata`` object for items written at (file, offset, length)."""
     state_dict_metadata: dict[str, Any] = {}
     storage_data: dict[Any, Any] = {}
-    for item, offset, length in records:
+    for item, name, offset, length in records:
         shape = item.tensor.shape
         chunk = _obj(METADATA, "ChunkStorageMetadata", {"offsets": _size([0] * len(shape)), "sizes": _size(shape)})
         state_dict_metadata[item.key] = _obj(METADATA, "TensorStorageMetadata", {
             "properties": _properties(item.dtype), "size": _size(shape), "chunks": [chunk]})
         index = _obj(METADATA, "MetadataIndex", {"fqn": item.key, "offset": _size([0] * len(shape)), "index": 0})
         storage_data[index] = _obj(FILESYSTEM, "_StorageInfo",
-                                   {"relative_path": DATA_FILE, "offset": offset, "length": length})
+                                   {"relative_path": name, "offset": offset, "length": length})
     return _obj(METADATA, "Metadata", {
         "state_dict_metadata": state_dict_metadata,
-        "planner_data": {item.key: (item.key,) for item, _, _ in records},
+        "planner_data": {record[0].key: (record[0].key,) for record in records},
         "storage_data": storage_data,
         "storage_meta": None,
         "version": VERSION,
     })
 
 
-def metadata_bytes(records: Sequence[tuple[Item, int, int]]) -> bytes:
+def metadata_bytes(records: Sequence[Record]) -> bytes:
     return TreePickler(StorageTable()).dump(metadata_tree(records))
 
 
@@ -88,9 +95,10 @@ def _streaming_copy(sources: SourceFiles, item: Item, progress: Any) -> Callable
     return lambda _storage: copy
 
 
-def write_dcp_data(path: str, items: Sequence[Item], progress: Any = None) -> list[tuple[Item, int, int]]:
-    """Write ``__0_0.distcp`` at ``path``: one torch.save archive per item; return (item, offset, length)."""
-    records: list[tuple[Item, int, int]] = []
+def write_dcp_data(path: str, items: Sequence[Item], progress: Any = None) -> list[Record]:
+    """Write a ``.distcp`` file at ``path``: one torch.save archive per item; return the records."""
+    name = os.path.basename(path)
+    records: list[Record] = []
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         with SourceFiles() as sources:
@@ -99,7 +107,7 @@ def write_dcp_data(path: str, items: Sequence[Item], progress: Any = None) -> li
 
                 size, _ = write_torch_zip(fd, "archive", _record(item, index),
                                           storage_copy=_streaming_copy(sources, item, progress))
-                records.append((item, offset, size))
+                records.append((item, name, offset, size))
         os.fsync(fd)
     finally:
         os.close(fd)
