@@ -97,4 +97,4 @@ def main() -> None:
         sys.exit(0)
 
 
-from ckptdoctor.cli import check_cmd, diff_cmd, fix_cmd, inspect_cmd, scan_cmd, spec_cmd  # noqa: E402, F401  - registers the commands
+from ckptdoctor.cli import check_cmd, diff_cmd, fix_cmd, inspect_cmd, report_cmd, scan_cmd, spec_cmd  # noqa: E402, F401  - registers the commands

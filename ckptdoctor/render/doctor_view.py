@@ -103,6 +103,8 @@ def check_document(result: CheckResult) -> dict[str, Any]:
             "shape_mismatches": [{"key": m.source_key, "model_key": m.target_key,
                                   "checkpoint_shape": list(m.source_shape), "model_shape": list(m.target_shape)}
                                  for m in d.shape_mismatches],
+            # the keys the repair renames (checkpoint key -> model key); `report` draws them
+            "renamed": [{"key": a, "model_key": b} for a, b in d.plan.mapping if a != b],
         },
         "findings": [_finding_json(f) for f in result.findings],
         "rules": [r.describe().replace("`", "") for r in d.plan.rules],
