@@ -35,6 +35,8 @@
     return String(n);
   }
 
+  function shown(name) { return name === "" ? "\"\"" : name; }  // a key like "a..b" has an empty segment
+
   function shapeText(shape) { return "[" + shape.join(", ") + "]"; }
   function grouped(n) { return Number(n).toLocaleString("en-US"); }
 
@@ -362,7 +364,7 @@
       }
       var w = n.x1 - n.x0, hgt = n.y1 - n.y0;
       if (w > 36 && hgt > 13) {
-        var text = d.kind === "group" ? d.name + " ×" + d.repeat : d.name;
+        var text = d.kind === "group" ? d.name + " ×" + d.repeat : shown(d.name);
         if (w > 110) text += "  " + humanBytes(d.bytes);
         cell.appendChild(el("span", "label", text));
       }
@@ -379,7 +381,7 @@
     nav.replaceChildren();
     zoom.forEach(function (d, i) {
       if (i > 0) nav.appendChild(el("span", "sep", "›"));
-      var b = el("button", null, i === 0 ? "state dict" : d.name);
+      var b = el("button", null, i === 0 ? "state dict" : shown(d.name));
       b.type = "button";
       b.dataset.depth = String(i);
       if (i === zoom.length - 1) b.setAttribute("aria-current", "page");
@@ -455,9 +457,10 @@
   function renderLegend() {
     var legend = document.getElementById("legend");
     legend.replaceChildren();
-    function item(colour, text, status, ghost) {
+    function item(colour, text, status, ghost, dtype) {
       var span = el("span", "legend-item");
       if (status) span.dataset.status = status;
+      if (dtype) span.dataset.dtype = dtype;
       var sw = el("span", "swatch" + (ghost ? " ghost" : ""));
       sw.style.backgroundColor = colour;
       span.appendChild(sw);
@@ -468,7 +471,7 @@
       var byDtype = new Map();
       rows.forEach(function (r) { byDtype.set(r.dtype, (byDtype.get(r.dtype) || 0) + r.nbytes); });
       Array.from(byDtype.entries()).sort(function (a, b) { return b[1] - a[1]; }).forEach(function (e) {
-        item(dtypeColour(e[0]), e[0] + " " + humanBytes(e[1]));
+        item(dtypeColour(e[0]), e[0] + " " + humanBytes(e[1]), null, false, e[0]);
       });
     } else {
       var counts = new Map();
