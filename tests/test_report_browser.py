@@ -80,7 +80,7 @@ class Page:
             key: r.querySelector('td.key').textContent, status: r.dataset.status, ghost: r.dataset.ghost === '1'}))""")
 
     def crumbs(self) -> list[str]:
-        return self.page.evaluate("() => Array.from(document.querySelectorAll('#crumbs button')).map(b => b.textContent)")
+        return self.page.evaluate("() => Array.from(document.querySelectorAll('#crumbs button'), b => b.textContent)")
 
     def legend(self, attribute: str) -> dict[str, str]:
         return self.page.evaluate(f"""() => Object.fromEntries(Array.from(document.querySelectorAll(
@@ -192,7 +192,8 @@ def diff_statuses(doc: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
     return file, dict.fromkeys(doc["only_in_b"], "only-b")
 
 
-def assert_overlay(opened: Page, file: dict[str, str], ghost: dict[str, str], sizes: dict[tuple[str, bool], int]) -> None:
+def assert_overlay(opened: Page, file: dict[str, str], ghost: dict[str, str],
+                   sizes: dict[tuple[str, bool], int]) -> None:
     """Table and treemap give every key exactly the status the JSON names (``ok`` for the rest)."""
     opened.unfold_all()
     rows = opened.rows()
@@ -345,7 +346,8 @@ def test_check_report_of_a_broken_ddp_checkpoint(browser: Any, tmp_path: Path) -
     spec_sizes = {k: v.nbytes for k, v in zoo._seeded(zoo.TinyNet).state_dict().items()}
     sizes = {**{(k, False): v.nbytes for k, v in sd.items()}, **{(k, True): spec_sizes[k] for k in ghost}}
     assert_overlay(opened, file, ghost, sizes)
-    assert opened.page.locator('#treemap .cell.ghost[data-kind="tensor"]').count() == 2  # conv.bias, bn.num_batches_tracked
+    ghosts = opened.page.locator('#treemap .cell.ghost[data-kind="tensor"]')
+    assert ghosts.count() == 2  # conv.bias, bn.num_batches_tracked
     verdict = opened.page.inner_text("#verdict")
     assert verdict.startswith("✗") and "does not load strictly" in verdict
     assert "head-size-changed" in opened.page.inner_text("#findings")
@@ -405,7 +407,8 @@ def test_diff_values_report(browser: Any, tmp_path: Path) -> None:
     assert_overlay(opened, file, ghost, sizes)
     # a bigger change is drawn darker: shade follows max |a - b| (0.5 vs 1e-3)
     shades = {c["key"]: c["bg"] for c in opened.cells() if c["status"] == "value"}
-    dark, light = (sum(map(int, re.findall(r"\d+", shades[k]))) for k in ("blocks.3.mlp.0.weight", "blocks.1.attn.bias"))
+    big, small = "blocks.3.mlp.0.weight", "blocks.1.attn.bias"
+    dark, light = (sum(map(int, re.findall(r"\d+", shades[k]))) for k in (big, small))
     assert dark < light
     assert "changed dtype" in opened.page.inner_text("#findings")
     opened.assert_clean()

@@ -32,6 +32,7 @@ app = typer.Typer(
         "  ckptdoctor check model.pth --against mypkg.models:ResNet\n\n"
         "  ckptdoctor fix model.pth --strip module. -o fixed.pth\n\n"
         "  ckptdoctor scan downloaded.bin\n\n"
+        "  ckptdoctor report model.pth -o model.html\n\n"
         "Exit codes: 0 success (clean, identical, loads, written); 1 the answer is no "
         "(findings, differences, unsafe content, a fix that cannot load); 2 usage error or "
         "unreadable input. --json prints one JSON document on stdout."

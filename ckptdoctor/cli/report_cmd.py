@@ -30,9 +30,12 @@ def report_command(
     The page embeds the JSON document of inspect --json (or check --json with --against, diff --json
     with --diff). Exit 0 when the page is written, whatever the check or diff found; 2 on bad input.
 
-    Example: ckptdoctor report model.pth -o model.html
-             ckptdoctor report model.pth --against mypkg.models:Net -o check.html
-             ckptdoctor report before.pth --diff after.pth --values -o diff.html
+    Examples:
+
+    \b
+      ckptdoctor report model.pth -o model.html
+      ckptdoctor report model.pth --against mypkg.models:Net -o check.html
+      ckptdoctor report before.pth --diff after.pth --values -o diff.html
     """
     from ckptdoctor.errors import UsageError  # noqa: PLC0415 - keep --help fast
 
