@@ -25,17 +25,17 @@ import json
 import math
 import re
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ckptdoctor.engines.diff import DiffResult
-from ckptdoctor.engines.doctor.check_fix import CheckResult
-from ckptdoctor.engines.inspection.overview import Overview
-from ckptdoctor.engines.spec import ModelSpec
 from ckptdoctor.io.atomic import atomic_output, write_all
 from ckptdoctor.model.checkpoint import DTYPE_BITS
-from ckptdoctor.render.diff_view import diff_document
-from ckptdoctor.render.doctor_view import check_document, suggested_command
 from ckptdoctor.render.inspect_view import inspect_document
+
+if TYPE_CHECKING:  # check and diff pull in the matcher and numpy: imported only when their report is asked for
+    from ckptdoctor.engines.diff import DiffResult
+    from ckptdoctor.engines.doctor.check_fix import CheckResult
+    from ckptdoctor.engines.inspection.overview import Overview
+    from ckptdoctor.engines.spec import ModelSpec
 
 DATA_ID = "ckptdoctor-data"
 VIEW_ID = "ckptdoctor-view"
@@ -73,6 +73,8 @@ def inspect_view() -> dict[str, Any]:
 
 def check_view(result: CheckResult, ov: Overview, spec: ModelSpec) -> dict[str, Any]:
     """Header and rows of the checkpoint, ghosts for the model keys left missing after the repair."""
+    from ckptdoctor.render.doctor_view import suggested_command  # noqa: PLC0415 - see TYPE_CHECKING above
+
     missing = set(result.diagnosis.missing_keys)
     ghosts = [_spec_row(t.key, t.shape, t.dtype) for t in spec.tensors if t.key in missing]
     fix = suggested_command(result.suggested_fix, result.path) if result.suggested_fix else None
@@ -150,10 +152,14 @@ def inspect_report(ov: Overview) -> str:
 
 
 def check_report(result: CheckResult, ov: Overview, spec: ModelSpec) -> str:
+    from ckptdoctor.render.doctor_view import check_document  # noqa: PLC0415
+
     return build_html(check_document(result), check_view(result, ov, spec))
 
 
 def diff_report(result: DiffResult, ov_a: Overview, ov_b: Overview) -> str:
+    from ckptdoctor.render.diff_view import diff_document  # noqa: PLC0415
+
     return build_html(diff_document(result), diff_view(result, ov_a, ov_b))
 
 
