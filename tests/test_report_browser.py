@@ -427,3 +427,27 @@ def test_hostile_keys_stay_text(browser: Any, tmp_path: Path) -> None:
     assert opened.page.locator("script").count() == 4
     assert sorted(r["key"] for r in opened.rows()) == sorted(keys)
     assert opened.embedded("ckptdoctor-data") == run_cli("inspect", str(ckpt), "--json").json()
+
+
+def test_wide_deep_and_odd_trees(browser: Any, tmp_path: Path) -> None:
+    """2,000 keys at the root (more than one view draws: one level only), a key that is also a module,
+    a 300-level key, an empty tensor (no area: table only), numbered siblings that differ (no fold)."""
+    sd = {"a": torch.ones(4), "a.b": torch.ones(8), "a.c.d": torch.ones(2), ".".join(["x"] * 300): torch.ones(3),
+          "e": torch.zeros(0), "f.0.w": torch.ones(2), "f.1.w": torch.ones(2), "f.2.w": torch.ones(3)}
+    sd.update({f"flat{i}": torch.ones(i % 7 + 1) for i in range(2000)})
+    ckpt = tmp_path / "wide.pt"
+    torch.save(sd, ckpt)
+    opened = open_report(browser, write_report(tmp_path, "wide", str(ckpt)), tmp_path, "wide")
+    opened.assert_clean()
+    tree = build_tree(overview(open_checkpoint(ckpt)).selected)
+    assert opened.paths() == {c.name for c in tree.children if c.nbytes > 0}
+    assert len(opened.rows()) == 500
+    assert opened.page.inner_text("#table-count") == f"{len(sd):,} tensors; showing the first 500"
+    opened.page.fill("#search", "flat1999")
+    expect(opened.page.locator("#table-body tr")).to_have_count(1)
+    opened.click_cell("a")
+    assert opened.paths() == {"a\x00self", "a.b", "a.c", "a.c.d"}  # a's own tensor is a block beside its children
+    opened.page.keyboard.press("Escape")
+    opened.click_cell("f")
+    assert opened.paths() == {f"f.{p}" for p in visible(subtree(tree, "f"))} == {"f.{0..1}", "f.2", "f.2.w"}
+    opened.assert_clean()
