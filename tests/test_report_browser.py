@@ -451,3 +451,15 @@ def test_wide_deep_and_odd_trees(browser: Any, tmp_path: Path) -> None:
     opened.click_cell("f")
     assert opened.paths() == {f"f.{p}" for p in visible(subtree(tree, "f"))} == {"f.{0..1}", "f.2", "f.2.w"}
     opened.assert_clean()
+
+
+def test_clean_check_report_shows_dtypes(browser: Any, tmp_path: Path) -> None:
+    fx = zoo.build("hf_single", tmp_path)
+    html = write_report(tmp_path, "clean", str(fx.path), "--against", f"{ZOO}:TinyNet")
+    opened = open_report(browser, html, tmp_path, "check-clean")
+    opened.assert_clean()
+    assert opened.page.inner_text("#verdict").startswith("✓ loads as is")
+    assert opened.page.locator("#fix").is_hidden()
+    assert {r["status"] for r in opened.rows()} == {"ok"}
+    assert opened.page.input_value("#colour-mode") == "dtype"  # nothing to flag: the dtype colours
+    assert set(opened.legend("dtype")) == {"float32", "int64"}

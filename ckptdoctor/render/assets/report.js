@@ -300,7 +300,8 @@
 
   var treemapEl = document.getElementById("treemap");
   var colourSelect = document.getElementById("colour-mode");
-  var colourBy = mode === "inspect" ? "dtype" : "status";
+  // findings or changes first; a clean check or an identical diff shows its dtypes
+  var colourBy = rows.some(function (r) { return r.status !== "ok"; }) ? "status" : "dtype";
   var drawn = [];
 
   function fillOf(d) {
@@ -546,15 +547,19 @@
         verdict.className = "bad";
       }
       factsEl.appendChild(facts(null, view.source, [["Spec", data.spec + " (" + data.spec_kind + ")"]]));
-      renderFindings(data.findings.map(function (f) { return [f.severity, f.code, f.message]; }));
+      if (data.findings.length) renderFindings(data.findings.map(function (f) { return [f.severity, f.code, f.message]; }));
       var fix = document.getElementById("fix");
-      fix.hidden = false;
-      if (view.fix_command) {
+      if (data.ok) {
+        fix.hidden = true;
+      } else if (view.fix_command) {
+        renderFindings([]);
+        fix.hidden = false;
         document.getElementById("fix-command").textContent = view.fix_command;
       } else {
+        renderFindings([]);
+        fix.hidden = false;
         document.getElementById("copy-fix").hidden = true;
-        document.getElementById("fix-command").textContent = data.ok ? "nothing to fix"
-          : "no key-by-key repair can make this load; see the findings";
+        document.getElementById("fix-command").textContent = "no key-by-key repair can make this load; see the findings";
       }
     } else {
       title.textContent = "diff " + view.source.path + " " + view.b.path;
