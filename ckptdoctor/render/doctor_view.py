@@ -12,8 +12,8 @@ from ckptdoctor.engines.doctor.check_fix import CheckResult, RepairPlan, group_m
 from ckptdoctor.engines.doctor.diagnose import Finding, group_keys
 from ckptdoctor.formats.writers.rewrite import WriteReport
 from ckptdoctor.render.console import stderr_console, stdout_console
+from ckptdoctor.schema import SCHEMA_VERSION
 
-SCHEMA_VERSION = 1
 MAX_PATTERNS = 8
 _STYLE = {"error": "red", "warning": "yellow", "info": "blue"}
 

@@ -11,8 +11,7 @@ from rich.tree import Tree
 from ckptdoctor.engines.inspection.overview import Overview, human_bytes
 from ckptdoctor.engines.inspection.tree import TreeNode
 from ckptdoctor.render.console import stdout_console
-
-SCHEMA_VERSION = 1
+from ckptdoctor.schema import SCHEMA_VERSION
 
 
 def _shape(shape: tuple[int, ...]) -> str:

@@ -8,19 +8,22 @@ plus :func:`adapt_state` for the Python API. The same :class:`~.match_rules.Plan
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ckptdoctor.engines.doctor.diagnose import (
-    HARMLESS_MISSING,
-    HARMLESS_UNEXPECTED,
     Diagnosis,
     Finding,
     diagnose,
     suggested_fix_args,
+)
+from ckptdoctor.engines.doctor.known_keys import (
+    HARMLESS_MISSING,
+    HARMLESS_UNEXPECTED,
+    is_adapter_tensor,
+    split_harmless,
 )
 from ckptdoctor.engines.matching.edits import Edit, apply_edits
 from ckptdoctor.engines.matching.rules import NOT_A_TENSOR, KeyShape, Plan
@@ -237,11 +240,8 @@ class RepairPlan:
         return tuple((a, b) for a, b in self.mapping if a != b)
 
 
-_LORA_KEY = re.compile(r"(^|\.)(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)(\.|$)")
-
-
-def _harmless(keys: Sequence[str], names: Sequence[str]) -> bool:
-    return all(k.rpartition(".")[2] in names for k in keys)
+def _all_harmless(keys: Sequence[str], names: Sequence[str]) -> bool:
+    return not split_harmless(keys, names)[1]
 
 
 def plan_repair(ckpt: Checkpoint, *, edits: Sequence[Edit] = (), spec: ModelSpec | None = None,
@@ -285,18 +285,18 @@ def plan_repair(ckpt: Checkpoint, *, edits: Sequence[Edit] = (), spec: ModelSpec
     if plan.ambiguities:
         raise FixRefused(f"the repair is ambiguous ({plan.ambiguities[0].reason}); nothing was written",
                          hint="Resolve it with explicit --rename edits; `ckptdoctor check` shows the candidates.")
-    lora = [k for k in plan.unexpected if _LORA_KEY.search(k)]
+    lora = [k for k in plan.unexpected if is_adapter_tensor(k)]
     if lora:
         raise FixRefused(f"{len(lora)} LoRA adapter tensors (e.g. `{lora[0]}`) would be dropped: the result would be "
                          "the base model without the fine-tuning; nothing was written",
                          hint="Merge the adapters into the weights first (PEFT: model.merge_and_unload()), then fix.")
     if plan.unexpected and not drop_unexpected:
-        kind = "known-harmless " if _harmless(plan.unexpected, HARMLESS_UNEXPECTED) else ""
+        kind = "known-harmless " if _all_harmless(plan.unexpected, HARMLESS_UNEXPECTED) else ""
         raise FixRefused(f"{len(plan.unexpected)} {kind}checkpoint keys have no place in the model "
                          f"(e.g. `{plan.unexpected[0]}`); nothing was written",
                          hint="Pass --drop-unexpected to leave them out, or check the model spec.")
     if plan.missing and not allow_missing:
-        kind = "known-harmless " if _harmless(plan.missing, HARMLESS_MISSING) else ""
+        kind = "known-harmless " if _all_harmless(plan.missing, HARMLESS_MISSING) else ""
         raise FixRefused(f"{len(plan.missing)} {kind}model keys have no tensor in the checkpoint "
                          f"(e.g. `{plan.missing[0]}`); nothing was written",
                          hint="Pass --allow-missing to write it anyway (the model then needs strict=False).")
