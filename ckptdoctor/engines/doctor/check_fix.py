@@ -328,7 +328,7 @@ def repaired_entries(ckpt: Checkpoint, plan: RepairPlan) -> list[tuple[str, Any]
 
 @dataclass(frozen=True)
 class MappingGroup:
-    """Keys renamed the same way: ``old_head.*`` → ``new_head.*`` for ``count`` keys."""
+    """Keys renamed the same way: ``old`` → ``new`` patterns (``*.norm.1.*`` → ``*.norm1.*``) for ``count`` keys."""
 
     old: str
     new: str
@@ -336,21 +336,44 @@ class MappingGroup:
     example: tuple[str, str]
 
 
+def _changed_middle(old: str, new: str) -> tuple[list[str], list[str], list[str], list[str]]:
+    """Split two dotted keys into (common prefix, old middle, new middle, common suffix) segments."""
+    a, b = old.split("."), new.split(".")
+    tail = 0
+    while tail < min(len(a), len(b)) and a[-1 - tail] == b[-1 - tail]:
+        tail += 1
+    head = 0
+    while head < min(len(a), len(b)) - tail and a[head] == b[head]:
+        head += 1
+    return a[:head], a[head: len(a) - tail], b[head: len(b) - tail], a[len(a) - tail:]
+
+
+def _pattern(prefix: str | None, middle: list[str], has_suffix: bool) -> str:
+    parts = ([prefix] if prefix else []) + middle + (["*"] if has_suffix else [])
+    return ".".join(parts) or "*"
+
+
 def group_mapping(pairs: Sequence[tuple[str, str]]) -> list[MappingGroup]:
-    """Group old → new pairs by what changed in front of their common key suffix.
+    """Group old → new pairs by the segments that changed, whatever surrounds them.
 
     ``module.layer1.0.conv1.weight → layer1.0.conv1.weight`` and 120 others become one row
-    ``module.* → *``, which is how people think of the repair; first-seen order.
+    ``module.* → *``; DenseNet's 232 ``features.denseblock{i}.denselayer{j}.norm.1.{w}`` →
+    ``...norm1.{w}`` renames become one row ``*.norm.1.* → *.norm1.*``: one line per rule, which is
+    how people think of the repair. A prefix shared by every key of a row is shown, not starred.
+    First-seen order.
     """
-    groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    groups: dict[tuple[bool, tuple[str, ...], tuple[str, ...], bool], list[tuple[str, str, str]]] = {}
     for old, new in pairs:
-        a, b = old.split("."), new.split(".")
-        common = 0
-        while common < min(len(a), len(b)) - 0 and a[len(a) - 1 - common] == b[len(b) - 1 - common]:
-            common += 1
-        head = (".".join(a[: len(a) - common]), ".".join(b[: len(b) - common]))
-        groups.setdefault(head, []).append((old, new))
-    return [MappingGroup(old, new, len(items), items[0]) for (old, new), items in groups.items()]
+        prefix, old_mid, new_mid, suffix = _changed_middle(old, new)
+        shape = (bool(prefix), tuple(old_mid), tuple(new_mid), bool(suffix))
+        groups.setdefault(shape, []).append((".".join(prefix), old, new))
+    out = []
+    for (has_prefix, old_mid, new_mid, has_suffix), items in groups.items():
+        prefixes = {p for p, _, _ in items}
+        prefix = (prefixes.pop() if len(prefixes) == 1 else "*") if has_prefix else None
+        old, new = _pattern(prefix, list(old_mid), has_suffix), _pattern(prefix, list(new_mid), has_suffix)
+        out.append(MappingGroup(old, new, len(items), (items[0][1], items[0][2])))
+    return out
 
 
 def remap_metadata(metadata: Any, mapping: Sequence[tuple[str, str]], missing: Sequence[str] = ()) -> Any:

@@ -130,7 +130,7 @@ def _result(path: Path, fmt: str, fd: Findings) -> FileScan:
 def _scan_open(f: IO[bytes], size: int, path: Path) -> FileScan:
     if size == 0:
         raise UnsupportedFormat("empty file")
-    head = f.read(16)
+    head = f.read(64)  # long enough to name a Git LFS pointer
     fd = Findings()
     eocd = find_eocd(f, size)
     names: tuple[str, ...] | None = None

@@ -36,12 +36,23 @@ def _on_sys_path(directory: str, *, first: bool) -> Iterator[None]:
             sys.path.remove(directory)
 
 
+TORCH_HINT = 'Model specs need torch: pip install "ckptdoctor[torch]" (or your own torch >= 2.1).'
+
+
+def _missing_torch(exc: BaseException) -> bool:
+    """The user's module failed only because torch is not installed here (the common case in CI images)."""
+    name = getattr(exc, "name", None) or ""
+    return isinstance(exc, ModuleNotFoundError) and (name == "torch" or name.startswith("torch."))
+
+
 def import_module(name: str) -> Any:
     # The console script does not put the working directory on sys.path; `python -c` would.
     with _on_sys_path(os.getcwd(), first=False):
         try:
             return importlib.import_module(name)
         except ModuleNotFoundError as exc:
+            if _missing_torch(exc):
+                raise SpecError(f"importing `{name}` needs torch, which is not installed", hint=TORCH_HINT) from None
             hint = "Install the package, run from its directory, or use path/to/file.py:callable."
             raise SpecError(f"cannot import module `{name}`: {exc}", hint=hint) from None
         except Exception as exc:  # user code: any failure becomes a SpecError with its message
@@ -62,6 +73,9 @@ def import_file(path: str) -> Any:
             loader_spec.loader.exec_module(module)
         except Exception as exc:  # user code
             sys.modules.pop(mod_name, None)
+            if _missing_torch(exc):
+                raise SpecError(f"importing {path} needs torch, which is not installed", path=path,
+                                hint=TORCH_HINT) from None
             raise SpecError(f"importing {path} failed: {type(exc).__name__}: {exc}", path=path) from None
     return module
 
@@ -77,8 +91,7 @@ def callable_spec(spec: str, module: Any, name: str) -> ModelSpec:
     try:
         import torch  # noqa: PLC0415 - torch only where a model must be built
     except ImportError:
-        raise SpecError("building a model from a callable needs torch",
-                        hint="pip install 'ckptdoctor[torch]'") from None
+        raise SpecError("building a model from a callable needs torch", hint=TORCH_HINT) from None
 
     notes: list[str] = []
     try:
