@@ -363,16 +363,16 @@ def group_mapping(pairs: Sequence[tuple[str, str]]) -> list[MappingGroup]:
     First-seen order.
     """
     groups: dict[tuple[bool, tuple[str, ...], tuple[str, ...], bool], list[tuple[str, str, str]]] = {}
-    for old, new in pairs:
-        prefix, old_mid, new_mid, suffix = _changed_middle(old, new)
-        shape = (bool(prefix), tuple(old_mid), tuple(new_mid), bool(suffix))
-        groups.setdefault(shape, []).append((".".join(prefix), old, new))
+    for old_key, new_key in pairs:
+        head, old_mid, new_mid, tail = _changed_middle(old_key, new_key)
+        shape = (bool(head), tuple(old_mid), tuple(new_mid), bool(tail))
+        groups.setdefault(shape, []).append((".".join(head), old_key, new_key))
     out = []
-    for (has_prefix, old_mid, new_mid, has_suffix), items in groups.items():
+    for (has_prefix, old_middle, new_middle, has_suffix), items in groups.items():
         prefixes = {p for p, _, _ in items}
         prefix = (prefixes.pop() if len(prefixes) == 1 else "*") if has_prefix else None
-        old, new = _pattern(prefix, list(old_mid), has_suffix), _pattern(prefix, list(new_mid), has_suffix)
-        out.append(MappingGroup(old, new, len(items), (items[0][1], items[0][2])))
+        out.append(MappingGroup(_pattern(prefix, list(old_middle), has_suffix),
+                                _pattern(prefix, list(new_middle), has_suffix), len(items), (items[0][1], items[0][2])))
     return out
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from ckptdoctor.engines.spec.digests import embedded_digest
@@ -69,11 +71,18 @@ def _checkpoint_spec(source: str, ckpt: Checkpoint) -> ModelSpec:
     return ModelSpec(source, "checkpoint", tensors, notes=tuple(ckpt.notes), extra_keys=ckpt.extra_keys, tied=tied)
 
 
-def build_spec(source: str, digests: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+def _no_progress(_total: int) -> AbstractContextManager[Progress | None]:
+    return nullcontext()
+
+
+def build_spec(source: str, digests: bool = False,
+               progress_for: Callable[[int], AbstractContextManager[Progress | None]] = _no_progress,
+               ) -> dict[str, Any]:
     """The JSON document ``ckptdoctor spec SOURCE [--digests]`` writes.
 
     With ``digests`` every tensor gets the SHA-256 of its logical bytes; that needs weights, so the
-    source must be a checkpoint (or a spec file that already carries digests).
+    source must be a checkpoint (or a spec file that already carries digests). ``progress_for(total)``
+    gives the byte-progress callback once the bytes to hash are known (the CLI's progress bar).
     """
     spec, ckpt = _resolve(source)
     found: dict[str, str] = {}
@@ -89,12 +98,7 @@ def build_spec(source: str, digests: bool = False, progress: Progress | None = N
                                 path=source, hint="Build digests from a checkpoint, not a spec file.")
             found = {t.key: t.digest for t in spec.tensors if t.digest is not None}
         else:
-            order = str(ckpt.extra.get("byteorder", "little"))
-            for info in ckpt:
-                try:
-                    found[info.key] = tensor_digest(info.tensor, byteorder=order, progress=progress)
-                except TensorBytesUnavailable as exc:
-                    raise SpecError(f"cannot digest `{info.key}`: {exc.message}", path=source) from None
+            found = _digests(ckpt, source, progress_for)
     entries = []
     for t in spec.tensors:
         entry: dict[str, Any] = {"key": t.key, "shape": list(t.shape), "dtype": t.dtype}
@@ -106,10 +110,23 @@ def build_spec(source: str, digests: bool = False, progress: Progress | None = N
     if spec.extra_keys:
         doc["extra_keys"] = list(spec.extra_keys)
         if digests and ckpt is not None:
-            doc["extra_digests"] = {k: embedded_digest(v, ckpt, progress)
+            doc["extra_digests"] = {k: embedded_digest(v, ckpt)
                                     for k, v in state_dict_values(ckpt, ckpt.extra_keys).items()}
     if spec.notes:
         doc["notes"] = list(spec.notes)
     return doc
 
 
+
+
+def _digests(ckpt: Checkpoint, source: str,
+             progress_for: Callable[[int], AbstractContextManager[Progress | None]]) -> dict[str, str]:
+    order = str(ckpt.extra.get("byteorder", "little"))
+    found: dict[str, str] = {}
+    with progress_for(sum(t.nbytes for t in ckpt)) as progress:
+        for info in ckpt:
+            try:
+                found[info.key] = tensor_digest(info.tensor, byteorder=order, progress=progress)
+            except TensorBytesUnavailable as exc:
+                raise SpecError(f"cannot digest `{info.key}`: {exc.message}", path=source) from None
+    return found
