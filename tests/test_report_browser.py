@@ -435,6 +435,7 @@ def test_wide_deep_and_odd_trees(browser: Any, tmp_path: Path) -> None:
     sd = {"a": torch.ones(4), "a.b": torch.ones(8), "a.c.d": torch.ones(2), ".".join(["x"] * 300): torch.ones(3),
           "e": torch.zeros(0), "f.0.w": torch.ones(2), "f.1.w": torch.ones(2), "f.2.w": torch.ones(3)}
     sd.update({f"flat{i}": torch.ones(i % 7 + 1) for i in range(2000)})
+    sd.update({f"g.{i}.w": torch.ones(2) for i in sorted(map(str, range(12)))})  # text order: 10 before 9
     ckpt = tmp_path / "wide.pt"
     torch.save(sd, ckpt)
     opened = open_report(browser, write_report(tmp_path, "wide", str(ckpt)), tmp_path, "wide")
@@ -447,6 +448,9 @@ def test_wide_deep_and_odd_trees(browser: Any, tmp_path: Path) -> None:
     expect(opened.page.locator("#table-body tr")).to_have_count(1)
     opened.click_cell("a")
     assert opened.paths() == {"a\x00self", "a.b", "a.c", "a.c.d"}  # a's own tensor is a block beside its children
+    opened.page.keyboard.press("Escape")
+    opened.click_cell("g")
+    assert opened.paths() == {f"g.{p}" for p in visible(subtree(tree, "g"))} == {"g.{0..11}"}
     opened.page.keyboard.press("Escape")
     opened.click_cell("f")
     assert opened.paths() == {f"f.{p}" for p in visible(subtree(tree, "f"))} == {"f.{0..1}", "f.2", "f.2.w"}

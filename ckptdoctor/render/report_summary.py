@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from rich.markup import escape
-
 from ckptdoctor.engines.inspection.overview import human_bytes
-from ckptdoctor.render.console import print_json, stdout_console
+from ckptdoctor.render.console import plain, print_json, stdout_console
+from ckptdoctor.schema import SCHEMA_VERSION
 
-SCHEMA_VERSION = 1
 _VERDICT = {"check": ("loads as is", "does not load strictly"), "diff": ("identical", "different")}
 
 
@@ -22,7 +20,7 @@ def print_summary(*, out: str, kind: str, size: int, tensors: int, verdict: bool
             doc["identical"] = verdict
         print_json(doc)
         return
-    line = f"[bold green]✓ wrote[/] {escape(out)} ({kind} report, {tensors:,} tensors, {human_bytes(size)})"
+    line = f"[bold green]✓ wrote[/] {plain(out)} ({kind} report, {tensors:,} tensors, {human_bytes(size)})"
     if verdict is not None:
         good, bad = _VERDICT[kind]
         line += f"; {kind}: " + (f"[green]{good}[/]" if verdict else f"[red]{bad}[/]")

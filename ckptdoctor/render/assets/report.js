@@ -277,7 +277,8 @@
     var base = d.id === "" ? "" : d.id + ".";
     groups.forEach(function (members) {
       if (members.length === 1) { out.push(moduleOrTensor(members[0], base + members[0].name, d)); return; }
-      var indices = members.map(function (m) { return parseInt(m.name, 10); });
+      // sorted as numbers, as engines/inspection/tree.py does (text-ordered shards list 10 before 9)
+      var indices = members.map(function (m) { return parseInt(m.name, 10); }).sort(function (x, y) { return x - y; });
       var name = "{" + formatIndices(indices) + "}";
       var id = base + name;
       if (unfolded.has(id)) {
