@@ -7,7 +7,10 @@ DEMO := demo-out
 # torch is the user's to bring; here we pin the CPU build that lies on the build machines' disk.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast lint bench clean
+# The report tests drive a real headless Chromium: Debian's package, installed when missing.
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: setup setup-browser demo test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,6 +20,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
+
+# No skip when Chromium is absent: if it cannot be installed here, `make test` fails loudly.
+setup-browser:
+	@if [ ! -x "$(CHROMIUM)" ]; then \
+		echo "installing Chromium for the report tests (apt-get install chromium)"; \
+		if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	fi
+	@test -x "$(CHROMIUM)" || { echo "error: $(CHROMIUM) is missing; the report tests need it" >&2; exit 1; }
 
 demo: setup
 	rm -rf $(DEMO)
@@ -35,16 +47,20 @@ demo: setup
 		-o $(DEMO)/example3_fixed.pth
 	@echo; echo "$$ ckptdoctor check $(DEMO)/example3_fixed.pth --against examples/seed_models.py:CNNWithWrappedStage"
 	@$(CKPT) check $(DEMO)/example3_fixed.pth --against examples/seed_models.py:CNNWithWrappedStage
+	@echo; echo "$$ ckptdoctor report $(DEMO)/example3_fixed.pth --against examples/seed_models.py:CNNWithWrappedStage -o $(DEMO)/report.html"
+	@$(CKPT) report $(DEMO)/example3_fixed.pth --against examples/seed_models.py:CNNWithWrappedStage \
+		-o $(DEMO)/report.html
 	@echo; echo "$$ ckptdoctor convert $(DEMO)/example3_fixed.pth $(DEMO)/example3_hf/ --verify"
 	@$(CKPT) convert $(DEMO)/example3_fixed.pth $(DEMO)/example3_hf/ --verify
 	@echo; echo "$$ ckptdoctor inspect $(DEMO)/example3_hf"
 	@$(CKPT) inspect $(DEMO)/example3_hf
 	@echo; echo "demo finished: the broken checkpoint was diagnosed, repaired, loads strictly and was converted to safetensors."
+	@echo "open the picture of the repaired checkpoint: $(abspath $(DEMO))/report.html"
 
-test: setup
+test: setup setup-browser
 	$(PY) -m pytest -q
 
-test-fast: setup
+test-fast: setup setup-browser
 	$(PY) -m pytest -q -m "not slow"
 
 lint: setup

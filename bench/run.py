@@ -13,6 +13,9 @@ Cases (targets from the issues):
   fix-strip       fix --strip module. on the 2.4 GB file vs `cp SRC DST && sync DST`: <= 1.5x, <= 200 MB
   check-7b        check against a 7-billion-parameter model callable (meta device): <= 1 GB peak
   diff-values     diff --values of two 2.4 GB files differing in one element vs `cat a b > /dev/null`: <= 2x, <= 300 MB
+  report-2.4GB    report (HTML page) of the 2.4 GB file vs inspect of it: <= 0.5 s (no tensor byte is read)
+  report-20k      report of the 20,000-tensor file: page size and the time headless Chromium takes to paint it
+                  (median of --repeat loads; needs playwright and /usr/bin/chromium): <= 3 MB, <= 2 s
   convert-hf      convert of the 2.4 GB torch zip to Hugging Face 1 GB shards vs `cp && sync`: <= 1.2x, <= 200 MB
   convert-dcp     convert of a 2.4 GB DCP directory to a torch zip vs `cp && sync` of its data: <= 1.5x, <= 200 MB
   convert-bf16    convert of the 2.4 GB torch zip to bf16 safetensors vs `cp && sync` of the source: <= 1.5x, <= 300 MB
@@ -103,6 +106,31 @@ def make_inputs(workdir: Path) -> dict[str, Path]:
         torch.save({f"model.blocks.{i // 8}.sub{i % 8}.weight": torch.zeros(8, 8) for i in range(20_000)},
                    paths["many"])
     return paths
+
+
+def paint_seconds(page: Path, repeat: int) -> float | None:
+    """Median seconds from navigation start until the report page says it has painted, in headless Chromium."""
+    chromium = os.environ.get("CKPTDOCTOR_CHROMIUM", "/usr/bin/chromium")
+    try:
+        from playwright.sync_api import sync_playwright  # noqa: PLC0415 - optional, dev extra
+    except ImportError:
+        return None
+    if not os.access(chromium, os.X_OK):
+        return None
+    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"]
+    times = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=args)
+        for i in range(repeat + 1):
+            tab = browser.new_page(viewport={"width": 1280, "height": 900})
+            tab.goto(page.resolve().as_uri())
+            tab.wait_for_selector("body[data-ready]")
+            if i:  # the page stamps performance.now() (ms since navigation start) once its first frame is drawn
+                times.append(float(tab.get_attribute("body", "data-paint-ms") or "nan") / 1000)
+            tab.close()
+        browser.close()
+    return statistics.median(times)
 
 
 def row(name: str, ours: Timing, theirs: Timing | None, target: str) -> str:
@@ -196,6 +224,18 @@ def main() -> None:
         ours = measure([CKPT, "diff", "--values", str(p["big"]), str(p["big_b"])], args.repeat)
         theirs = measure(f"cat {p['big']} {p['big_b']} > /dev/null", args.repeat)
         results.append(row("diff-values", ours, theirs, "<= 2x of cat, <= 300 MB"))
+    if want("report-2.4GB"):
+        page = out_dir / "big.html"
+        ours = measure([CKPT, "report", str(p["big"]), "-o", str(page), "--force"], args.repeat)
+        results.append(row("report-2.4GB", ours, measure([CKPT, "inspect", str(p["big"])], args.repeat),
+                           "<= 0.5 s (baseline: inspect)"))
+    if want("report-20k"):
+        page = out_dir / "many.html"
+        ours = measure([CKPT, "report", str(p["many"]), "-o", str(page), "--force"], args.repeat)
+        paint = paint_seconds(page, args.repeat)
+        painted = f"paints in {paint:.2f} s" if paint is not None else "paint not measured (no playwright/chromium)"
+        results.append(row("report-20k", ours, None,
+                           f"page {page.stat().st_size / 1e6:.1f} MB, {painted}: <= 3 MB, <= 2 s"))
     results += convert_rows(p, out_dir, args.repeat, want)
     shutil.rmtree(out_dir, ignore_errors=True)
     print()

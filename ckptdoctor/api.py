@@ -16,8 +16,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ckptdoctor.engines.doctor.diagnose import HARMLESS_UNEXPECTED, Diagnosis
+from ckptdoctor.engines.doctor.diagnose import Diagnosis
 from ckptdoctor.engines.doctor.diagnose import diagnose as _diagnose
+from ckptdoctor.engines.doctor.known_keys import HARMLESS_UNEXPECTED, leaf
 from ckptdoctor.engines.matching.rules import KeyShape
 from ckptdoctor.errors import CkptDoctorError
 
@@ -70,7 +71,7 @@ def adapt(source: Any, model: Any, *, entry: str | None = None, drop_harmless: b
     diagnosis = _diagnose(_key_shapes(state), _key_shapes(_target_state(model)))
     plan = diagnosis.plan
     unexpected = [k for k in plan.unexpected
-                  if not (drop_harmless and k.rpartition(".")[2] in HARMLESS_UNEXPECTED)]
+                  if not (drop_harmless and leaf(k) in HARMLESS_UNEXPECTED)]
     if plan.missing or unexpected or plan.shape_mismatches or plan.ambiguities:
         reasons = "; ".join(f.message.replace("`", "") for f in diagnosis.findings if f.severity == "error")
         raise AdaptError(f"cannot adapt the state dict: {reasons or 'keys do not match'}", diagnosis)

@@ -282,3 +282,24 @@ def test_dcp_with_workers_writes_several_files_dcp_load_reads(tmp_path: Path) ->
     got = load_dcp(tmp_path / "d", reference)
     for key, want in reference.items():
         assert_same(got[key], want, key)
+
+
+def test_markup_names_and_keys_print_verbatim(tmp_path: Path) -> None:
+    """Paths and keys with Rich markup characters are data: printed as they are, never a traceback."""
+    from collections import OrderedDict
+
+    weight = torch.randn(2, 3)
+    sd = OrderedDict([("module.[bold]enc[/bold].weight", weight), ("module.layer[/].weight", weight),
+                      ("module.x[link=file:///etc]y.bias", torch.zeros(3))])
+    src = tmp_path / "run[best].pt"
+    torch.save(sd, src)
+    out = f"{tmp_path}/out[red]/"
+    result = run_cli("convert", src, out, "--strip", "module.")
+    assert result.exit_code == 0, result.stderr
+    text = result.stdout.replace("\n", "")
+    assert "layer[/].weight is [bold]enc[/bold].weight" in text and "out[red]" in text
+    assert set(safetensors.torch.load_file(tmp_path / "out[red]" / "model.safetensors")) == {
+        "[bold]enc[/bold].weight", "x[link=file:///etc]y.bias"}
+    missing = run_cli("convert", tmp_path / "gone[/x].pt", f"{tmp_path}/o/")
+    assert missing.exit_code == 2 and str(tmp_path / "gone[/x].pt") in missing.stderr.replace("\n", "")
+    assert "Traceback" not in missing.stderr

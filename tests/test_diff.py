@@ -29,13 +29,6 @@ from ckptdoctor.formats import tensor_bytes as tb
 from ckptdoctor.model.checkpoint import ByteRange, StorageInfo, TensorRecord
 
 
-@pytest.fixture(params=["numpy", "pure"])
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test with numpy decoding/gathering and again with the pure-Python fallback."""
-    monkeypatch.setattr(tb, "_USE_NUMPY", None if request.param == "numpy" else False)
-    return str(request.param)
-
-
 def small_net() -> nn.Module:
     """Linear → BatchNorm → Linear: float weights plus an int64 buffer (num_batches_tracked)."""
     torch.manual_seed(0)
@@ -95,7 +88,7 @@ def views(base: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES + INT_DTYPES, ids=str)
-def test_chunks_equal_contiguous_bytes_for_every_dtype_and_view(tmp_path: Path, backend: str,
+def test_chunks_equal_contiguous_bytes_for_every_dtype_and_view(tmp_path: Path,
                                                                dtype: torch.dtype) -> None:
     base = sample(dtype, (4, 15))
     tensors = views(base)
@@ -110,7 +103,7 @@ def test_chunks_equal_contiguous_bytes_for_every_dtype_and_view(tmp_path: Path, 
             assert all(len(c) == max(isz, chunk_bytes // isz * isz) for c in chunks[:-1])
 
 
-def test_chunks_of_a_large_transpose_stay_bounded(tmp_path: Path, backend: str) -> None:
+def test_chunks_of_a_large_transpose_stay_bounded(tmp_path: Path) -> None:
     base = torch.randn(300, 200)
     ckpt = save({"w": base.t()}, tmp_path / "t.pt")
     seen = []
@@ -173,7 +166,7 @@ def test_float8_tables_match_torch(name: str) -> None:
         assert (math.isnan(mine) and math.isnan(theirs)) or mine == theirs, (name, hex(code), mine, theirs)
 
 
-def test_compare_counts_and_max_exactly(tmp_path: Path, backend: str) -> None:
+def test_compare_counts_and_max_exactly(tmp_path: Path) -> None:
     a = torch.randn(50, 40)
     b = a.clone()
     b[3, 7] += 0.5
@@ -190,7 +183,7 @@ def test_compare_counts_and_max_exactly(tmp_path: Path, backend: str) -> None:
     assert same == tb.ValueDiff(True, 0.0, 0)
 
 
-def test_compare_across_dtypes_with_tolerance(tmp_path: Path, backend: str) -> None:
+def test_compare_across_dtypes_with_tolerance(tmp_path: Path) -> None:
     a = torch.randn(64, 33)
     ckpt = save({"f32": a, "bf16": a.to(torch.bfloat16), "f64": a.double(), "c": a.to(torch.complex64)},
                 tmp_path / "x.pt")

@@ -39,3 +39,39 @@ def test_readme_starts_with_the_two_commands() -> None:
     head = (ROOT / "README.md").read_text().split("\n\n")[1]
     assert "make demo" in head and "make test" in head
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def _options() -> dict[str, list[str]]:
+    """Every option string (``--entry-a``, ``-v``) of every command, from the real CLI."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    out: dict[str, list[str]] = {}
+    for name, command in group.commands.items():  # type: ignore[attr-defined]
+        opts: list[str] = []
+        for param in command.params:
+            if param.param_type_name == "option" and "--help" not in param.opts:
+                opts += [*param.opts, *param.secondary_opts]
+        out[name] = opts
+    return out
+
+
+def test_every_option_is_documented() -> None:
+    """A flag missing from docs/<command>.md is a flag nobody finds; a documented flag that does not exist lies."""
+    undocumented = []
+    for name, opts in _options().items():
+        text = (ROOT / "docs" / f"{name}.md").read_text()
+        undocumented += [f"{name} {opt}" for opt in opts
+                         if not re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", text)]
+    assert not undocumented, f"options missing from docs/: {undocumented}"
+
+
+def test_no_documented_option_that_does_not_exist() -> None:
+    options = _options()
+    invented = []
+    for name, opts in options.items():
+        text = (ROOT / "docs" / f"{name}.md").read_text()
+        for usage in re.findall(rf"ckptdoctor {name}\b[^\n`]*", text):
+            invented += [f"{name} {flag}" for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", usage)
+                         if flag not in opts and flag != "--help"]
+    assert not invented, f"docs/ show options the CLI does not have: {sorted(set(invented))}"

@@ -1,91 +1,26 @@
-"""The ``ckptdoctor`` command line: Typer app, one error handler, exit codes.
+"""The ``ckptdoctor`` command line: every command registered on one Typer app, and the entry point.
 
-Commands live in one module each (``inspect_cmd``, ``check_cmd``...) and stay thin: parse,
-call one engine function, hand the result to a renderer, return an exit code. Every
-:class:`~ckptdoctor.errors.CkptDoctorError` becomes one ``Error:`` line plus a hint on stderr
-and its exit code (2 for unreadable input), here and nowhere else; ``CKPTDOCTOR_DEBUG=1``
-re-raises so the traceback shows.
+The app and the error handler live in :mod:`ckptdoctor.cli.base`; importing the command modules
+here registers them (so commands never import this module back).
 """
 
 from __future__ import annotations
 
-import functools
-import os
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
 
-import typer
-
-from ckptdoctor import __version__
-from ckptdoctor.errors import CkptDoctorError
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-app = typer.Typer(
-    name="ckptdoctor",
-    help=(
-        "Checkpoint doctor for PyTorch: inspect, diff, check, fix and scan checkpoints "
-        "without running code from them.\n\n"
-        "Examples:\n\n"
-        "  ckptdoctor inspect model.pth\n\n"
-        "  ckptdoctor check model.pth --against mypkg.models:ResNet\n\n"
-        "  ckptdoctor fix model.pth --strip module. -o fixed.pth\n\n"
-        "  ckptdoctor scan downloaded.bin\n\n"
-        "Exit codes: 0 success (clean, identical, loads, written); 1 the answer is no "
-        "(findings, differences, unsafe content, a fix that cannot load); 2 usage error or "
-        "unreadable input. --json prints one JSON document on stdout."
-    ),
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
+from ckptdoctor.cli import (  # noqa: F401
+    check_cmd,
+    convert_cmd,
+    diff_cmd,
+    fix_cmd,
+    inspect_cmd,
+    report_cmd,
+    scan_cmd,
+    spec_cmd,
 )
+from ckptdoctor.cli.base import app
 
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"ckptdoctor {__version__}")
-        raise typer.Exit(0)
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
-) -> None:
-    """Checkpoint doctor for PyTorch."""
-
-
-def handle_errors(func: F) -> F:
-    """Turn ckptdoctor errors (and anything unexpected) into one Error line and an exit code."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from ckptdoctor.render.console import print_error  # noqa: PLC0415 - keep --help fast
-
-        try:
-            code = func(*args, **kwargs)
-        except CkptDoctorError as exc:
-            if os.environ.get("CKPTDOCTOR_DEBUG"):
-                raise
-            print_error(str(exc), exc.hint)
-            raise typer.Exit(exc.exit_code) from None
-        except (typer.Exit, typer.Abort, SystemExit):
-            raise
-        except KeyboardInterrupt:
-            print_error("interrupted", None)
-            raise typer.Exit(130) from None
-        except Exception as exc:  # a bug, or an input we failed to classify: still one line
-            if os.environ.get("CKPTDOCTOR_DEBUG"):
-                raise
-            print_error(f"unexpected {type(exc).__name__}: {exc}"[:500],
-                        "This is a ckptdoctor bug; run with CKPTDOCTOR_DEBUG=1 and report the traceback.")
-            raise typer.Exit(2) from None
-        raise typer.Exit(code or 0)
-
-    return wrapper  # type: ignore[return-value]
+__all__ = ["app", "main"]
 
 
 def main() -> None:
@@ -95,6 +30,3 @@ def main() -> None:
     except BrokenPipeError:  # `ckptdoctor inspect --keys x | head`
         sys.stderr.close()
         sys.exit(0)
-
-
-from ckptdoctor.cli import check_cmd, convert_cmd, diff_cmd, fix_cmd, inspect_cmd, scan_cmd, spec_cmd  # noqa: E402, F401  - registers the commands

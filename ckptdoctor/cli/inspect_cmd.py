@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ckptdoctor.cli.app import app, handle_errors
+from ckptdoctor.cli.base import app, handle_errors
 
 
 @app.command("inspect")

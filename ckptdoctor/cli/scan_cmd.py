@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from ckptdoctor.cli.app import app, handle_errors
+from ckptdoctor.cli.base import app, handle_errors
 
 
 @app.command("scan")

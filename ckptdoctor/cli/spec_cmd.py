@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from ckptdoctor.cli.app import app, handle_errors
+from ckptdoctor.cli.base import app, handle_errors
 
 
 @app.command("spec")
@@ -22,15 +22,16 @@ def spec_command(
              ckptdoctor check candidate.safetensors --against released.spec.json
     """
     from ckptdoctor.engines.spec import build_spec, write_spec  # noqa: PLC0415 - keep --help fast
-    from ckptdoctor.render.console import print_json, stdout_console  # noqa: PLC0415
+    from ckptdoctor.render.console import plain, print_json, stdout_console  # noqa: PLC0415
     from ckptdoctor.render.progress import byte_progress  # noqa: PLC0415
+    from ckptdoctor.schema import SCHEMA_VERSION  # noqa: PLC0415
 
-    with byte_progress("hashing tensors", 1 << 40 if digests else 0) as progress:
-        doc = build_spec(source, digests=digests, progress=progress)
+    doc = build_spec(source, digests=digests, progress_for=lambda total: byte_progress("hashing tensors", total))
     write_spec(doc, out, force=force)
     count = len(doc.get("tensors", []))
     if json_out:
-        print_json({"schema_version": 1, "out": out, "source": source, "tensors": count, "digests": digests})
+        print_json({"schema_version": SCHEMA_VERSION, "out": out, "source": source, "tensors": count,
+                    "digests": digests})
     else:
-        stdout_console().print(f"✓ wrote {out}: {count} tensors" + (" with SHA-256 digests" if digests else ""))
+        stdout_console().print(f"✓ wrote {plain(out)}: {count} tensors" + (" with SHA-256 digests" if digests else ""))
     return 0

@@ -24,8 +24,7 @@ from typing import Any
 from ckptdoctor.formats.tensor_bytes import Progress, TensorBytesUnavailable, compare_tensors
 from ckptdoctor.model.checkpoint import Checkpoint, TensorInfo
 from ckptdoctor.model.locate import embedded_tensors, state_dict_values
-
-SCHEMA_VERSION = 1
+from ckptdoctor.schema import SCHEMA_VERSION
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,8 @@ import stat
 import struct
 
 from ckptdoctor.errors import CorruptCheckpoint, InputNotFound, UnsupportedFormat
+from ckptdoctor.formats.magic import ZIP_LOCAL_HEADER, refuse_text
 from ckptdoctor.model.checkpoint import Checkpoint
-
-ZIP_MAGIC = b"PK\x03\x04"
 
 
 def detect_format(path: str) -> str:
@@ -36,7 +35,7 @@ def detect_format(path: str) -> str:
             head = f.read(264)
     except OSError as exc:
         raise InputNotFound(f"cannot read ({exc.strerror})", path=path) from None
-    if head.startswith(ZIP_MAGIC):
+    if head.startswith(ZIP_LOCAL_HEADER):
         return "torch-zip"
     if head[257:262] == b"ustar":
         # torch.save before 0.4 wrote a tar of pickles (torch/serialization.py `_load` tar branch).
@@ -52,18 +51,9 @@ def detect_format(path: str) -> str:
     if head[:1] == b"\x80":
         # torch.load treats anything that is not a zip as a legacy pickle stream.
         return "torch-legacy"
-    if _looks_like_text(head):
-        raise UnsupportedFormat("a text file, not a checkpoint", path=path)
+    refuse_text(head, path)
     raise UnsupportedFormat("unknown file format (not a torch.save zip, legacy pickle or safetensors file)",
                             path=path)
-
-
-def _looks_like_text(head: bytes) -> bool:
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return all(c >= 32 or c in (9, 10, 13) for c in head)
 
 
 def open_checkpoint(path: str | os.PathLike[str], entry: str | None = None) -> Checkpoint:

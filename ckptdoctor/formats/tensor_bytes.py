@@ -3,29 +3,27 @@
 Everything else in ckptdoctor works from metadata. ``diff --values``, ``spec --digests`` and the
 digest check need the values themselves, and the files can be tens of gigabytes, so:
 
-* bytes are read with ``os.pread`` from the storage's :class:`~ckptdoctor.model.checkpoint.ByteRange`,
-  never through ``mmap`` (pages touched through a memory map count as resident memory, so a
-  whole-file pass over a mapped 20 GB file looks like a 20 GB process to the OOM killer);
+* bytes are read with ``os.pread`` from the storage's :class:`~ckptdoctor.model.checkpoint.ByteRange`
+  in chunks (pages touched through a memory map count as resident memory, so a whole-file pass
+  over a mapped 20 GB file looks like a 20 GB process to the OOM killer). The one exception,
+  :func:`bytes_equal`, maps a 64 MiB window of each file at a time and unmaps it at once;
 * a tensor is produced in *logical* order (row-major over its shape, little-endian), whatever its
   strides, so a transposed view and its contiguous copy yield the same bytes and the same digest;
 * at most about two chunks (``chunk_bytes``, 8 MiB by default) are alive at a time.
 
-Non-contiguous views are gathered from windows of the storage: with numpy (imported lazily,
-it is optional) by sorting a block's element addresses and reading each dense run once; without
-numpy by strided byte slicing of each innermost row. Element decoding for comparisons also uses
-numpy when present and falls back to :mod:`struct` (plus 256-entry tables for the float8
-formats, computed from their definitions) when not.
+Non-contiguous views are gathered from windows of the storage with numpy (a dependency, imported
+lazily so metadata commands never pay for it) by sorting a block's element addresses and reading
+each dense run once. Elements are decoded with numpy too; the float8 formats, which numpy lacks,
+through 256-entry tables computed from their definitions.
 """
 
 from __future__ import annotations
 
-import cmath
 import hashlib
 import itertools
 import math
 import mmap
 import os
-import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,8 +36,6 @@ Progress = Callable[[int], None]
 DEFAULT_CHUNK = 8 << 20
 # A gap between needed elements larger than this starts a new read instead of reading through it.
 _GAP_BYTES = 64 << 10
-# Set to False to exercise the pure-Python paths (tests do); None means "use numpy if importable".
-_USE_NUMPY: bool | None = None
 
 
 class TensorBytesUnavailable(CkptDoctorError):
@@ -132,12 +128,8 @@ def _pread(fd: int, length: int, offset: int, path: str) -> bytes:
 
 
 def _numpy() -> Any:
-    if _USE_NUMPY is False:
-        return None
-    try:
-        import numpy  # noqa: PLC0415 - optional, imported only when values are read
-    except ImportError:
-        return None
+    import numpy  # noqa: PLC0415 - imported only when values are read
+
     return numpy
 
 
@@ -176,10 +168,8 @@ def iter_tensor_chunks(tensor: TensorRecord, chunk_bytes: int = DEFAULT_CHUNK, *
     try:
         if view.contiguous:
             chunks: Iterator[bytes] = _contiguous_chunks(fd, view, per)
-        elif _numpy() is not None:
-            chunks = _numpy_gather(fd, view, per, max(chunk_bytes, view.isz))
         else:
-            chunks = _python_gather(fd, view, per, max(chunk_bytes, view.isz))
+            chunks = _numpy_gather(fd, view, per, max(chunk_bytes, view.isz))
         for chunk in chunks:
             if unit > 1:
                 chunk = _to_little(chunk, unit)
@@ -230,57 +220,6 @@ def _numpy_gather(fd: int, view: _View, per: int, window: int) -> Iterator[bytes
                     out[lo + order[i:k]] = buf[sorted_addr[i:k] - start]
                     i = k
         yield out.tobytes()
-
-
-def _rows(view: _View) -> Iterator[tuple[int, int, int]]:
-    """(first element address, count, step) of each innermost row, in row-major order."""
-    *outer, inner = view.shape
-    *outer_strides, step = view.stride
-    index = [0] * len(outer)
-    addr = view.offset
-    while True:
-        yield addr, inner, step
-        d = len(outer) - 1
-        while d >= 0:
-            index[d] += 1
-            addr += outer_strides[d]
-            if index[d] < outer[d]:
-                break
-            addr -= outer_strides[d] * outer[d]
-            index[d] = 0
-            d -= 1
-        if d < 0:
-            return
-
-
-def _python_gather(fd: int, view: _View, per: int, window: int) -> Iterator[bytes]:
-    """Gather without numpy: strided slicing of each row out of a cached window of the storage."""
-    isz = view.isz
-    win_start, win = -1, b""
-    out = bytearray()
-    for addr, count, step in _rows(view):
-        # Split rows whose byte span exceeds the window into pieces that fit.
-        piece = max(1, window // (step * isz))
-        for first in range(0, count, piece):
-            n = min(piece, count - first)
-            a = (addr + first * step) * isz
-            span = ((n - 1) * step + 1) * isz
-            if not (win_start <= a and a + span <= win_start + len(win)):
-                win_start = a
-                win = _pread(fd, max(span, min(window, view.span_end - a)), view.base + a, view.path)
-            rel = a - win_start
-            if step == 1:
-                out += win[rel:rel + span]
-            else:
-                part = bytearray(n * isz)
-                for b in range(isz):
-                    part[b::isz] = win[rel + b:rel + span:step * isz]
-                out += part
-            while len(out) >= per * isz:
-                yield bytes(out[:per * isz])
-                del out[:per * isz]
-    if out:
-        yield bytes(out)
 
 
 def tensor_digest(tensor: TensorRecord, *, byteorder: str = "little", chunk_bytes: int = DEFAULT_CHUNK,
@@ -358,24 +297,6 @@ def _kind(dtype: str) -> str:
     return "raw"
 
 
-def _decode_py(chunk: bytes, dtype: str) -> list[Any]:
-    if dtype in FLOAT8_TABLES:
-        table = FLOAT8_TABLES[dtype]
-        return [table[b] for b in chunk]
-    if dtype == "bfloat16":
-        halves = struct.unpack(f"<{len(chunk) // 2}H", chunk)
-        return list(struct.unpack(f"<{len(halves)}f", struct.pack(f"<{len(halves)}I", *(h << 16 for h in halves))))
-    if dtype in _COMPLEX_PARTS:
-        code = _COMPLEX_PARTS[dtype]
-        parts = struct.unpack(f"<{len(chunk) // struct.calcsize(code)}{code}", chunk)
-        return [complex(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
-    if dtype in _STRUCT_CODES:
-        code = _STRUCT_CODES[dtype]
-        return list(struct.unpack(f"<{len(chunk) // struct.calcsize(code)}{code}", chunk))
-    width = itemsize(dtype)
-    return [int.from_bytes(chunk[i:i + width], "little") for i in range(0, len(chunk), width)]
-
-
 def _decode_np(np: Any, chunk: bytes, dtype: str) -> Any:
     if dtype in FLOAT8_TABLES:
         return np.asarray(FLOAT8_TABLES[dtype], dtype=np.float64)[np.frombuffer(chunk, dtype=np.uint8)]
@@ -418,23 +339,6 @@ def _compare_np(np: Any, ca: bytes, cb: bytes, da: str, db: str, rtol: float, at
         tally.max_abs = max(tally.max_abs, float(diff.max()))
 
 
-def _isnan(v: Any) -> bool:
-    if isinstance(v, complex):
-        return cmath.isnan(v)
-    return isinstance(v, float) and math.isnan(v)
-
-
-def _compare_py(ca: bytes, cb: bytes, da: str, db: str, rtol: float, atol: float, tally: _Tally) -> None:
-    for x, y in zip(_decode_py(ca, da), _decode_py(cb, db)):
-        if x == y or (_isnan(x) and _isnan(y)):
-            continue
-        d = abs(x - y)
-        d = math.inf if _isnan(d) else float(d)
-        tally.max_abs = max(tally.max_abs, d)
-        if not d <= atol + rtol * abs(y):
-            tally.differing += 1
-
-
 _WINDOW = 64 << 20
 
 
@@ -455,10 +359,10 @@ def bytes_equal(a: TensorRecord, b: TensorRecord, progress: Progress | None = No
     bandwidth; copying every chunk out of the page cache (``pread``) costs as much again as
     comparing. Here 64 MiB windows of both files are mapped, compared as 64-bit words and
     unmapped at once, so resident memory stays at two windows. ``None`` when not applicable
-    (views, other dtypes, big-endian, no numpy); the caller then takes the general path.
+    (views, other dtypes, big-endian); the caller then takes the general path.
     """
     np = _numpy()
-    if np is None or a.dtype != b.dtype or a.shape != b.shape:
+    if a.dtype != b.dtype or a.shape != b.shape:
         return None
     try:
         va, vb = _view(a), _view(b)
@@ -527,10 +431,7 @@ def compare_tensors(a: TensorRecord, b: TensorRecord, rtol: float | None = None,
         if not numeric:
             raw_equal = raw_equal and ca == cb
             continue
-        if np is not None:
-            _compare_np(np, ca, cb, a.dtype, b.dtype, rtol_f, atol_f, tally)
-        else:
-            _compare_py(ca, cb, a.dtype, b.dtype, rtol_f, atol_f, tally)
+        _compare_np(np, ca, cb, a.dtype, b.dtype, rtol_f, atol_f, tally)
     if not numeric:
         # Packed / bit types against another dtype: no numeric meaning, only byte identity.
         same = raw_equal and itemsize(a.dtype) == itemsize(b.dtype)

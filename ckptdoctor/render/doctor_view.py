@@ -12,8 +12,8 @@ from ckptdoctor.engines.doctor.check_fix import CheckResult, RepairPlan, group_m
 from ckptdoctor.engines.doctor.diagnose import Finding, group_keys
 from ckptdoctor.formats.writers.rewrite import WriteReport
 from ckptdoctor.render.console import stderr_console, stdout_console
+from ckptdoctor.schema import SCHEMA_VERSION
 
-SCHEMA_VERSION = 1
 MAX_PATTERNS = 8
 _STYLE = {"error": "red", "warning": "yellow", "info": "blue"}
 
@@ -103,6 +103,8 @@ def check_document(result: CheckResult) -> dict[str, Any]:
             "shape_mismatches": [{"key": m.source_key, "model_key": m.target_key,
                                   "checkpoint_shape": list(m.source_shape), "model_shape": list(m.target_shape)}
                                  for m in d.shape_mismatches],
+            # the keys the repair renames (checkpoint key -> model key); `report` draws them
+            "renamed": [{"key": a, "model_key": b} for a, b in d.plan.mapping if a != b],
         },
         "findings": [_finding_json(f) for f in result.findings],
         "rules": [r.describe().replace("`", "") for r in d.plan.rules],
@@ -121,10 +123,8 @@ def render_mapping(plan: RepairPlan) -> None:
     if not changed and not plan.dropped and not plan.aliases:
         console.print("No key changes: every key stays as it is.")
     for group in group_mapping(changed):
-        old = f"{group.old}.*" if group.old else "*"
-        new = f"{group.new}.*" if group.new else "*"
         example = f"  [dim](e.g. {escape(group.example[0])} → {escape(group.example[1])})[/]" if group.count > 1 else ""
-        console.print(f"  {escape(old)} → {escape(new)}  [yellow]×{group.count}[/]{example}")
+        console.print(f"  {escape(group.old)} → {escape(group.new)}  [yellow]×{group.count}[/]{example}")
     if plan.dropped:
         console.print(f"  dropped {len(plan.dropped)}: {_patterns(plan.dropped)}")
     if plan.missing:

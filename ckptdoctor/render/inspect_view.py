@@ -11,8 +11,7 @@ from rich.tree import Tree
 from ckptdoctor.engines.inspection.overview import Overview, human_bytes
 from ckptdoctor.engines.inspection.tree import TreeNode
 from ckptdoctor.render.console import stdout_console
-
-SCHEMA_VERSION = 1
+from ckptdoctor.schema import SCHEMA_VERSION
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -61,8 +60,8 @@ def render_inspect(ov: Overview, *, max_depth: int | None = None) -> None:
     header.add_row("Tensors", f"{len(ckpt.tensors):,}  ({ov.parameters:,} elements, "
                               f"{human_bytes(ov.total_bytes)}{distinct})")
     dtypes = ", ".join(f"{d} {human_bytes(b)}" for d, b in ov.bytes_by_dtype) or "-"
-    header.add_row("Dtypes", dtypes)
-    header.add_row("Devices", ", ".join(ov.devices) or "-")
+    header.add_row("Dtypes", escape(dtypes))
+    header.add_row("Devices", escape(", ".join(ov.devices)) or "-")
     if ov.shared:
         shown = "; ".join(" = ".join(group[:3]) + (" …" if len(group) > 3 else "") for group in ov.shared[:3])
         more = f" (+{len(ov.shared) - 3} more)" if len(ov.shared) > 3 else ""

@@ -8,19 +8,22 @@ plus :func:`adapt_state` for the Python API. The same :class:`~.match_rules.Plan
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ckptdoctor.engines.doctor.diagnose import (
-    HARMLESS_MISSING,
-    HARMLESS_UNEXPECTED,
     Diagnosis,
     Finding,
     diagnose,
     suggested_fix_args,
+)
+from ckptdoctor.engines.doctor.known_keys import (
+    HARMLESS_MISSING,
+    HARMLESS_UNEXPECTED,
+    is_adapter_tensor,
+    split_harmless,
 )
 from ckptdoctor.engines.matching.edits import Edit, apply_edits
 from ckptdoctor.engines.matching.rules import NOT_A_TENSOR, KeyShape, Plan
@@ -237,11 +240,8 @@ class RepairPlan:
         return tuple((a, b) for a, b in self.mapping if a != b)
 
 
-_LORA_KEY = re.compile(r"(^|\.)(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)(\.|$)")
-
-
-def _harmless(keys: Sequence[str], names: Sequence[str]) -> bool:
-    return all(k.rpartition(".")[2] in names for k in keys)
+def _all_harmless(keys: Sequence[str], names: Sequence[str]) -> bool:
+    return not split_harmless(keys, names)[1]
 
 
 def plan_repair(ckpt: Checkpoint, *, edits: Sequence[Edit] = (), spec: ModelSpec | None = None,
@@ -285,18 +285,18 @@ def plan_repair(ckpt: Checkpoint, *, edits: Sequence[Edit] = (), spec: ModelSpec
     if plan.ambiguities:
         raise FixRefused(f"the repair is ambiguous ({plan.ambiguities[0].reason}); nothing was written",
                          hint="Resolve it with explicit --rename edits; `ckptdoctor check` shows the candidates.")
-    lora = [k for k in plan.unexpected if _LORA_KEY.search(k)]
+    lora = [k for k in plan.unexpected if is_adapter_tensor(k)]
     if lora:
         raise FixRefused(f"{len(lora)} LoRA adapter tensors (e.g. `{lora[0]}`) would be dropped: the result would be "
                          "the base model without the fine-tuning; nothing was written",
                          hint="Merge the adapters into the weights first (PEFT: model.merge_and_unload()), then fix.")
     if plan.unexpected and not drop_unexpected:
-        kind = "known-harmless " if _harmless(plan.unexpected, HARMLESS_UNEXPECTED) else ""
+        kind = "known-harmless " if _all_harmless(plan.unexpected, HARMLESS_UNEXPECTED) else ""
         raise FixRefused(f"{len(plan.unexpected)} {kind}checkpoint keys have no place in the model "
                          f"(e.g. `{plan.unexpected[0]}`); nothing was written",
                          hint="Pass --drop-unexpected to leave them out, or check the model spec.")
     if plan.missing and not allow_missing:
-        kind = "known-harmless " if _harmless(plan.missing, HARMLESS_MISSING) else ""
+        kind = "known-harmless " if _all_harmless(plan.missing, HARMLESS_MISSING) else ""
         raise FixRefused(f"{len(plan.missing)} {kind}model keys have no tensor in the checkpoint "
                          f"(e.g. `{plan.missing[0]}`); nothing was written",
                          hint="Pass --allow-missing to write it anyway (the model then needs strict=False).")
@@ -328,7 +328,7 @@ def repaired_entries(ckpt: Checkpoint, plan: RepairPlan) -> list[tuple[str, Any]
 
 @dataclass(frozen=True)
 class MappingGroup:
-    """Keys renamed the same way: ``old_head.*`` → ``new_head.*`` for ``count`` keys."""
+    """Keys renamed the same way: ``old`` → ``new`` patterns (``*.norm.1.*`` → ``*.norm1.*``) for ``count`` keys."""
 
     old: str
     new: str
@@ -336,21 +336,44 @@ class MappingGroup:
     example: tuple[str, str]
 
 
+def _changed_middle(old: str, new: str) -> tuple[list[str], list[str], list[str], list[str]]:
+    """Split two dotted keys into (common prefix, old middle, new middle, common suffix) segments."""
+    a, b = old.split("."), new.split(".")
+    tail = 0
+    while tail < min(len(a), len(b)) and a[-1 - tail] == b[-1 - tail]:
+        tail += 1
+    head = 0
+    while head < min(len(a), len(b)) - tail and a[head] == b[head]:
+        head += 1
+    return a[:head], a[head: len(a) - tail], b[head: len(b) - tail], a[len(a) - tail:]
+
+
+def _pattern(prefix: str | None, middle: list[str], has_suffix: bool) -> str:
+    parts = ([prefix] if prefix else []) + middle + (["*"] if has_suffix else [])
+    return ".".join(parts) or "*"
+
+
 def group_mapping(pairs: Sequence[tuple[str, str]]) -> list[MappingGroup]:
-    """Group old → new pairs by what changed in front of their common key suffix.
+    """Group old → new pairs by the segments that changed, whatever surrounds them.
 
     ``module.layer1.0.conv1.weight → layer1.0.conv1.weight`` and 120 others become one row
-    ``module.* → *``, which is how people think of the repair; first-seen order.
+    ``module.* → *``; DenseNet's 232 ``features.denseblock{i}.denselayer{j}.norm.1.{w}`` →
+    ``...norm1.{w}`` renames become one row ``*.norm.1.* → *.norm1.*``: one line per rule, which is
+    how people think of the repair. A prefix shared by every key of a row is shown, not starred.
+    First-seen order.
     """
-    groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
-    for old, new in pairs:
-        a, b = old.split("."), new.split(".")
-        common = 0
-        while common < min(len(a), len(b)) - 0 and a[len(a) - 1 - common] == b[len(b) - 1 - common]:
-            common += 1
-        head = (".".join(a[: len(a) - common]), ".".join(b[: len(b) - common]))
-        groups.setdefault(head, []).append((old, new))
-    return [MappingGroup(old, new, len(items), items[0]) for (old, new), items in groups.items()]
+    groups: dict[tuple[bool, tuple[str, ...], tuple[str, ...], bool], list[tuple[str, str, str]]] = {}
+    for old_key, new_key in pairs:
+        head, old_mid, new_mid, tail = _changed_middle(old_key, new_key)
+        shape = (bool(head), tuple(old_mid), tuple(new_mid), bool(tail))
+        groups.setdefault(shape, []).append((".".join(head), old_key, new_key))
+    out = []
+    for (has_prefix, old_middle, new_middle, has_suffix), items in groups.items():
+        prefixes = {p for p, _, _ in items}
+        prefix = (prefixes.pop() if len(prefixes) == 1 else "*") if has_prefix else None
+        out.append(MappingGroup(_pattern(prefix, list(old_middle), has_suffix),
+                                _pattern(prefix, list(new_middle), has_suffix), len(items), (items[0][1], items[0][2])))
+    return out
 
 
 def remap_metadata(metadata: Any, mapping: Sequence[tuple[str, str]], missing: Sequence[str] = ()) -> Any:

@@ -12,6 +12,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ckptdoctor.engines.doctor.known_keys import (
+    HARMLESS_MISSING,
+    HARMLESS_UNEXPECTED,
+    is_peft_key,
+    leaf,
+    split_harmless,
+)
 from ckptdoctor.engines.matching.edits import AddPrefix, Edit, Rename, Strip, apply_edits
 from ckptdoctor.engines.matching.matcher import infer_plan
 from ckptdoctor.engines.matching.rules import (
@@ -32,15 +39,8 @@ from ckptdoctor.errors import UsageError
 
 Severity = Literal["error", "warning", "info"]
 
-# Keys whose absence or presence changes nothing a model computes:
-# num_batches_tracked only feeds BatchNorm's momentum=None mode and is absent from pre-0.4.1
-# files; position_ids / inv_freq / masked_bias became non-persistent buffers in transformers;
-# total_ops / total_params are added by the `thop` profiler; n_averaged by torch.optim.swa_utils.
-HARMLESS_MISSING = ("num_batches_tracked", "position_ids", "inv_freq", "masked_bias")
-HARMLESS_UNEXPECTED = ("total_ops", "total_params", "position_ids", "inv_freq", "masked_bias", "n_averaged")
 _HEAD_NAMES = {"fc", "head", "heads", "classifier", "lm_head", "cls", "logits", "last_linear", "score"}
 _POS_EMBED = re.compile(r"(pos_embed|position_embedding|position_embeddings|absolute_pos_embed|pos_emb)")
-_LORA = re.compile(r"(^|\.)(lora_[AB]|lora_embedding_[AB]|base_layer)(\.|$)")
 
 
 @dataclass(frozen=True)
@@ -195,33 +195,6 @@ def _rule_finding(rule: Rule, n_source: int) -> Finding:
 # ---------------------------------------------------------------- findings from leftovers
 
 
-def _leaf(key: str) -> str:
-    return key.rpartition(".")[2]
-
-
-def _is_buffer_of(key: str, buffers: Iterable[str]) -> bool:
-    """``key`` names one of the model's non-persistent buffers (possibly under a wrapper prefix)."""
-    return any(key == b or key.endswith("." + b) for b in buffers)
-
-
-def _harmless(keys: Sequence[str], names: Sequence[str], present: Iterable[str] = (),
-              buffers: Sequence[str] = ()) -> tuple[list[str], list[str]]:
-    """Split ``keys`` into known-harmless and the rest.
-
-    With ``present`` (keys that do get a value), a harmless name only counts when its module
-    is otherwise present: a missing ``num_batches_tracked`` of a block that is missing as a whole
-    is part of that block, not an old-file quirk. ``buffers`` are the model's non-persistent
-    buffers (GPT-2's ``attn.bias`` mask, ``position_ids``): an old file that saved them has
-    them as unexpected keys, harmless once dropped.
-    """
-    alive = {k.rpartition(".")[0] for k in present}
-    check_alive = bool(alive)
-    ok = [k for k in keys if (_leaf(k) in names and (not check_alive or k.rpartition(".")[0] in alive))
-          or (buffers and _is_buffer_of(k, buffers))]
-    chosen = set(ok)
-    return ok, [k for k in keys if k not in chosen]
-
-
 def _last_parents(target: Sequence[KeyShape]) -> set[str]:
     parents: list[str] = []
     for t in reversed(target):
@@ -312,8 +285,8 @@ def _same_parent(a: str, b: str) -> bool:
 def _leftover_findings(plan: Plan, source: Sequence[KeyShape], target: Sequence[KeyShape],
                        buffers: Sequence[str] = ()) -> list[Finding]:
     found: list[Finding] = []
-    ok_missing, missing = _harmless(plan.missing, HARMLESS_MISSING, (t for _, t in plan.mapping))
-    ok_unexpected, unexpected = _harmless(plan.unexpected, HARMLESS_UNEXPECTED, buffers=buffers)
+    ok_missing, missing = split_harmless(plan.missing, HARMLESS_MISSING, (t for _, t in plan.mapping))
+    ok_unexpected, unexpected = split_harmless(plan.unexpected, HARMLESS_UNEXPECTED, buffers=buffers)
     if ok_missing or ok_unexpected:
         keys = (*ok_missing, *ok_unexpected)
         parts = [f"missing {_short(ok_missing)}" if ok_missing else "",
@@ -362,13 +335,13 @@ def _special_findings(source: Sequence[KeyShape], state_dict_path: Sequence[str]
                              f"the weights sit at `{where}` inside the file, not at its root (a training "
                              f"checkpoint): load `torch.load(f)[...]` at that path, or `fix --extract` it",
                              (), 0, {"state_dict_path": list(state_dict_path)}))
-    flat = [s.key for s in source if _leaf(s.key) == "_flat_param" or s.key.endswith("flat_param")]
+    flat = [s.key for s in source if leaf(s.key) == "_flat_param" or s.key.endswith("flat_param")]
     if flat:
         found.append(Finding("fsdp-flat-param", "error",
                              f"{len(flat)} FSDP flat parameter(s) ({_short(flat)}) hold many weights in one "
                              "buffer; they cannot be split back key by key without FSDP's metadata. Save with a "
                              "FULL_STATE_DICT (or torch.distributed.checkpoint) instead", tuple(flat), len(flat)))
-    lora = [s.key for s in source if _LORA.search(s.key)]
+    lora = [s.key for s in source if is_peft_key(s.key)]
     if lora:
         found.append(Finding("lora-unmerged", "error",
                              f"{len(lora)} LoRA/PEFT tensors ({_short(lora)}): the adapters must be merged "
@@ -457,8 +430,8 @@ def suggested_fix_args(plan: Plan, path: str, spec: str, non_persistent: Sequenc
     otherwise ``--against SPEC`` re-derives the plan. None when nothing needs fixing or when what
     is left is not known-harmless (new head, other variant, flat params).
     """
-    _, missing = _harmless(plan.missing, HARMLESS_MISSING, (t for _, t in plan.mapping))
-    _, unexpected = _harmless(plan.unexpected, HARMLESS_UNEXPECTED, buffers=non_persistent)
+    _, missing = split_harmless(plan.missing, HARMLESS_MISSING, (t for _, t in plan.mapping))
+    _, unexpected = split_harmless(plan.unexpected, HARMLESS_UNEXPECTED, buffers=non_persistent)
     # A new or dropped task head is repaired with the same flags (the findings say what they do).
     missing = [] if _head_only(missing) and len(missing) < len(plan.mapping) else missing
     unexpected = [] if _head_only(unexpected) and len(unexpected) < len(plan.mapping) else unexpected
@@ -466,7 +439,7 @@ def suggested_fix_args(plan: Plan, path: str, spec: str, non_persistent: Sequenc
         return None
     if not plan.rules and not plan.missing and not plan.unexpected:
         return None
-    if any(_leaf(k) == "_flat_param" or _LORA.search(k) for k, _ in plan.mapping):
+    if any(leaf(k) == "_flat_param" or is_peft_key(k) for k, _ in plan.mapping):
         return None
     extra = (["--drop-unexpected"] if plan.unexpected else []) + (["--allow-missing"] if plan.missing else [])
     # --drop-unexpected / --allow-missing only mean something against a spec: with leftovers,

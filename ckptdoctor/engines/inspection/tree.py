@@ -95,7 +95,7 @@ def _build(name: str, path: str, node: _Trie, fold: bool) -> TreeNode:
         child_path = f"{path}.{child_name}" if path else child_name
         built = _build(child_name, child_path, members[0][1], fold)
         if len(members) > 1:
-            indices = tuple(int(n) for n, _ in members)
+            indices = tuple(sorted(int(n) for n, _ in members))  # text-ordered shards list 10 before 9
             built = TreeNode(name=f"{{{format_indices(indices)}}}", path=child_path, children=built.children,
                              tensor=None, params=built.params * len(members), nbytes=built.nbytes * len(members),
                              tensors=built.tensors * len(members), indices=indices)

@@ -20,8 +20,8 @@ from typing import IO
 
 from ckptdoctor.engines.scanning.pickle_walk import Findings, is_pickle_start, walk_pickle
 from ckptdoctor.errors import CorruptCheckpoint, LimitExceeded
+from ckptdoctor.formats.magic import ZIP_LOCAL_HEADER
 
-LOCAL_SIG = b"PK\x03\x04"
 CENTRAL_SIG = b"PK\x01\x02"
 EOCD_SIG = b"PK\x05\x06"
 EOCD64_SIG = b"PK\x06\x06"
@@ -151,7 +151,7 @@ class ArchiveAudit:
 
     def _with_local(self, name: str, flags: int, method: int, crc: int, csize: int, usize: int, offset: int) -> Member:
         hdr = _read_at(self.f, offset, 30)
-        if len(hdr) < 30 or hdr[:4] != LOCAL_SIG:
+        if len(hdr) < 30 or hdr[:4] != ZIP_LOCAL_HEADER:
             self.anomaly(
                 "bad-local-header", f"no local header where the central directory puts {name!r}", f"{name} @ {offset}"
             )
@@ -257,7 +257,7 @@ class ArchiveAudit:
             label = "leading pickle (bytes before the zip)" if start == 0 else f"pickle hidden at offset {start}"
             self.f.seek(start)
             walk_pickle(self.f, end - start, self.fd, label)
-        elif head[:4] == LOCAL_SIG and len(head) == 30:
+        elif head[:4] == ZIP_LOCAL_HEADER and len(head) == 30:
             # A member the central directory does not list: invisible to zipfile and miniz,
             # visible to readers that stream local headers.
             (nlen, xlen) = struct.unpack_from("<HH", head, 26)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ckptdoctor.schema import SCHEMA_VERSION
+
 # Verdicts, from harmless to hostile. The order matters: a global seen several times in a file
 # keeps its worst verdict.
 WEIGHTS_ONLY = "weights-only"
@@ -85,7 +87,7 @@ class ScanReport:
     def to_json(self) -> dict[str, object]:
         """The ``--json`` document (``schema_version`` 1, see docs/scan.md)."""
         return {
-            "schema_version": 1,
+            "schema_version": SCHEMA_VERSION,
             "safe": self.safe,
             "files": [
                 {

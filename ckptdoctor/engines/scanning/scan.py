@@ -23,7 +23,7 @@ import struct
 from pathlib import Path
 from typing import IO
 
-from ckptdoctor.engines.scanning.archive import LOCAL_SIG, audit_zip, find_eocd, is_torchscript_member
+from ckptdoctor.engines.scanning.archive import audit_zip, find_eocd, is_torchscript_member
 from ckptdoctor.engines.scanning.pickle_walk import Findings, PickleWalker, Window, is_pickle_start, walk_pickle
 from ckptdoctor.engines.scanning.results import (
     DANGEROUS,
@@ -37,6 +37,7 @@ from ckptdoctor.engines.scanning.results import (
     ScanReport,
 )
 from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint, InputNotFound, LimitExceeded, UnsupportedFormat
+from ckptdoctor.formats.magic import ZIP_LOCAL_HEADER, refuse_text
 
 __all__ = [
     "DANGEROUS",
@@ -129,11 +130,11 @@ def _result(path: Path, fmt: str, fd: Findings) -> FileScan:
 def _scan_open(f: IO[bytes], size: int, path: Path) -> FileScan:
     if size == 0:
         raise UnsupportedFormat("empty file")
-    head = f.read(16)
+    head = f.read(64)  # long enough to name a Git LFS pointer
     fd = Findings()
     eocd = find_eocd(f, size)
     names: tuple[str, ...] | None = None
-    if eocd is not None and head[:4] == LOCAL_SIG:
+    if eocd is not None and head[:4] == ZIP_LOCAL_HEADER:
         names = audit_zip(f, size, fd, eocd)
     elif eocd is not None:
         # An end record after other bytes: a polyglot, or tensor bytes that happen to contain
@@ -162,7 +163,7 @@ def _scan_open(f: IO[bytes], size: int, path: Path) -> FileScan:
         if not fd.pickles:
             raise UnsupportedFormat("zip archive without data.pkl: not a torch.save file")
         return _result(path, "torch-zip", fd)
-    if head[:4] == LOCAL_SIG:
+    if head[:4] == ZIP_LOCAL_HEADER:
         raise CorruptCheckpoint("zip archive without an end-of-central-directory record (truncated?)")
     if len(head) >= 9 and head[8:9] == b"{":
         return _scan_safetensors(f, size, path)
@@ -170,17 +171,8 @@ def _scan_open(f: IO[bytes], size: int, path: Path) -> FileScan:
         return _scan_pickles(f, size, path, fd)
     if _looks_like_old_pickle(f, size):
         return _scan_pickles(f, size, path, fd)
-    if _is_text(head):
-        raise UnsupportedFormat("text file, not a checkpoint")
+    refuse_text(head, str(path))
     raise UnsupportedFormat("unrecognised bytes: not a zip, pickle or safetensors file")
-
-
-def _is_text(head: bytes) -> bool:
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 def _looks_like_old_pickle(f: IO[bytes], size: int) -> bool:

@@ -33,10 +33,11 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint, LimitExceeded, UnsupportedFormat
+from ckptdoctor.formats.magic import ZIP_LOCAL_HEADER
 from ckptdoctor.formats.pickle.stand_ins import StorageType, contiguous_stride
 from ckptdoctor.formats.pickle.unpickler import load_pickle
 from ckptdoctor.formats.readers.directory import member_path
-from ckptdoctor.formats.readers.torch_zip import LOCAL_HEADER, ZIP_MAGIC
+from ckptdoctor.formats.readers.torch_zip import LOCAL_HEADER
 from ckptdoctor.model.checkpoint import (
     DTYPE_BITS,
     ByteRange,
@@ -128,7 +129,7 @@ class DcpFiles:
                                     f"the end of the {size}-byte file", path=self.directory)
         where = f"{item.relative_path}@{item.offset}"
         f.seek(item.offset)
-        if f.read(4) != ZIP_MAGIC:
+        if f.read(4) != ZIP_LOCAL_HEADER:
             # SerializationFormat.SAFETENSORS writes one safetensors file per rank instead of archives.
             raise UnsupportedFormat(f"{where} is not a torch.save archive", path=self.directory)
         try:
@@ -175,7 +176,7 @@ def _member_data_start(f: IO[bytes], item: Item, info: zipfile.ZipInfo, where: s
     """Offset, within the embedded archive, of a stored member's first data byte (local header)."""
     f.seek(item.offset + info.header_offset)
     header = f.read(LOCAL_HEADER.size)
-    if len(header) != LOCAL_HEADER.size or header[:4] != ZIP_MAGIC:
+    if len(header) != LOCAL_HEADER.size or header[:4] != ZIP_LOCAL_HEADER:
         raise CorruptCheckpoint(f"{where}: member {info.filename} has no valid local header", path=directory)
     fields = LOCAL_HEADER.unpack(header)
     start = info.header_offset + LOCAL_HEADER.size + fields[9] + fields[10]

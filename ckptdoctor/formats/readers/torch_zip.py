@@ -17,12 +17,12 @@ from collections import Counter
 from typing import Any
 
 from ckptdoctor.errors import CorruptCheckpoint, LimitExceeded, UnsafeContent, UnsupportedFormat
+from ckptdoctor.formats.magic import ZIP_LOCAL_HEADER
 from ckptdoctor.formats.pickle.stand_ins import StorageType
 from ckptdoctor.formats.pickle.unpickler import load_pickle
 from ckptdoctor.model.checkpoint import ByteRange, Checkpoint, StorageInfo, itemsize
 from ckptdoctor.model.locate import build_checkpoint
 
-ZIP_MAGIC = b"PK\x03\x04"
 MAX_MEMBERS = 5_000_000
 MAX_PICKLE_MEMBER = 1 << 31
 LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
@@ -84,7 +84,7 @@ class TorchZipArchive:
                                     path=self.path)
         self.file.seek(info.header_offset)
         header = self.file.read(LOCAL_HEADER.size)
-        if len(header) != LOCAL_HEADER.size or header[:4] != ZIP_MAGIC:
+        if len(header) != LOCAL_HEADER.size or header[:4] != ZIP_LOCAL_HEADER:
             raise CorruptCheckpoint(f"member {name} has no valid local header", path=self.path)
         fields = LOCAL_HEADER.unpack(header)
         name_len, extra_len = fields[9], fields[10]

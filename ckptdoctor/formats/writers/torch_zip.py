@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ckptdoctor.errors import CorruptCheckpoint, UnsupportedFormat
+from ckptdoctor.formats.magic import ZIP_LOCAL_HEADER
 from ckptdoctor.formats.pickle.stand_ins import STORAGE_TYPES, TENSOR_LAYOUTS, DtypeRef, LayoutRef, StorageType
 from ckptdoctor.formats.tensor_bytes import iter_tensor_chunks
 from ckptdoctor.io.atomic import CHUNK, EarlyWriteback, SourceFiles, copy_range, progress_counter, write_all
@@ -461,7 +462,7 @@ class ZipArchiveWriter:
         pad = -start % ALIGNMENT
         extra += b"FB" + struct.pack("<H", pad) + b"Z" * pad
         stored = U32_MAX if zip64 else size
-        header = LOCAL.pack(b"PK\x03\x04", 45 if zip64 else 20, UTF8_FLAG, 0, 0, 0, 0, stored, stored,
+        header = LOCAL.pack(ZIP_LOCAL_HEADER, 45 if zip64 else 20, UTF8_FLAG, 0, 0, 0, 0, stored, stored,
                             len(name), len(extra))
         return header + name + extra
 

@@ -1,0 +1,89 @@
+"""The Typer app every command registers on, and the one error handler; exit codes.
+
+Commands live in one module each (``inspect_cmd``, ``check_cmd``...) and stay thin: parse,
+call one engine function, hand the result to a renderer, return an exit code. They import
+``app`` and ``handle_errors`` from here; :mod:`ckptdoctor.cli.app` imports them all. Every
+:class:`~ckptdoctor.errors.CkptDoctorError` becomes one ``Error:`` line plus a hint on stderr
+and its exit code (2 for unreadable input), here and nowhere else; ``CKPTDOCTOR_DEBUG=1``
+re-raises so the traceback shows.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+
+from ckptdoctor import __version__
+from ckptdoctor.errors import CkptDoctorError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="ckptdoctor",
+    help=(
+        "Checkpoint doctor for PyTorch: inspect, diff, check, fix and scan checkpoints "
+        "without running code from them.\n\n"
+        "Examples:\n\n"
+        "  ckptdoctor inspect model.pth\n\n"
+        "  ckptdoctor check model.pth --against mypkg.models:ResNet\n\n"
+        "  ckptdoctor fix model.pth --strip module. -o fixed.pth\n\n"
+        "  ckptdoctor scan downloaded.bin\n\n"
+        "  ckptdoctor report model.pth -o model.html\n\n"
+        "Exit codes: 0 success (clean, identical, loads, written); 1 the answer is no "
+        "(findings, differences, unsafe content, a fix that cannot load); 2 usage error or "
+        "unreadable input. --json prints one JSON document on stdout."
+    ),
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ckptdoctor {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Checkpoint doctor for PyTorch."""
+
+
+def handle_errors(func: F) -> F:
+    """Turn ckptdoctor errors (and anything unexpected) into one Error line and an exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from ckptdoctor.render.console import print_error  # noqa: PLC0415 - keep --help fast
+
+        try:
+            code = func(*args, **kwargs)
+        except CkptDoctorError as exc:
+            if os.environ.get("CKPTDOCTOR_DEBUG"):
+                raise
+            print_error(str(exc), exc.hint)
+            raise typer.Exit(exc.exit_code) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            print_error("interrupted", None)
+            raise typer.Exit(130) from None
+        except Exception as exc:  # a bug, or an input we failed to classify: still one line
+            if os.environ.get("CKPTDOCTOR_DEBUG"):
+                raise
+            print_error(f"unexpected {type(exc).__name__}: {exc}"[:500],
+                        "This is a ckptdoctor bug; run with CKPTDOCTOR_DEBUG=1 and report the traceback.")
+            raise typer.Exit(2) from None
+        raise typer.Exit(code or 0)
+
+    return wrapper  # type: ignore[return-value]
