@@ -105,6 +105,16 @@ class FsspecStorage:
         self._heads: dict[str, bytes] = {}  # the first range read of each object (format detection)
         self._lock = threading.Lock()
 
+    def forget(self) -> None:
+        """Drop cached sizes, listings and heads (objects may have changed since)."""
+        with self._lock:
+            self._info.clear()
+            self._listings.clear()
+            self._heads.clear()
+        invalidate = getattr(self.fs, "invalidate_cache", None)
+        if invalidate is not None:
+            invalidate()
+
     # -- plumbing -----------------------------------------------------------------------------
     def _call(self, url: str, action: str, fn: Callable[[], T]) -> T:
         delay = BACKOFF
@@ -139,6 +149,8 @@ class FsspecStorage:
 
     # -- the Storage verbs --------------------------------------------------------------------
     def kind(self, path: str) -> str:
+        if self.protocol in ("http", "https") and path.endswith("/"):
+            return "directory"  # HTTP has no directories; a URL ending in / names a listing page
         kind = self._stat(path).get("type")
         return "directory" if kind == "directory" else "file"
 
@@ -233,8 +245,9 @@ class FsspecStorage:
                 continue
             name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
             full = self.join(url, name)
-            with self._lock:
-                self._info.setdefault(full, dict(entry))
+            if isinstance(entry.get("size"), int):  # HTTP listings carry no sizes
+                with self._lock:
+                    self._info.setdefault(full, dict(entry))
             names.append(name)
         with self._lock:
             self._listings[url] = sorted(names)

@@ -181,6 +181,14 @@ _REMOTE: dict[str, Any] = {}
 _REMOTE_LOCK = threading.Lock()
 
 
+def reset_io() -> None:
+    """Zero the counters and forget what remote stores told before (a new command starts)."""
+    COUNTERS.reset()
+    with _REMOTE_LOCK:
+        for store in _REMOTE.values():
+            store.forget()
+
+
 def is_url(path: str | os.PathLike[str]) -> bool:
     return isinstance(path, str) and URL_RE.match(path) is not None and not path.startswith("file://")
 
