@@ -21,6 +21,7 @@ import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from ckptdoctor.errors import CorruptCheckpoint, OutputError
 
@@ -81,12 +82,49 @@ def _default_mode() -> int:
 
 
 @contextlib.contextmanager
+def _remote_output(out: str, inputs: Iterable[str], *, force: bool) -> Iterator[tuple[int, str]]:
+    """A remote OUT: write and verify a local temp file, then upload it whole.
+
+    The store publishes the object only when the upload completes (S3/GCS uploads are atomic;
+    an aborted multipart upload leaves nothing), so OUT is never partial; the temp file is
+    always removed.
+    """
+    from ckptdoctor.io.storage import storage_for  # noqa: PLC0415
+
+    if any(out == source for source in inputs):
+        raise OutputError("the output is the input file; ckptdoctor never modifies its input", path=out,
+                          hint="Write the repaired checkpoint to a new path.")
+    store: Any = storage_for(out)
+    if not force and store.exists(out):
+        raise OutputError("the output file already exists", path=out)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX)
+    closed = False
+    try:
+        yield fd, tmp
+        os.close(fd)
+        closed = True
+        store.upload(tmp, out, os.path.getsize(tmp))
+    finally:
+        if not closed:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
 def atomic_output(out: str, inputs: Iterable[str], *, force: bool) -> Iterator[tuple[int, str]]:
     """Yield ``(fd, temp_path)`` for writing; on success fsync and rename the temp file to ``out``.
 
     The body may inspect (verify) the temp file before it is renamed. On any exception,
     KeyboardInterrupt included, the temp file is removed and ``out`` is left untouched.
+    A URL as OUT is written locally first and uploaded whole (:func:`_remote_output`).
     """
+    from ckptdoctor.io.storage import is_url  # noqa: PLC0415
+
+    if is_url(out):
+        with _remote_output(out, inputs, force=force) as opened:
+            yield opened
+        return
     directory = check_output(out, inputs, force=force)
     try:
         fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
@@ -236,6 +274,10 @@ def copy_range(sources: SourceFiles, path: str, offset: int, length: int, out_fd
     ``copy_file_range`` (or on a filesystem pair that refuses it) each chunk is read into the
     reused buffer, checksummed and written.
     """
+    from ckptdoctor.io.storage import is_url  # noqa: PLC0415
+
+    if is_url(path):
+        return _remote_copy(path, offset, length, out_fd, with_crc=with_crc, progress=progress)
     _check_source_length(sources, path, offset, length)
     src_fd = sources.fd(path)
     if with_crc and pool is not None:
@@ -260,6 +302,36 @@ def copy_range(sources: SourceFiles, path: str, offset: int, length: int, out_fd
         write_all(out_fd, chunk)
         if progress:
             progress(len(chunk))
+    return crc
+
+
+REMOTE_CHUNK = 8 << 20
+REMOTE_AHEAD = 4  # ranges in flight: memory stays at REMOTE_AHEAD chunks whatever the size
+
+
+def _remote_copy(path: str, offset: int, length: int, out_fd: int, *, with_crc: bool,
+                 progress: Progress | None) -> int:
+    """Append ``length`` bytes of a remote object to ``out_fd``, REMOTE_AHEAD ranges fetched at once."""
+    from ckptdoctor.io.storage import storage_for  # noqa: PLC0415
+
+    store = storage_for(path)
+    if offset < 0 or offset + length > store.size(path):
+        raise _truncated(path, offset, length)
+    spans = [(offset + done, min(REMOTE_CHUNK, length - done)) for done in range(0, length, REMOTE_CHUNK)]
+    crc = 0
+    with ThreadPoolExecutor(REMOTE_AHEAD) as pool:
+        pending = [pool.submit(store.read_range, path, o, n) for o, n in spans[:REMOTE_AHEAD]]
+        for k, (o, n) in enumerate(spans):
+            chunk = pending.pop(0).result()
+            if k + REMOTE_AHEAD < len(spans):
+                pending.append(pool.submit(store.read_range, path, *spans[k + REMOTE_AHEAD]))
+            if len(chunk) != n:
+                raise _truncated(path, o, n)
+            if with_crc:
+                crc = zlib.crc32(chunk, crc)
+            write_all(out_fd, chunk)
+            if progress:
+                progress(n)
     return crc
 
 
