@@ -60,6 +60,22 @@ def _aiohttp_timeout() -> Any:
     return aiohttp.ClientTimeout(total=None, sock_connect=TIMEOUT, sock_read=TIMEOUT)
 
 
+def _http_head(url: str) -> dict[str, Any]:
+    """One HEAD request: fsspec's HTTP ``info`` turns every failure into "not found", losing 403 and 5xx."""
+    import urllib.request  # noqa: PLC0415
+
+    request = urllib.request.Request(url, method="HEAD", headers={"Accept-Encoding": "identity"})
+    import urllib.error  # noqa: PLC0415
+
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:  # noqa: S310 - the user's own URL
+            length = response.headers.get("Content-Length")
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        raise
+    return {"name": url, "type": "file", "size": int(length) if length and length.isdigit() else None}
+
+
 def _status(exc: BaseException) -> int | None:
     """The HTTP status a backend error carries, when it carries one."""
     for attr in ("status", "code", "status_code"):
@@ -88,6 +104,9 @@ def _classify(exc: BaseException, url: str, action: str) -> tuple[CkptDoctorErro
     if status is not None and 400 <= status < 500 and status not in (408, 429):
         return RemoteError(f"the store refused to {action} (HTTP {status})", path=url), False
     transient = status is None or status >= 500 or status in (408, 429)
+    if status is not None:
+        return RemoteError(f"the store failed to {action} (HTTP {status})", path=url,
+                           hint="The store failed; try again later."), transient
     return RemoteError(f"cannot {action}: {text}"[:300], path=url,
                        hint="The store dropped the connection or failed; try again later."), transient
 
@@ -140,6 +159,8 @@ class FsspecStorage:
 
         def lookup() -> dict[str, Any]:
             COUNTERS.request()
+            if self.protocol in ("http", "https"):
+                return _http_head(url)
             return dict(self.fs.info(url))
 
         info = self._call(url, "look it up", lookup)
