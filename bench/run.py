@@ -13,6 +13,9 @@ Cases (targets from the issues):
   fix-strip       fix --strip module. on the 2.4 GB file vs `cp SRC DST && sync DST`: <= 1.5x, <= 200 MB
   check-7b        check against a 7-billion-parameter model callable (meta device): <= 1 GB peak
   diff-values     diff --values of two 2.4 GB files differing in one element vs `cat a b > /dev/null`: <= 2x, <= 300 MB
+  s3-inspect      inspect of the 2.4 GB file on a loopback S3 endpoint (moto's server): <= 4 range requests
+                  besides one size lookup, <= the pickle + 128 KiB transferred (from --json's io counters)
+  s3-diff-values  diff --values of the two 2.4 GB objects on S3 vs fsspec `get` of both: <= 1.2x, <= 300 MB
 """
 
 from __future__ import annotations
@@ -99,6 +102,50 @@ def row(name: str, ours: Timing, theirs: Timing | None, target: str) -> str:
             f"{ours.peak_mb:>9.0f} {theirs.peak_mb:>9.0f}  {target}")
 
 
+def s3_rows(p: dict[str, Path], repeat: int, want: Callable[[str], bool]) -> list[str]:
+    """The remote cases, against moto's S3 server on 127.0.0.1 (started and stopped here)."""
+    import json  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+    import zipfile  # noqa: PLC0415
+
+    import s3fs  # noqa: PLC0415 - only the remote cases need the test dependencies
+    from moto.server import ThreadedMotoServer  # noqa: PLC0415
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update(env)
+    rows: list[str] = []
+    try:
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        fs.mkdir("bench")
+        fs.put_file(str(p["big"]), "bench/big.pt")
+        if want("s3-inspect"):
+            ours = measure([CKPT, "inspect", "s3://bench/big.pt"], repeat)
+            doc = json.loads(subprocess.run([CKPT, "inspect", "s3://bench/big.pt", "--json"], capture_output=True,
+                                            text=True, check=True).stdout)
+            with zipfile.ZipFile(p["big"]) as z:
+                pickle = next(i.file_size for i in z.infolist() if i.filename.endswith("data.pkl"))
+            io = doc["io"]
+            rows.append(row("s3-inspect", ours, None,
+                            f"requests {io['requests']} (<= 4 + 1 size), bytes {io['bytes_read']} "
+                            f"(pickle {pickle} + {io['bytes_read'] - pickle}; <= pickle + 131072)"))
+        if want("s3-diff-values"):
+            fs.put_file(str(p["big_b"]), "bench/big_b.pt")
+            ours = measure([CKPT, "diff", "--values", "s3://bench/big.pt", "s3://bench/big_b.pt"], repeat)
+            get = ("import s3fs, sys; fs = s3fs.S3FileSystem(); "
+                   "[fs.get_file(u, '/dev/null') for u in ('bench/big.pt', 'bench/big_b.pt')]")
+            theirs = measure([PY, "-c", get], repeat)
+            rows.append(row("s3-diff-values", ours, theirs, "<= 1.2x of fsspec get, <= 300 MB"))
+    finally:
+        server.stop()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5)
@@ -146,6 +193,8 @@ def main() -> None:
         ours = measure([CKPT, "diff", "--values", str(p["big"]), str(p["big_b"])], args.repeat)
         theirs = measure(f"cat {p['big']} {p['big_b']} > /dev/null", args.repeat)
         results.append(row("diff-values", ours, theirs, "<= 2x of cat, <= 300 MB"))
+    if want("s3-inspect") or want("s3-diff-values"):
+        results.extend(s3_rows(p, args.repeat, want))
     shutil.rmtree(out_dir, ignore_errors=True)
     print()
     print(f"{'case':<16} {'ckptdoctor':>10} {'baseline':>10} {'ratio':>7} {'peak MB':>9} {'base MB':>9}  target")

@@ -228,3 +228,48 @@ def test_json_io_counts_local_reads(zoo_root: Path) -> None:
     doc = _json("inspect", str(local), "--json")
     assert doc["io"]["requests"] >= 2 and 8 < doc["io"]["bytes_read"] <= local.stat().st_size
     assert json.dumps(doc["io"])
+
+
+def test_spec_reads_and_writes_s3(zoo_root: Path, s3: str, tmp_path: Path) -> None:
+    source = fixture_path(zoo_root, "timm_like")
+    url = f"{s3}/timm_like/{source.name}"
+    out = f"{s3}/specs/timm.json"
+    assert run_cli("spec", url, "-o", out, "--digests").exit_code == 0
+    assert run_cli("spec", url, "-o", out).exit_code == 2  # exists: --force needed
+    assert run_cli("spec", url, "-o", out, "--force", "--digests").exit_code == 0
+    local_spec = tmp_path / "timm.json"
+    assert run_cli("spec", str(source), "-o", str(local_spec), "--digests").exit_code == 0
+    import s3fs
+
+    remote_doc = json.loads(s3fs.S3FileSystem(skip_instance_cache=True).cat_file(out.removeprefix("s3://")))
+    local_doc = json.loads(local_spec.read_text())
+    remote_doc.pop("source", None)
+    local_doc.pop("source", None)
+    assert remote_doc == local_doc
+    check = run_cli("check", str(source), "--against", out, "--json")
+    assert check.exit_code == 0, check.stderr
+
+
+def test_output_to_a_missing_bucket_leaves_nothing(zoo_root: Path, s3: str) -> None:
+    source = fixture_path(zoo_root, "plain_loop")
+    out = "s3://no-such-bucket-here/out.pth"
+    result = run_cli("fix", str(source), "--strip", "module.", "-o", out)
+    assert result.exit_code == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and out in errors[0], result.stderr
+    import s3fs
+
+    assert not s3fs.S3FileSystem(skip_instance_cache=True).exists(out)
+
+
+def test_truncated_object_is_the_same_error_as_locally(zoo_root: Path, s3: str, tmp_path: Path) -> None:
+    source = fixture_path(zoo_root, "safetensors_dtypes")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    import s3fs
+
+    s3fs.S3FileSystem(skip_instance_cache=True).put_file(str(cut), f"{BUCKET}/cut/cut.safetensors")
+    local = run_cli("inspect", str(cut))
+    remote = run_cli("inspect", f"{s3}/cut/cut.safetensors")
+    assert local.exit_code == remote.exit_code == 2
+    assert local.stderr.replace(str(cut), "X") == remote.stderr.replace(f"{s3}/cut/cut.safetensors", "X")

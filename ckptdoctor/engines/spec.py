@@ -32,6 +32,8 @@ from typing import Any, Literal, NamedTuple
 from ckptdoctor.errors import OutputError, SpecError
 from ckptdoctor.formats import open_checkpoint
 from ckptdoctor.formats.tensor_bytes import Progress, TensorBytesUnavailable, tensor_digest
+from ckptdoctor.io.atomic import atomic_output, write_all
+from ckptdoctor.io.storage import is_url, storage_for
 from ckptdoctor.model.checkpoint import DTYPE_BITS, Checkpoint, TensorInfo
 from ckptdoctor.model.locate import embedded_tensors, state_dict_values
 
@@ -108,6 +110,8 @@ def load_spec(spec: str) -> ModelSpec:
 
 
 def _resolve(spec: str) -> tuple[ModelSpec, Checkpoint | None]:
+    if is_url(spec):
+        return _resolve_url(spec)
     if os.path.exists(spec):
         if os.path.isfile(spec) and _looks_like_json(spec):
             return _load_spec_file(spec), None
@@ -122,6 +126,23 @@ def _resolve(spec: str) -> tuple[ModelSpec, Checkpoint | None]:
         if _DOTTED.fullmatch(left) and _DOTTED.fullmatch(name):
             return _callable_spec(spec, _import_module(left), name), None
     ckpt = open_checkpoint(spec)  # raises InputNotFound with the reader's message
+    return _checkpoint_spec(spec, ckpt), ckpt
+
+
+def _resolve_url(spec: str) -> tuple[ModelSpec, Checkpoint | None]:
+    """A spec JSON or a checkpoint behind a URL (read through the storage layer)."""
+    store = storage_for(spec)
+    if store.kind(spec) == "file":
+        size = store.size(spec)
+        if store.read_range(spec, 0, min(size, 64)).lstrip()[:1] in (b"{", b"["):
+            if size > MAX_SPEC_BYTES:
+                raise _fail(spec, f"larger than {MAX_SPEC_BYTES >> 20} MiB")
+            try:
+                doc = json.loads(store.read_range(spec, 0, size).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise _fail(spec, f"not valid JSON ({exc})") from None
+            return parse_spec_document(doc, spec), None
+    ckpt = open_checkpoint(spec)
     return _checkpoint_spec(spec, ckpt), ckpt
 
 
@@ -388,6 +409,10 @@ def _dumps(doc: Mapping[str, Any]) -> str:
 
 def write_spec(doc: Mapping[str, Any], out: str, force: bool = False) -> None:
     """Write ``doc`` to ``out`` atomically (temp file, fsync, rename); refuse to overwrite without ``force``."""
+    if is_url(out):  # written whole, then uploaded: the object appears only complete
+        with atomic_output(out, (), force=force) as (fd, _tmp):
+            write_all(fd, _dumps(doc).encode("utf-8"))
+        return
     if os.path.isdir(out):
         raise OutputError("is a directory", path=out)
     if os.path.lexists(out) and not force:
