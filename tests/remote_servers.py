@@ -79,10 +79,10 @@ class RangeServer:
                     body = b"denied" if fault == 403 else b"failure"
                     self.send_response(fault)
                     self.send_header("Content-Length", str(len(body)))
+                    self._record(fault, 0)
                     self.end_headers()
                     if not head:
                         self.wfile.write(body)
-                    self._record(fault, 0)
                     return
                 target = server.root / self.path.lstrip("/").split("?", 1)[0]
                 if target.is_dir():
@@ -91,16 +91,16 @@ class RangeServer:
                     self.send_response(200)
                     self.send_header("Content-Type", "text/html")
                     self.send_header("Content-Length", str(len(body)))
+                    self._record(200, 0 if head else len(body))
                     self.end_headers()
                     if not head:
                         self.wfile.write(body)
-                    self._record(200, 0 if head else len(body))
                     return
                 if not target.is_file():
                     self.send_response(404)
                     self.send_header("Content-Length", "0")
-                    self.end_headers()
                     self._record(404, 0)
+                    self.end_headers()
                     return
                 size = target.stat().st_size
                 start, end, status = 0, size, 200
@@ -110,8 +110,8 @@ class RangeServer:
                     if match is None or (not match.group(1) and not match.group(2)):
                         self.send_response(416)
                         self.send_header("Content-Length", "0")
-                        self.end_headers()
                         self._record(416, 0)
+                        self.end_headers()
                         return
                     a, b = match.group(1), match.group(2)
                     if a:
@@ -124,24 +124,25 @@ class RangeServer:
                 self.send_header("Content-Length", str(end - start))
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
-                self.end_headers()
                 if head:
                     self._record(status, 0)
+                    self.end_headers()
                     return
+                self.end_headers()
                 with open(target, "rb") as f:
                     f.seek(start)
                     data = f.read(end - start)
                 if fault in ("truncate", "reset"):
                     data = data[: len(data) // 2]
+                    self._record(status, len(data))
                     self.wfile.write(data)
                     self.wfile.flush()
                     if fault == "reset":  # RST instead of FIN: SO_LINGER with a zero timeout
                         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.close_connection = True
-                    self._record(status, len(data))
                     return
+                self._record(status, len(data))  # logged before sending: the client may finish first
                 self.wfile.write(data)
-                self._record(status, len(data))
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

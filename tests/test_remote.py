@@ -273,3 +273,20 @@ def test_truncated_object_is_the_same_error_as_locally(zoo_root: Path, s3: str, 
     remote = run_cli("inspect", f"{s3}/cut/cut.safetensors")
     assert local.exit_code == remote.exit_code == 2
     assert local.stderr.replace(str(cut), "X") == remote.stderr.replace(f"{s3}/cut/cut.safetensors", "X")
+
+
+@pytest.mark.parametrize("name", ["all_dtypes", "legacy_training", "safetensors_dtypes", "pickled_module", "quantized"])
+def test_scan_remote_equals_local(zoo_root: Path, http: RangeServer, name: str) -> None:
+    local = fixture_path(zoo_root, name)
+    want = run_cli("scan", str(local), "--json")
+    http.reset()
+    got = run_cli("scan", f"{http.url}/{name}/{local.name}", "--json")
+    assert got.exit_code == want.exit_code, got.stderr
+
+    def files(doc: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in f.items() if k != "path"} for f in doc["files"]]
+
+    assert files(got.json()) == files(want.json())
+    # never the tensor bytes: what the server sent stays below the file's size for files with real tensors
+    sent = sum(e.sent for e in http.gets())
+    assert got.json()["io"]["bytes_read"] == sent
