@@ -120,6 +120,9 @@ class FsspecStorage:
         self.protocol = protocol
         self.fs = _fsspec_filesystem(protocol, url)
         self._info: dict[str, dict[str, Any]] = {}
+        # Synchronous backends (HfFileSystem...) read ranges through a buffered file whose default
+        # cache fetches blocks of megabytes; without a cache each read is exactly the range asked for.
+        self._range_options: dict[str, Any] = {} if getattr(self.fs, "async_impl", False) else {"cache_type": "none"}
         self._listings: dict[str, list[str]] = {}
         self._heads: dict[str, bytes] = {}  # the first range read of each object (format detection)
         self._lock = threading.Lock()
@@ -202,7 +205,7 @@ class FsspecStorage:
 
         def fetch() -> bytes:
             COUNTERS.request()
-            data = bytes(self.fs.cat_file(path, start=offset, end=end))
+            data = bytes(self.fs.cat_file(path, start=offset, end=end, **self._range_options))
             COUNTERS.read(len(data), requests=0)
             return data
 
