@@ -118,12 +118,17 @@ def s3_rows(p: dict[str, Path], repeat: int, want: Callable[[str], bool]) -> lis
         port = sock.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    import logging  # noqa: PLC0415
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log would fill the table's output
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
            "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
     os.environ.update(env)
     rows: list[str] = []
     try:
-        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        # moto assembles a 2.4 GB multipart upload slowly: no client timeout, no retry racing it.
+        fs = s3fs.S3FileSystem(skip_instance_cache=True,
+                               config_kwargs={"read_timeout": 1800, "retries": {"max_attempts": 1}})
         fs.mkdir("bench")
         fs.put_file(str(p["big"]), "bench/big.pt")
         if want("s3-inspect"):

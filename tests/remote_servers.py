@@ -10,8 +10,11 @@ reset mid-body.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import urllib.parse
 import socket
 import struct
 import threading
@@ -21,6 +24,16 @@ from pathlib import Path
 from typing import Any
 
 RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+HUB_FILE_RE = re.compile(r"^/[^/]+/([^/]+)/resolve/[^/]+/(.+)$")
+
+
+def hub_entry(repo: Path, path: str) -> dict[str, Any]:
+    """A tree / paths-info entry as the Hub returns it."""
+    target = repo / path
+    oid = hashlib.sha1(path.encode()).hexdigest()
+    if target.is_dir():
+        return {"type": "directory", "path": path, "oid": oid}
+    return {"type": "file", "path": path, "size": target.stat().st_size, "oid": oid}
 
 
 @dataclass
@@ -55,7 +68,45 @@ class RangeServer:
                 self._serve(head=True)
 
             def do_GET(self) -> None:
+                if self.path.startswith("/api/models/"):
+                    self._hub_api(None)
+                    return
                 self._serve(head=False)
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self._hub_api(self.rfile.read(length).decode())
+
+            def _json(self, status: int, doc: Any) -> None:
+                body = json.dumps(doc).encode()
+                self._record(status, len(body))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _hub_api(self, form: str | None) -> None:
+                """The Hub's file endpoints HfFileSystem uses: repo info, paths-info, tree (one page)."""
+                parts = urllib.parse.urlsplit(self.path).path.split("/")  # '', api, models, org, name, ...
+                repo = server.root / urllib.parse.unquote(parts[4]) if len(parts) > 4 else None
+                if repo is None or not repo.is_dir():
+                    self._json(404, {"error": "Repository not found"})
+                    return
+                if len(parts) <= 6:  # /api/models/org/name[/revision/rev]
+                    self._json(200, {"id": f"{parts[3]}/{parts[4]}", "sha": "0" * 40, "siblings": []})
+                    return
+                if parts[5] == "paths-info" and form is not None:
+                    wanted = urllib.parse.parse_qs(form).get("paths", [])
+                    self._json(200, [hub_entry(repo, p) for p in wanted if (repo / p).exists()])
+                    return
+                if parts[5] == "tree":
+                    inside = urllib.parse.unquote("/".join(parts[7:]))
+                    folder = repo / inside
+                    entries = [hub_entry(repo, str(c.relative_to(repo))) for c in sorted(folder.iterdir())]
+                    self._json(200, entries)
+                    return
+                self._json(404, {"error": "unknown endpoint"})
 
             def _record(self, status: int, sent: int) -> None:
                 with server._lock:
@@ -85,6 +136,9 @@ class RangeServer:
                         self.wfile.write(body)
                     return
                 target = server.root / self.path.lstrip("/").split("?", 1)[0]
+                hub = HUB_FILE_RE.match(self.path.split("?", 1)[0])
+                if hub is not None:  # /org/name/resolve/revision/path: the Hub's file URL
+                    target = server.root / urllib.parse.unquote(hub.group(1)) / urllib.parse.unquote(hub.group(2))
                 if target.is_dir():
                     names = sorted(p.name for p in target.iterdir() if p.is_file())
                     body = "".join(f'<a href="{n}">{n}</a>\n' for n in names).encode()

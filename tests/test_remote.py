@@ -290,3 +290,33 @@ def test_scan_remote_equals_local(zoo_root: Path, http: RangeServer, name: str) 
     # never the tensor bytes: what the server sent stays below the file's size for files with real tensors
     sent = sum(e.sent for e in http.gets())
     assert got.json()["io"]["bytes_read"] == sent
+
+
+@pytest.fixture
+def hub(http: RangeServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """hf:// through HF_ENDPOINT pointed at the Range server's stand-in of the Hub's file endpoints."""
+    pytest.importorskip("huggingface_hub")
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_ENDPOINT", http.url)
+    monkeypatch.setattr(constants, "ENDPOINT", http.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", http.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    from ckptdoctor.io import storage
+
+    storage._REMOTE.pop("hf", None)
+    yield "hf://local"
+    storage._REMOTE.pop("hf", None)
+
+
+@pytest.mark.parametrize("name", ["hf_sharded_safetensors", "all_dtypes", "legacy_training", "safetensors_dtypes"])
+def test_hf_inspect_equals_local(zoo_root: Path, hub: str, http: RangeServer, name: str) -> None:
+    local = fixture_path(zoo_root, name)
+    url = f"{hub}/{name}/{local.name}"
+    want = _json("inspect", str(local), "--json")
+    http.reset()
+    got = _json("inspect", url, "--json")
+    assert _comparable(want) == _comparable(got)
+    file_reads = [e for e in http.gets() if "/resolve/" in e.path]
+    assert file_reads and all(e.range for e in file_reads)  # byte ranges, never whole files
+    assert got["io"]["bytes_read"] == sum(e.sent for e in file_reads)
