@@ -14,10 +14,10 @@ import hashlib
 import json
 import os
 import re
-import urllib.parse
 import socket
 import struct
 import threading
+import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path

@@ -320,3 +320,22 @@ def test_hf_inspect_equals_local(zoo_root: Path, hub: str, http: RangeServer, na
     file_reads = [e for e in http.gets() if "/resolve/" in e.path]
     assert file_reads and all(e.range for e in file_reads)  # byte ranges, never whole files
     assert got["io"]["bytes_read"] == sum(e.sent for e in file_reads)
+
+
+def test_fix_json_counts_what_reached_the_store(zoo_root: Path, s3: str) -> None:
+    source = fixture_path(zoo_root, "seed_dataparallel")
+    out = f"{s3}/out/counted.pth"
+    result = run_cli("fix", str(source), "--strip", "module.", "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    import s3fs
+
+    size = s3fs.S3FileSystem(skip_instance_cache=True).size(out.removeprefix("s3://"))
+    assert result.json()["io"]["bytes_written"] == size
+
+
+def test_fix_json_counts_local_writes(zoo_root: Path, tmp_path: Path) -> None:
+    source = fixture_path(zoo_root, "seed_dataparallel")
+    out = tmp_path / "counted.pth"
+    result = run_cli("fix", str(source), "--strip", "module.", "-o", str(out), "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.json()["io"]["bytes_written"] == out.stat().st_size

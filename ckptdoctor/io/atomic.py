@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ckptdoctor.errors import CorruptCheckpoint, OutputError
+from ckptdoctor.io.storage import COUNTERS
 
 CHUNK = 16 << 20  # bytes per read/write; the only buffer the copy allocates
 TEMP_PREFIX = ".ckptdoctor-tmp-"
@@ -99,10 +100,14 @@ def _remote_output(out: str, inputs: Iterable[str], *, force: bool) -> Iterator[
         raise OutputError("the output file already exists", path=out)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX)
     closed = False
+    before = COUNTERS.document()
     try:
         yield fd, tmp
         os.close(fd)
         closed = True
+        # The local temp file is a staging copy: io reports what reached the store, not both.
+        after = COUNTERS.document()
+        COUNTERS.wrote(before["bytes_written"] - after["bytes_written"], 0)
         store.upload(tmp, out, os.path.getsize(tmp))
     finally:
         if not closed:
@@ -177,9 +182,12 @@ class EarlyWriteback:
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     """``os.write`` until every byte is written (it may write less than asked)."""
     view = memoryview(data)
+    total, requests = len(view), 0
     while view:
         written = os.write(fd, view)
         view = view[written:]
+        requests += 1
+    COUNTERS.wrote(total, requests)
 
 
 class SourceFiles:
@@ -224,6 +232,7 @@ def read_into(sources: SourceFiles, path: str, offset: int, view: memoryview) ->
         if got <= 0:
             raise _truncated(path, offset, len(view))
         done += got
+        COUNTERS.read(got)
 
 
 def _check_source_length(sources: SourceFiles, path: str, offset: int, length: int) -> None:
@@ -353,6 +362,8 @@ def _kernel_copy(src_fd: int, offset: int, length: int, out_fd: int, progress: P
         if got <= 0:
             raise CorruptCheckpoint("tensor data ends early while copying (file changed or truncated?)")
         done += got
+        COUNTERS.read(got)  # the kernel reads and writes each byte; one request each way
+        COUNTERS.wrote(got)
         if progress:
             progress(got)
     os.lseek(out_fd, out_pos + length, os.SEEK_SET)
