@@ -37,7 +37,6 @@ from ckptdoctor.model.checkpoint import TensorRecord, itemsize
 Progress = Callable[[int], None]
 
 DEFAULT_CHUNK = 8 << 20
-REMOTE_AHEAD = 4  # remote ranges in flight per tensor stream: bounded memory, the link kept busy
 # A gap between needed elements larger than this starts a new read instead of reading through it.
 _GAP_BYTES = 64 << 10
 # Set to False to exercise the pure-Python paths (tests do); None means "use numpy if importable".
@@ -189,20 +188,18 @@ def iter_tensor_chunks(tensor: TensorRecord, chunk_bytes: int = DEFAULT_CHUNK, *
 
 
 def _remote_chunks(store: Storage, view: _View, per: int) -> Iterator[bytes]:
-    """Contiguous chunks of a remote tensor, REMOTE_AHEAD ranges in flight at once (memory: that many chunks)."""
-    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415 - remote only
+    """Contiguous chunks of a remote tensor through the object's read-ahead windows (bounded memory)."""
+    from ckptdoctor.io.sequential import sequential_reader  # noqa: PLC0415 - remote only
 
+    reader = sequential_reader(store, view.path)
     start = view.base + view.offset * view.isz
-    spans = [(start + first * view.isz, min(per, view.numel - first) * view.isz)
-             for first in range(0, view.numel, per)]
-    with ThreadPoolExecutor(REMOTE_AHEAD) as pool:
-        pending = [pool.submit(_pread, store, n, o, view.path) for o, n in spans[:REMOTE_AHEAD]]
-        for k in range(len(spans)):
-            chunk = pending.pop(0).result()
-            if k + REMOTE_AHEAD < len(spans):
-                o, n = spans[k + REMOTE_AHEAD]
-                pending.append(pool.submit(_pread, store, n, o, view.path))
-            yield chunk
+    for first in range(0, view.numel, per):
+        count = min(per, view.numel - first)
+        chunk = reader.read(start + first * view.isz, count * view.isz)
+        if len(chunk) < count * view.isz:
+            raise CorruptCheckpoint(f"the file ends before the tensor's last byte {start + (first + count) * view.isz}"
+                                    " (truncated)", path=view.path)
+        yield chunk
 
 
 def _contiguous_chunks(fd: Storage, view: _View, per: int) -> Iterator[bytes]:

@@ -315,32 +315,29 @@ def copy_range(sources: SourceFiles, path: str, offset: int, length: int, out_fd
 
 
 REMOTE_CHUNK = 8 << 20
-REMOTE_AHEAD = 4  # ranges in flight: memory stays at REMOTE_AHEAD chunks whatever the size
 
 
 def _remote_copy(path: str, offset: int, length: int, out_fd: int, *, with_crc: bool,
                  progress: Progress | None) -> int:
-    """Append ``length`` bytes of a remote object to ``out_fd``, REMOTE_AHEAD ranges fetched at once."""
+    """Append ``length`` bytes of a remote object to ``out_fd`` through its read-ahead windows."""
+    from ckptdoctor.io.sequential import sequential_reader  # noqa: PLC0415
     from ckptdoctor.io.storage import storage_for  # noqa: PLC0415
 
     store = storage_for(path)
     if offset < 0 or offset + length > store.size(path):
         raise _truncated(path, offset, length)
-    spans = [(offset + done, min(REMOTE_CHUNK, length - done)) for done in range(0, length, REMOTE_CHUNK)]
+    reader = sequential_reader(store, path)
     crc = 0
-    with ThreadPoolExecutor(REMOTE_AHEAD) as pool:
-        pending = [pool.submit(store.read_range, path, o, n) for o, n in spans[:REMOTE_AHEAD]]
-        for k, (o, n) in enumerate(spans):
-            chunk = pending.pop(0).result()
-            if k + REMOTE_AHEAD < len(spans):
-                pending.append(pool.submit(store.read_range, path, *spans[k + REMOTE_AHEAD]))
-            if len(chunk) != n:
-                raise _truncated(path, o, n)
-            if with_crc:
-                crc = zlib.crc32(chunk, crc)
-            write_all(out_fd, chunk)
-            if progress:
-                progress(n)
+    for done in range(0, length, REMOTE_CHUNK):
+        n = min(REMOTE_CHUNK, length - done)
+        chunk = reader.read(offset + done, n)
+        if len(chunk) != n:
+            raise _truncated(path, offset + done, n)
+        if with_crc:
+            crc = zlib.crc32(chunk, crc)
+        write_all(out_fd, chunk)
+        if progress:
+            progress(n)
     return crc
 
 

@@ -187,6 +187,10 @@ def reset_io() -> None:
     with _REMOTE_LOCK:
         for store in _REMOTE.values():
             store.forget()
+        if _REMOTE:
+            from ckptdoctor.io.sequential import forget_readers  # noqa: PLC0415
+
+            forget_readers()
 
 
 def is_url(path: str | os.PathLike[str]) -> bool:
