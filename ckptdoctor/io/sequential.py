@@ -16,8 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from ckptdoctor.io.storage import Storage
 
-WINDOW = 16 << 20
-AHEAD = 3
+WINDOW = 8 << 20
+AHEAD = 4
 MAX_OBJECTS = 4
 
 _POOL: ThreadPoolExecutor | None = None
