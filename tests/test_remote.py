@@ -14,16 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import moto.server as moto_server
 import pytest
 import torch
 
 from tests import zoo
 from tests.cli_helpers import run_cli
 from tests.remote_servers import RangeServer, free_port, s3_environment, upload_tree
-
-fsspec = pytest.importorskip("fsspec")
-moto_server = pytest.importorskip("moto.server")
-pytest.importorskip("s3fs")
 
 BUCKET = "ckpts"
 FIXTURES = sorted(zoo.BUILDERS)
@@ -295,7 +292,6 @@ def test_scan_remote_equals_local(zoo_root: Path, http: RangeServer, name: str) 
 @pytest.fixture
 def hub(http: RangeServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """hf:// through HF_ENDPOINT pointed at the Range server's stand-in of the Hub's file endpoints."""
-    pytest.importorskip("huggingface_hub")
     from huggingface_hub import constants
 
     monkeypatch.setenv("HF_ENDPOINT", http.url)
