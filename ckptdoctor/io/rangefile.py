@@ -18,6 +18,7 @@ from ckptdoctor.io.storage import Storage
 MIN_BLOCK = 64 << 10
 MAX_BLOCK = 16 << 20
 MAX_CACHED = 256 << 20
+LOOK_BACK = 4
 
 
 class RangeFile(io.RawIOBase):
@@ -59,13 +60,10 @@ class RangeFile(io.RawIOBase):
 
     def _find(self, offset: int, length: int) -> bytes | None:
         i = bisect.bisect_right(self._starts, offset) - 1
-        while i >= 0:
-            start, chunk = self._starts[i], self._chunks[i]
+        for j in range(i, max(i - LOOK_BACK, -1), -1):  # the few chunks starting at or before offset
+            start, chunk = self._starts[j], self._chunks[j]
             if start + len(chunk) >= offset + length:
                 return chunk[offset - start: offset - start + length]
-            i -= 1
-            if start + MAX_BLOCK * 4 < offset:
-                break
         return None
 
     def read_at(self, offset: int, length: int) -> bytes:
@@ -76,10 +74,9 @@ class RangeFile(io.RawIOBase):
         found = self._find(offset, length)
         if found is not None:
             return found
-        block = length
-        if self._readahead:
-            block = max(length, min(MAX_BLOCK, max(MIN_BLOCK, self._consumed)))
-        block = min(block, self.size - offset)
+        if not self._readahead:  # each read is one range; only prefetched ranges are kept
+            return self.storage.read_range(self.path, offset, length)
+        block = min(max(length, min(MAX_BLOCK, max(MIN_BLOCK, self._consumed))), self.size - offset)
         data = self.storage.read_range(self.path, offset, block)
         self._add(offset, data)
         return data[:length]
