@@ -22,7 +22,17 @@ class CkptDoctorError(Exception):
         self.hint = hint or self.default_hint
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
+        return f"{redact(self.path)}: {self.message}" if self.path else self.message
+
+
+def redact(path: str) -> str:
+    """A path or URL without the credentials a URL may carry (``user:secret@``, a signed query)."""
+    if "://" not in path:
+        return path
+    scheme, rest = path.split("://", 1)
+    host, sep, tail = rest.partition("/")
+    host = host.rsplit("@", 1)[-1]
+    return f"{scheme}://{host}{sep}{tail.split('?', 1)[0]}"
 
 
 class InputNotFound(CkptDoctorError):
@@ -86,6 +96,13 @@ class OutputError(CkptDoctorError):
     """The output cannot be written (exists, same as input, unwritable directory)."""
 
     default_hint = "Choose another output path, or pass --force to replace an existing file."
+
+
+class RemoteError(CkptDoctorError):
+    """A store could not be reached or answered with a failure (dropped connection, 5xx, timeout)."""
+
+    default_hint = ("Check the URL, the network and the store's credentials "
+                    "(AWS_*, GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN).")
 
 
 class FixRefused(CkptDoctorError):

@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,21 +44,27 @@ def _report(tmp_path: Path, *args: str, name: str = "r.html") -> Path:
     return out
 
 
+def _same(embedded: dict[str, Any], printed: dict[str, Any]) -> bool:
+    """The same document, but for the io counters (each run counts its own requests and bytes)."""
+    assert set(embedded["io"]) == set(printed["io"]) == {"requests", "bytes_read", "bytes_written"}
+    return {**embedded, "io": None} == {**printed, "io": None}
+
+
 def test_embeds_the_json_of_inspect_check_and_diff(tmp_path: Path) -> None:
     fx = zoo.build("lightning_like", tmp_path)
     page = _page(_report(tmp_path, str(fx.path), name="i.html"))
-    assert _script(page, "ckptdoctor-data") == run_cli("inspect", str(fx.path), "--json").json()
+    assert _same(_script(page, "ckptdoctor-data"), run_cli("inspect", str(fx.path), "--json").json())
 
     spec = f"{ZOO}:TinyNet"
     page = _page(_report(tmp_path, str(fx.path), "--against", spec, name="c.html"))
     check = run_cli("check", str(fx.path), "--against", spec, "--json").json()
-    assert _script(page, "ckptdoctor-data") == check
+    assert _same(_script(page, "ckptdoctor-data"), check)
     assert {r["model_key"] for r in check["after_repair"]["renamed"]} == set(zoo._seeded(zoo.TinyNet).state_dict())
 
     other = zoo.build("hf_single", tmp_path)
     page = _page(_report(tmp_path, str(fx.path), "--diff", str(other.path), "--values", name="d.html"))
-    assert _script(page, "ckptdoctor-data") == run_cli("diff", str(fx.path), str(other.path), "--values",
-                                                       "--json").json()
+    assert _same(_script(page, "ckptdoctor-data"), run_cli("diff", str(fx.path), str(other.path), "--values",
+                                                           "--json").json())
     view = _script(page, "ckptdoctor-view")
     assert isinstance(view, dict) and view["mode"] == "diff" and view["b"]["format"] == "hf-safetensors"
 
@@ -101,8 +108,10 @@ def test_refuses_an_existing_out_without_force(tmp_path: Path) -> None:
     result = run_cli("report", str(fx.path), "-o", str(out), "--force", "--json")
     assert result.exit_code == 0
     summary = result.json()
+    io = summary.pop("io")
     assert summary == {"schema_version": 1, "written": True, "out": str(out), "kind": "inspect",
                        "bytes_written": out.stat().st_size, "tensors": 7}
+    assert io["bytes_written"] >= out.stat().st_size and io["bytes_read"] > 0
     assert out.read_text().startswith("<!DOCTYPE html>")
 
 

@@ -64,8 +64,10 @@ def handle_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from ckptdoctor.io.storage import reset_io  # noqa: PLC0415
         from ckptdoctor.render.console import print_error  # noqa: PLC0415 - keep --help fast
 
+        reset_io()  # each command's --json reports its own requests and bytes
         try:
             code = func(*args, **kwargs)
         except CkptDoctorError as exc:

@@ -1,77 +1,23 @@
 """Readers for every checkpoint format, behind one entry point: :func:`open_checkpoint`.
 
 Formats are detected by content, never by extension (a ``.bin`` may be a zip, a legacy
-pickle or safetensors). Every reader returns the same :class:`~ckptdoctor.model.checkpoint.Checkpoint`.
+pickle or safetensors), through the reader registry (:mod:`ckptdoctor.formats.registry`), where
+every reader declares its name, its content sniff and its read function. Every reader returns the
+same :class:`~ckptdoctor.model.checkpoint.Checkpoint`. PATH may be a local path or a URL
+(:mod:`ckptdoctor.io.storage`).
 """
 
 from __future__ import annotations
 
 import os
-import stat
-import struct
 
-from ckptdoctor.errors import CorruptCheckpoint, InputNotFound, UnsupportedFormat
-from ckptdoctor.formats.magic import ZIP_LOCAL_HEADER, refuse_text
+from ckptdoctor.formats.registry import detect_format, open_path
+from ckptdoctor.io.storage import local_path
 from ckptdoctor.model.checkpoint import Checkpoint
 
-
-def detect_format(path: str) -> str:
-    """One of ``torch-zip``, ``torch-legacy``, ``safetensors``, ``directory``; raises otherwise."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise InputNotFound("no such file or directory", path=path) from None
-    except OSError as exc:
-        raise InputNotFound(f"cannot access ({exc.strerror})", path=path) from None
-    if stat.S_ISDIR(st.st_mode):
-        return "directory"
-    if not stat.S_ISREG(st.st_mode):
-        raise UnsupportedFormat("not a regular file", path=path)
-    if st.st_size == 0:
-        raise CorruptCheckpoint("the file is empty", path=path,
-                                hint="The save was interrupted; re-save or re-download it.")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(264)
-    except OSError as exc:
-        raise InputNotFound(f"cannot read ({exc.strerror})", path=path) from None
-    if head.startswith(ZIP_LOCAL_HEADER):
-        return "torch-zip"
-    if head[257:262] == b"ustar":
-        # torch.save before 0.4 wrote a tar of pickles (torch/serialization.py `_load` tar branch).
-        raise UnsupportedFormat("a tar archive: torch.save's format from before torch 0.4, not supported", path=path,
-                                hint="Load it once with the torch of its time and re-save it with torch.save.")
-    if len(head) >= 9:
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if head[8:9] == b"{" and 0 < header_len <= st.st_size - 8:
-            return "safetensors"
-        if head[8:9] == b"{":
-            raise CorruptCheckpoint(f"safetensors header declares {header_len} bytes but the file has "
-                                    f"{st.st_size - 8} after the length field", path=path)
-    if head[:1] == b"\x80":
-        # torch.load treats anything that is not a zip as a legacy pickle stream.
-        return "torch-legacy"
-    refuse_text(head, path)
-    raise UnsupportedFormat("unknown file format (not a torch.save zip, legacy pickle or safetensors file)",
-                            path=path)
+__all__ = ["detect_format", "open_checkpoint"]
 
 
 def open_checkpoint(path: str | os.PathLike[str], entry: str | None = None) -> Checkpoint:
     """Read a checkpoint's metadata (never its tensor bytes, never code) from ``path``."""
-    path = os.fspath(path)
-    fmt = detect_format(path)
-    if fmt == "torch-zip":
-        from ckptdoctor.formats.readers.torch_zip import read_torch_zip  # noqa: PLC0415 - import only the reader needed
-
-        return read_torch_zip(path, entry)
-    if fmt == "torch-legacy":
-        from ckptdoctor.formats.readers.legacy import read_legacy  # noqa: PLC0415
-
-        return read_legacy(path, entry)
-    if fmt == "safetensors":
-        from ckptdoctor.formats.readers.safetensors import read_safetensors  # noqa: PLC0415
-
-        return read_safetensors(path, entry)
-    from ckptdoctor.formats.readers.directory import read_directory  # noqa: PLC0415
-
-    return read_directory(path, entry)
+    return open_path(local_path(os.fspath(path)), entry)

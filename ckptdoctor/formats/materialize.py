@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ckptdoctor.errors import CorruptCheckpoint, UnsupportedFormat
+from ckptdoctor.io.storage import storage_for
 from ckptdoctor.model.checkpoint import Checkpoint, StorageInfo
 
 
@@ -17,12 +18,10 @@ def _read(storage: StorageInfo) -> bytearray:
     source = storage.source
     if source is None:
         raise UnsupportedFormat(f"storage {storage.name or storage.id} has no bytes in the file (meta tensor)")
-    buffer = bytearray(source.length)
-    with open(source.path, "rb") as f:
-        f.seek(source.offset)
-        if f.readinto(buffer) != source.length:
-            raise CorruptCheckpoint("the file ends inside a tensor's bytes (truncated)", path=source.path)
-    return buffer
+    data = storage_for(source.path).read_range(source.path, source.offset, source.length)
+    if len(data) != source.length:
+        raise CorruptCheckpoint("the file ends inside a tensor's bytes (truncated)", path=source.path)
+    return bytearray(data)
 
 
 def materialize(ckpt: Checkpoint) -> dict[str, Any]:

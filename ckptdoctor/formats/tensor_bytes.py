@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint
+from ckptdoctor.io.storage import Storage, storage_for
 from ckptdoctor.model.checkpoint import TensorRecord, itemsize
 
 Progress = Callable[[int], None]
@@ -114,17 +115,13 @@ def _view(tensor: TensorRecord) -> _View:
                  tensor.numel, end)
 
 
-def _pread(fd: int, length: int, offset: int, path: str) -> bytes:
-    parts: list[bytes] = []
-    got = 0
-    while got < length:
-        piece = os.pread(fd, length - got, offset + got)
-        if not piece:
-            raise CorruptCheckpoint(f"the file ends at byte {offset + got}, before the tensor's last byte "
-                                    f"{offset + length} (truncated)", path=path)
-        parts.append(piece)
-        got += len(piece)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+def _pread(fd: Storage, length: int, offset: int, path: str) -> bytes:
+    """``length`` bytes at ``offset`` through the storage layer (``os.pread`` locally, a range remotely)."""
+    data = fd.read_range(path, offset, length)
+    if len(data) < length:
+        raise CorruptCheckpoint(f"the file ends at byte {offset + len(data)}, before the tensor's last byte "
+                                f"{offset + length} (truncated)", path=path)
+    return data
 
 
 def _numpy() -> Any:
@@ -164,30 +161,45 @@ def iter_tensor_chunks(tensor: TensorRecord, chunk_bytes: int = DEFAULT_CHUNK, *
         return
     per = max(1, chunk_bytes // view.isz)
     unit = _swap_unit(tensor.dtype) if byteorder == "big" else 1
-    fd = os.open(view.path, os.O_RDONLY)
-    try:
-        if view.contiguous:
-            chunks: Iterator[bytes] = _contiguous_chunks(fd, view, per)
-        else:
-            chunks = _numpy_gather(fd, view, per, max(chunk_bytes, view.isz))
-        for chunk in chunks:
-            if unit > 1:
-                chunk = _to_little(chunk, unit)
-            if progress is not None:
-                progress(len(chunk))
-            yield chunk
-    finally:
-        os.close(fd)
+    fd = storage_for(view.path)
+    chunks: Iterator[bytes]
+    if view.contiguous and fd.remote:
+        chunks = _remote_chunks(fd, view, per)
+    elif view.contiguous:
+        chunks = _contiguous_chunks(fd, view, per)
+    else:
+        chunks = _numpy_gather(fd, view, per, max(chunk_bytes, view.isz))
+    for chunk in chunks:
+        if unit > 1:
+            chunk = _to_little(chunk, unit)
+        if progress is not None:
+            progress(len(chunk))
+        yield chunk
 
 
-def _contiguous_chunks(fd: int, view: _View, per: int) -> Iterator[bytes]:
+def _remote_chunks(store: Storage, view: _View, per: int) -> Iterator[bytes]:
+    """Contiguous chunks of a remote tensor through the object's read-ahead windows (bounded memory)."""
+    from ckptdoctor.io.sequential import sequential_reader  # noqa: PLC0415 - remote only
+
+    reader = sequential_reader(store, view.path)
+    start = view.base + view.offset * view.isz
+    for first in range(0, view.numel, per):
+        count = min(per, view.numel - first)
+        chunk = reader.read(start + first * view.isz, count * view.isz)
+        if len(chunk) < count * view.isz:
+            raise CorruptCheckpoint(f"the file ends before the tensor's last byte {start + (first + count) * view.isz}"
+                                    " (truncated)", path=view.path)
+        yield chunk
+
+
+def _contiguous_chunks(fd: Storage, view: _View, per: int) -> Iterator[bytes]:
     start = view.base + view.offset * view.isz
     for first in range(0, view.numel, per):
         count = min(per, view.numel - first)
         yield _pread(fd, count * view.isz, start + first * view.isz, view.path)
 
 
-def _numpy_gather(fd: int, view: _View, per: int, window: int) -> Iterator[bytes]:
+def _numpy_gather(fd: Storage, view: _View, per: int, window: int) -> Iterator[bytes]:
     """Gather a strided view block by block: sort addresses, read each dense run once, scatter."""
     np = _numpy()
     isz = view.isz
@@ -368,7 +380,7 @@ def bytes_equal(a: TensorRecord, b: TensorRecord, progress: Progress | None = No
         va, vb = _view(a), _view(b)
     except CkptDoctorError:
         return None
-    if not (va.contiguous and vb.contiguous):
+    if not (va.contiguous and vb.contiguous) or storage_for(va.path).remote or storage_for(vb.path).remote:
         return None
     length = va.numel * va.isz
     start_a, start_b = va.base + va.offset * va.isz, vb.base + vb.offset * vb.isz

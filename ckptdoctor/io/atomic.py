@@ -21,8 +21,10 @@ import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from ckptdoctor.errors import CorruptCheckpoint, OutputError
+from ckptdoctor.io.storage import COUNTERS
 
 CHUNK = 16 << 20  # bytes per read/write; the only buffer the copy allocates
 TEMP_PREFIX = ".ckptdoctor-tmp-"
@@ -81,12 +83,53 @@ def _default_mode() -> int:
 
 
 @contextlib.contextmanager
+def _remote_output(out: str, inputs: Iterable[str], *, force: bool) -> Iterator[tuple[int, str]]:
+    """A remote OUT: write and verify a local temp file, then upload it whole.
+
+    The store publishes the object only when the upload completes (S3/GCS uploads are atomic;
+    an aborted multipart upload leaves nothing), so OUT is never partial; the temp file is
+    always removed.
+    """
+    from ckptdoctor.io.storage import storage_for  # noqa: PLC0415
+
+    if any(out == source for source in inputs):
+        raise OutputError("the output is the input file; ckptdoctor never modifies its input", path=out,
+                          hint="Write the repaired checkpoint to a new path.")
+    store: Any = storage_for(out)
+    if not force and store.exists(out):
+        raise OutputError("the output file already exists", path=out)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX)
+    closed = False
+    before = COUNTERS.document()
+    try:
+        yield fd, tmp
+        os.close(fd)
+        closed = True
+        # The local temp file is a staging copy: io reports what reached the store, not both.
+        after = COUNTERS.document()
+        COUNTERS.wrote(before["bytes_written"] - after["bytes_written"], 0)
+        store.upload(tmp, out, os.path.getsize(tmp))
+    finally:
+        if not closed:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
 def atomic_output(out: str, inputs: Iterable[str], *, force: bool) -> Iterator[tuple[int, str]]:
     """Yield ``(fd, temp_path)`` for writing; on success fsync and rename the temp file to ``out``.
 
     The body may inspect (verify) the temp file before it is renamed. On any exception,
     KeyboardInterrupt included, the temp file is removed and ``out`` is left untouched.
+    A URL as OUT is written locally first and uploaded whole (:func:`_remote_output`).
     """
+    from ckptdoctor.io.storage import is_url  # noqa: PLC0415
+
+    if is_url(out):
+        with _remote_output(out, inputs, force=force) as opened:
+            yield opened
+        return
     directory = check_output(out, inputs, force=force)
     try:
         fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
@@ -139,9 +182,12 @@ class EarlyWriteback:
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     """``os.write`` until every byte is written (it may write less than asked)."""
     view = memoryview(data)
+    total, requests = len(view), 0
     while view:
         written = os.write(fd, view)
         view = view[written:]
+        requests += 1
+    COUNTERS.wrote(total, requests)
 
 
 class SourceFiles:
@@ -186,6 +232,7 @@ def read_into(sources: SourceFiles, path: str, offset: int, view: memoryview) ->
         if got <= 0:
             raise _truncated(path, offset, len(view))
         done += got
+        COUNTERS.read(got)
 
 
 def _check_source_length(sources: SourceFiles, path: str, offset: int, length: int) -> None:
@@ -236,6 +283,10 @@ def copy_range(sources: SourceFiles, path: str, offset: int, length: int, out_fd
     ``copy_file_range`` (or on a filesystem pair that refuses it) each chunk is read into the
     reused buffer, checksummed and written.
     """
+    from ckptdoctor.io.storage import is_url  # noqa: PLC0415
+
+    if is_url(path):
+        return _remote_copy(path, offset, length, out_fd, with_crc=with_crc, progress=progress)
     _check_source_length(sources, path, offset, length)
     src_fd = sources.fd(path)
     if with_crc and pool is not None:
@@ -263,6 +314,33 @@ def copy_range(sources: SourceFiles, path: str, offset: int, length: int, out_fd
     return crc
 
 
+REMOTE_CHUNK = 8 << 20
+
+
+def _remote_copy(path: str, offset: int, length: int, out_fd: int, *, with_crc: bool,
+                 progress: Progress | None) -> int:
+    """Append ``length`` bytes of a remote object to ``out_fd`` through its read-ahead windows."""
+    from ckptdoctor.io.sequential import sequential_reader  # noqa: PLC0415
+    from ckptdoctor.io.storage import storage_for  # noqa: PLC0415
+
+    store = storage_for(path)
+    if offset < 0 or offset + length > store.size(path):
+        raise _truncated(path, offset, length)
+    reader = sequential_reader(store, path)
+    crc = 0
+    for done in range(0, length, REMOTE_CHUNK):
+        n = min(REMOTE_CHUNK, length - done)
+        chunk = reader.read(offset + done, n)
+        if len(chunk) != n:
+            raise _truncated(path, offset + done, n)
+        if with_crc:
+            crc = zlib.crc32(chunk, crc)
+        write_all(out_fd, chunk)
+        if progress:
+            progress(n)
+    return crc
+
+
 def _kernel_copy(src_fd: int, offset: int, length: int, out_fd: int, progress: Progress | None) -> bool:
     """Copy with ``os.copy_file_range`` when the platform has it; False means "use read/write"."""
     copy = getattr(os, "copy_file_range", None)
@@ -281,6 +359,8 @@ def _kernel_copy(src_fd: int, offset: int, length: int, out_fd: int, progress: P
         if got <= 0:
             raise CorruptCheckpoint("tensor data ends early while copying (file changed or truncated?)")
         done += got
+        COUNTERS.read(got)  # the kernel reads and writes each byte; one request each way
+        COUNTERS.wrote(got)
         if progress:
             progress(got)
     os.lseek(out_fd, out_pos + length, os.SEEK_SET)

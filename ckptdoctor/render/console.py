@@ -82,7 +82,10 @@ def stderr_console() -> Console:
 
 
 def print_json(document: dict[str, Any]) -> None:
-    """Exactly one JSON document on stdout, nothing else there."""
+    """Exactly one JSON document on stdout, nothing else there, with the ``io`` counters (contract)."""
+    from ckptdoctor.io.storage import io_counters  # noqa: PLC0415
+
+    document = {**document, "io": io_counters()}
     sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
     sys.stdout.flush()
 

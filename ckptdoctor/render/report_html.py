@@ -28,6 +28,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from ckptdoctor.io.atomic import atomic_output, write_all
+from ckptdoctor.io.storage import io_counters
 from ckptdoctor.model.checkpoint import DTYPE_BITS
 from ckptdoctor.render.inspect_view import inspect_document
 
@@ -142,7 +143,8 @@ def build_html(document: dict[str, Any], view: dict[str, Any]) -> str:
            "img-src 'none'; connect-src 'none'; font-src 'none'; base-uri 'none'; form-action 'none'")
     licence = assets["d3-hierarchy.LICENSE"].replace("--", "- -").strip()
     slots = {"CSP": csp, "STYLE": style, "LIBRARY": library, "LIBRARY_LICENSE": licence, "APP": app_js,
-             "DATA_ID": DATA_ID, "VIEW_ID": VIEW_ID, "DATA": embed_json(document), "VIEW": embed_json(view)}
+             "DATA_ID": DATA_ID, "VIEW_ID": VIEW_ID, "DATA": embed_json({**document, "io": io_counters()}),
+             "VIEW": embed_json(view)}
     # One pass: text put into a slot is never scanned again, so data cannot name another slot.
     return _SLOT.sub(lambda m: slots[m.group(1)], assets["report.html"])
 

@@ -16,12 +16,13 @@ torch's weights_only allowlist and nothing looked hostile (the CLI exits 0, else
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import struct
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 from ckptdoctor.engines.scanning.archive import audit_zip, find_eocd, is_torchscript_member
 from ckptdoctor.engines.scanning.pickle_walk import Findings, PickleWalker, Window, is_pickle_start, walk_pickle
@@ -38,6 +39,8 @@ from ckptdoctor.engines.scanning.results import (
 )
 from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint, InputNotFound, LimitExceeded, UnsupportedFormat
 from ckptdoctor.formats.magic import ZIP_LOCAL_HEADER, refuse_text
+from ckptdoctor.io.rangefile import RangeFile
+from ckptdoctor.io.storage import is_url, storage_for
 
 __all__ = [
     "DANGEROUS",
@@ -61,6 +64,7 @@ MAX_EXTRA_PICKLES = 8
 SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors crate refuses larger headers too
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors", ".pkl", ".pickle")
 MAX_DIR_FILES = 10_000
+REMOTE_BUFFER = 16 << 10  # bytes per remote read while scanning (headers and pickles are small)
 MAX_DIR_DEPTH = 8
 # bits per element for every dtype name the safetensors format defines
 SAFETENSORS_BITS = {
@@ -95,6 +99,8 @@ def scan(path: str | os.PathLike[str]) -> ScanReport:
     :class:`~ckptdoctor.errors.UnsupportedFormat` / :class:`~ckptdoctor.errors.CorruptCheckpoint`
     for a single file that is not a readable checkpoint.
     """
+    if is_url(os.fspath(path)):
+        return ScanReport(_scan_url(os.fspath(path)))
     p = Path(path)
     if not p.exists():
         raise InputNotFound("no such file or directory", path=str(p))
@@ -118,6 +124,40 @@ def scan_file(path: Path) -> FileScan:
         raise
     finally:
         f.close()
+
+
+def _scan_url(url: str) -> tuple[FileScan, ...]:
+    """A remote file, or the checkpoint files directly under a remote prefix, read by ranges."""
+    store = storage_for(url)
+    if store.kind(url) != "directory":
+        return (_scan_remote_file(url),)
+    names = [n for n in store.list(url) if n == ".metadata" or n.lower().endswith(CHECKPOINT_SUFFIXES)]
+    if not names:
+        raise UnsupportedFormat("directory holds no checkpoint files", path=url)
+    if len(names) > MAX_DIR_FILES:
+        raise LimitExceeded(f"more than {MAX_DIR_FILES} checkpoint files under the directory", path=url)
+    results = []
+    for name in names:
+        member = store.join(url, name)
+        try:
+            results.append(_scan_remote_file(member))
+        except CkptDoctorError as e:
+            results.append(FileScan(member, "unreadable", False, (),
+                                    (Anomaly("unreadable", f"{type(e).__name__}: {e.message}", member),), ()))
+    return tuple(results)
+
+
+def _scan_remote_file(url: str) -> FileScan:
+    # Small buffered ranges: scan visits every member's header and pickle, never the tensor bytes.
+    store = storage_for(url)
+    size = store.size(url)
+    f = io.BufferedReader(RangeFile(store, url, size, readahead=False), REMOTE_BUFFER)
+    try:
+        return _scan_open(f, size, cast(Path, url))  # _result only needs str(path)
+    except CkptDoctorError as e:
+        if e.path is None:
+            e.path = url
+        raise
 
 
 def _result(path: Path, fmt: str, fd: Findings) -> FileScan:

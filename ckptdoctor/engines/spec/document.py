@@ -7,7 +7,6 @@ Validated strictly on the way in (CI gates on it), written one line per tensor o
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from ckptdoctor.engines.spec.model_spec import ModelSpec, SpecTensor
 from ckptdoctor.errors import SpecError
 from ckptdoctor.io.atomic import atomic_output, write_all
+from ckptdoctor.io.storage import storage_for
 from ckptdoctor.model.checkpoint import DTYPE_BITS
 from ckptdoctor.schema import SCHEMA_VERSION
 
@@ -31,11 +31,13 @@ def _fail(path: str, message: str) -> SpecError:
 
 
 def load_spec_file(path: str) -> ModelSpec:
-    if os.path.getsize(path) > MAX_SPEC_BYTES:
+    """Read and validate a spec JSON, local or behind a URL (read through the storage layer)."""
+    store = storage_for(path)
+    size = store.size(path)
+    if size > MAX_SPEC_BYTES:
         raise _fail(path, f"larger than {MAX_SPEC_BYTES >> 20} MiB")
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+        doc = json.loads(store.read_range(path, 0, size).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _fail(path, f"not valid JSON ({exc})") from None
     return parse_spec_document(doc, path)

@@ -19,6 +19,7 @@ from ckptdoctor.engines.spec.user_code import callable_spec, import_file, import
 from ckptdoctor.errors import SpecError
 from ckptdoctor.formats import open_checkpoint
 from ckptdoctor.formats.tensor_bytes import Progress, TensorBytesUnavailable, tensor_digest
+from ckptdoctor.io.storage import is_url, storage_for
 from ckptdoctor.model.checkpoint import Checkpoint
 from ckptdoctor.model.locate import state_dict_values
 from ckptdoctor.schema import SCHEMA_VERSION
@@ -37,6 +38,11 @@ def load_spec(spec: str) -> ModelSpec:
 
 
 def _resolve(spec: str) -> tuple[ModelSpec, Checkpoint | None]:
+    if is_url(spec):  # a spec JSON or a checkpoint behind a URL, read through the storage layer
+        if storage_for(spec).kind(spec) == "file" and _looks_like_json(spec):
+            return load_spec_file(spec), None
+        ckpt = open_checkpoint(spec)
+        return _checkpoint_spec(spec, ckpt), ckpt
     if os.path.exists(spec):
         if os.path.isfile(spec) and _looks_like_json(spec):
             return load_spec_file(spec), None
@@ -55,8 +61,8 @@ def _resolve(spec: str) -> tuple[ModelSpec, Checkpoint | None]:
 
 
 def _looks_like_json(path: str) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(64)
+    store = storage_for(path)
+    head = store.read_range(path, 0, min(store.size(path), 64))
     return head.lstrip()[:1] in (b"{", b"[")
 
 

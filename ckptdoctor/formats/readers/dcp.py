@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,8 +35,11 @@ from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint, LimitExceeded,
 from ckptdoctor.formats.magic import ZIP_LOCAL_HEADER
 from ckptdoctor.formats.pickle.stand_ins import StorageType, contiguous_stride
 from ckptdoctor.formats.pickle.unpickler import load_pickle
-from ckptdoctor.formats.readers.directory import member_path
+from ckptdoctor.formats.readers.members import member_path
 from ckptdoctor.formats.readers.torch_zip import LOCAL_HEADER
+from ckptdoctor.formats.registry import DirectoryLayout
+from ckptdoctor.io.rangefile import RangeFile
+from ckptdoctor.io.storage import storage_for
 from ckptdoctor.model.checkpoint import (
     DTYPE_BITS,
     ByteRange,
@@ -113,11 +115,11 @@ class DcpFiles:
         path = member_path(self.directory, relative_path, ".metadata")
         if relative_path not in self._open:
             try:
-                opened: IO[bytes] = open(path, "rb")  # noqa: SIM115 - closed by close()
-            except OSError as exc:
+                opened: IO[bytes] = RangeFile(storage_for(path), path)  # type: ignore[assignment]
+            except CkptDoctorError as exc:
                 raise CorruptCheckpoint(f".metadata refers to {relative_path!r}, which cannot be opened "
-                                        f"({exc.strerror})", path=self.directory) from None
-            self._open[relative_path] = (opened, os.fstat(opened.fileno()).st_size)
+                                        f"({exc.message})", path=self.directory) from None
+            self._open[relative_path] = (opened, opened.size)  # type: ignore[attr-defined]
         f, size = self._open[relative_path]
         return f, size, path
 
@@ -320,19 +322,20 @@ def _lists(node: Any, depth: int = 0) -> Any:
 
 def _file_size(directory: str, name: str) -> int:
     try:
-        return os.path.getsize(member_path(directory, name, ".metadata"))
-    except OSError:
+        path = member_path(directory, name, ".metadata")
+        return storage_for(path).size(path)
+    except CkptDoctorError:
         return 0
 
 
 def read_dcp(directory: str, entry: str | None = None) -> Checkpoint:
     """Read a DCP checkpoint directory's metadata and locate each tensor's bytes."""
-    meta_path = os.path.join(directory, ".metadata")
-    size = os.path.getsize(meta_path)
+    store = storage_for(directory)
+    meta_path = store.join(directory, ".metadata")
+    size = store.size(meta_path)
     if size > MAX_METADATA_BYTES:
         raise LimitExceeded(f".metadata is {size} bytes (limit {MAX_METADATA_BYTES})", path=directory)
-    with open(meta_path, "rb") as f:
-        metadata = load_pickle(f.read(), None, where=".metadata", path=directory)
+    metadata = load_pickle(store.read_range(meta_path, 0, size), None, where=".metadata", path=directory)
     fields = _fields(metadata, "Metadata", "the .metadata pickle", directory)
     entries = fields.get("state_dict_metadata")
     if not isinstance(entries, dict):
@@ -362,3 +365,10 @@ def read_dcp(directory: str, entry: str | None = None) -> Checkpoint:
     extra = {"dcp_version": fields.get("version"), "files": files_used}
     return build_checkpoint(directory, "dcp", total, _lists(tree), entry=entry, extra=extra,
                             notes=tuple(reader.notes))
+
+
+def _pick_metadata(names: list[str], path: str) -> str | None:
+    return ".metadata" if ".metadata" in names else None
+
+
+DIRECTORY_LAYOUTS = (DirectoryLayout("dcp", 20, _pick_metadata, lambda d, _name, entry: read_dcp(d, entry)),)

@@ -11,38 +11,24 @@ Storage ids get the shard's file name as prefix, since each shard numbers its st
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint
-from ckptdoctor.formats import detect_format
-from ckptdoctor.formats.readers.directory import member_path, read_json_file
+from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint, UnsupportedFormat
+from ckptdoctor.formats.readers.members import member_path, read_json_file
+from ckptdoctor.formats.registry import DirectoryLayout, read_file
+from ckptdoctor.io.storage import storage_for
 from ckptdoctor.model.checkpoint import Checkpoint, StorageInfo, TensorInfo, TensorRecord
 from ckptdoctor.model.locate import build_checkpoint
 
 CONFIG_FIELDS = ("architectures", "model_type")
 ADAPTER_CONFIG_FIELDS = ("peft_type", "base_model_name_or_path", "task_type")
 MAX_LISTED = 5
+SHARD_WORKERS = 16  # shards' headers are fetched concurrently (remote stores answer in parallel)
 
-
-def read_weight_file(path: str, entry: str | None = None) -> Checkpoint:
-    """Read one weights file of a directory (shard or single file), whatever its format."""
-    fmt = detect_format(path)
-    if fmt == "safetensors":
-        from ckptdoctor.formats.readers.safetensors import read_safetensors  # noqa: PLC0415 - import only the reader needed
-
-        return read_safetensors(path, entry)
-    if fmt == "torch-zip":
-        from ckptdoctor.formats.readers.torch_zip import read_torch_zip  # noqa: PLC0415
-
-        return read_torch_zip(path, entry)
-    if fmt == "torch-legacy":
-        from ckptdoctor.formats.readers.legacy import read_legacy  # noqa: PLC0415
-
-        return read_legacy(path, entry)
-    raise CorruptCheckpoint("a weights file of the directory is itself a directory", path=path)
+read_weight_file = read_file  # one weights file of a directory (shard or single file), whatever its format
 
 
 def config_summary(directory: str, name: str, fields: tuple[str, ...]) -> tuple[dict[str, Any] | None, str | None]:
@@ -50,8 +36,9 @@ def config_summary(directory: str, name: str, fields: tuple[str, ...]) -> tuple[
 
     A broken config.json does not make the weights unreadable, so it is a note, not an error.
     """
-    path = os.path.join(directory, name)
-    if not os.path.isfile(path):
+    store = storage_for(directory)
+    path = store.join(directory, name)
+    if name not in _listing(directory):
         return None, None
     try:
         parsed = read_json_file(path, name)
@@ -77,7 +64,7 @@ def _directory_extra(directory: str, shards: list[str]) -> tuple[dict[str, Any],
 
 def read_hf_single(directory: str, name: str, entry: str | None) -> Checkpoint:
     """``model.safetensors`` / ``pytorch_model.bin`` / ``adapter_model.*`` / the one ``*.safetensors``."""
-    inner = read_weight_file(os.path.join(directory, name), entry)
+    inner = read_weight_file(storage_for(directory).join(directory, name), entry)
     fmt = "hf-safetensors" if inner.format == "safetensors" else "hf-bin"
     extra, notes = _directory_extra(directory, [name])
     extra = {**inner.extra, **extra, "file_format": inner.format}
@@ -119,7 +106,7 @@ def _listed(keys: Iterable[str]) -> str:
 
 def _read_shard(directory: str, shard: str, expected: set[str], index_name: str) -> Checkpoint:
     shard_path = member_path(directory, shard, index_name)
-    if not os.path.isfile(shard_path):
+    if not storage_for(shard_path).is_file(shard_path):
         raise CorruptCheckpoint(f"{index_name} lists shard {shard!r}, which is missing", path=directory,
                                 hint="Download every shard listed in the index (an interrupted download?).")
     checkpoint = read_weight_file(shard_path)
@@ -132,7 +119,8 @@ def _read_shard(directory: str, shard: str, expected: set[str], index_name: str)
 
 def read_hf_sharded(directory: str, index_name: str, entry: str | None) -> Checkpoint:
     """Assemble the state dict of a sharded checkpoint from its index and shards."""
-    index_path = os.path.join(directory, index_name)
+    store = storage_for(directory)
+    index_path = store.join(directory, index_name)
     index = read_json_file(index_path, index_name)
     weight_map = _weight_map(index, index_path)
     by_shard: dict[str, set[str]] = {}
@@ -142,9 +130,14 @@ def read_hf_sharded(directory: str, index_name: str, entry: str | None) -> Check
     root: dict[str, TensorRecord] = {}
     owner: dict[str, str] = {}
     notes: list[str] = []
-    file_size, shard_formats = os.path.getsize(index_path), set()
-    for shard in shards:
-        checkpoint = _read_shard(directory, shard, by_shard[shard], index_name)
+    file_size, shard_formats = store.size(index_path), set()
+    workers = min(SHARD_WORKERS, len(shards)) if store.remote else 1
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            read = list(pool.map(lambda s: _read_shard(directory, s, by_shard[s], index_name), shards))
+    else:
+        read = [_read_shard(directory, s, by_shard[s], index_name) for s in shards]
+    for shard, checkpoint in zip(shards, read):
         file_size += checkpoint.file_size
         shard_formats.add(checkpoint.format)
         notes.extend(f"{shard}: {note}" for note in checkpoint.notes)
@@ -163,3 +156,36 @@ def read_hf_sharded(directory: str, index_name: str, entry: str | None) -> Check
     fmt = "hf-sharded-safetensors" if index_name.endswith(".safetensors.index.json") else "hf-sharded-bin"
     return build_checkpoint(directory, fmt, file_size, root, entry=entry, extra=extra,
                             notes=(*notes, *config_notes))
+
+
+def _listing(directory: str) -> list[str]:
+    return storage_for(directory).list(directory)
+
+
+def pick_index(names: list[str], path: str) -> str | None:
+    """The sharded index to read: the standard names first, else the only one."""
+    for preferred in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if preferred in names:
+            return preferred
+    indexes = [n for n in names if n.endswith((".safetensors.index.json", ".bin.index.json"))]
+    safetensors_indexes = [n for n in indexes if n.endswith(".safetensors.index.json")]
+    candidates = safetensors_indexes or indexes
+    if len(candidates) > 1:
+        raise UnsupportedFormat(f"the directory holds several sharded indexes ({', '.join(candidates)})",
+                                path=path, hint="Move the checkpoint you mean into a directory of its own.")
+    return candidates[0] if candidates else None
+
+
+def pick_single(names: list[str], path: str) -> str | None:
+    """``model.safetensors``, ``pytorch_model.bin``, PEFT's ``adapter_model.*``, or the only ``*.safetensors``."""
+    for preferred in ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin"):
+        if preferred in names:
+            return preferred
+    singles = [n for n in names if n.endswith(".safetensors")]
+    return singles[0] if len(singles) == 1 else None
+
+
+DIRECTORY_LAYOUTS = (
+    DirectoryLayout("hf-sharded", 10, pick_index, read_hf_sharded),
+    DirectoryLayout("hf-single", 30, pick_single, read_hf_single),
+)

@@ -9,13 +9,16 @@ count followed by the storage's raw bytes. Storages are persistent ids
 
 from __future__ import annotations
 
-import os
+import io
 import struct
 from typing import Any
 
 from ckptdoctor.errors import CorruptCheckpoint, LimitExceeded, UnsupportedFormat
 from ckptdoctor.formats.pickle.stand_ins import PendingStorage, StorageType, UnknownGlobal
 from ckptdoctor.formats.pickle.unpickler import read_pickle_stream
+from ckptdoctor.formats.registry import FileFormat, Head
+from ckptdoctor.io.rangefile import RangeFile
+from ckptdoctor.io.storage import storage_for
 from ckptdoctor.model.checkpoint import ByteRange, Checkpoint, StorageInfo, itemsize
 from ckptdoctor.model.locate import build_checkpoint
 
@@ -25,8 +28,9 @@ MAX_STORAGES = 5_000_000
 
 
 def read_legacy(path: str, entry: str | None = None) -> Checkpoint:
-    file_size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    store = storage_for(path)
+    file_size = store.size(path)
+    with io.BufferedReader(RangeFile(store, path, file_size, readahead=store.remote), 1 << 16) as f:
         magic = read_pickle_stream(f, where="the magic-number pickle", path=path)
         if magic != LEGACY_MAGIC:
             raise UnsupportedFormat("a pickle file, but not a torch.save checkpoint (no torch magic number)",
@@ -70,13 +74,17 @@ def read_legacy(path: str, entry: str | None = None) -> Checkpoint:
         for key in keys:
             if key not in roots:
                 raise CorruptCheckpoint(f"storage {key!r} is listed but never used", path=path)
-            f.seek(offset)
-            header = f.read(8)
-            if len(header) != 8:
-                raise CorruptCheckpoint("the file ends before all storages (truncated)", path=path)
-            (count,) = struct.unpack("<q" if little_endian else ">q", header)
             info = roots[key]
             dtype = info["type"].dtype
+            if store.remote:
+                # Each storage's element count is in the metadata (the persistent id's numel), so its
+                # offset follows without fetching the 8-byte count before it (never the tensor bytes).
+                count = info["numel"]
+            else:
+                header = store.read_range(path, offset, 8)
+                if len(header) != 8:
+                    raise CorruptCheckpoint("the file ends before all storages (truncated)", path=path)
+                (count,) = struct.unpack("<q" if little_endian else ">q", header)
             nbytes = count * itemsize(dtype)
             if count < 0 or offset + 8 + nbytes > file_size:
                 raise CorruptCheckpoint(f"storage {key!r} declares {nbytes} bytes past the end of the file",
@@ -133,3 +141,11 @@ def _attach_storages(node: Any, storages: dict[str, StorageInfo], path: str) -> 
         return value
 
     return fix(node, 0)
+
+
+def _sniff(head: Head) -> bool:
+    # torch.load treats anything that is not a zip as a legacy pickle stream.
+    return head.data[:1] == b"\x80"
+
+
+FILE_FORMATS = (FileFormat("torch-legacy", 30, _sniff, read_legacy),)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,11 +23,14 @@ from typing import Any
 
 from ckptdoctor.errors import CorruptCheckpoint, EntryNotFound, LimitExceeded, UnsupportedFormat
 from ckptdoctor.formats.pickle.stand_ins import contiguous_stride
+from ckptdoctor.formats.registry import FileFormat, safetensors_length_ok
+from ckptdoctor.io.storage import storage_for
 from ckptdoctor.model.checkpoint import ByteRange, Checkpoint, StorageInfo, TensorRecord, itemsize
 from ckptdoctor.model.locate import build_checkpoint
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own MAX_HEADER_SIZE (src/tensor.rs)
 MAX_DIMS = 64
+FIRST_GUESS = 64 << 10  # remote: the length field and (usually) the whole header in one range, as the Hub reads
 BAD_HEADER_HINT = "The safetensors header is malformed; the file is damaged, truncated or not safetensors."
 
 # safetensors dtype names (src/tensor.rs `Dtype`) to torch names, as safetensors/torch.py `_TYPES` maps them.
@@ -84,19 +86,22 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _read_json_header(path: str) -> tuple[dict[str, Any], int, int]:
     """(header object, header length, file size) with the length field bounds-checked."""
-    file_size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise _bad(f"the file has {len(head)} bytes, fewer than the 8-byte length field", path)
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > MAX_HEADER_BYTES:
-            raise LimitExceeded(f"safetensors header declares {header_len} bytes (limit {MAX_HEADER_BYTES})",
-                                path=path)
-        if header_len > file_size - 8:
-            raise _bad(f"declares {header_len} bytes but the file has {file_size - 8} after the length field "
-                       "(truncated?)", path)
-        raw = f.read(header_len)
+    store = storage_for(path)
+    file_size = store.size(path)
+    first = store.read_range(path, 0, min(file_size, FIRST_GUESS) if store.remote else 8)
+    head = first[:8]
+    if len(head) < 8:
+        raise _bad(f"the file has {len(head)} bytes, fewer than the 8-byte length field", path)
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > MAX_HEADER_BYTES:
+        raise LimitExceeded(f"safetensors header declares {header_len} bytes (limit {MAX_HEADER_BYTES})",
+                            path=path)
+    if header_len > file_size - 8:
+        raise _bad(f"declares {header_len} bytes but the file has {file_size - 8} after the length field "
+                   "(truncated?)", path)
+    raw = first[8:8 + header_len]
+    if len(raw) < header_len:  # the header is longer than the first guess: one more range
+        raw += store.read_range(path, 8 + len(raw), header_len - len(raw))
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -219,3 +224,6 @@ def read_safetensors(path: str, entry: str | None = None) -> Checkpoint:
         raise EntryNotFound("the safetensors file holds no tensors", path=path)
     return build_checkpoint(path, "safetensors", header.file_size, root, entry=entry, extra=extra,
                             notes=header.notes)
+
+
+FILE_FORMATS = (FileFormat("safetensors", 20, safetensors_length_ok, read_safetensors),)

@@ -9,7 +9,6 @@ to storages by persistent id ``('storage', StorageType, key, location, numel)``.
 
 from __future__ import annotations
 
-import os
 import struct
 import threading
 import zipfile
@@ -20,12 +19,16 @@ from ckptdoctor.errors import CorruptCheckpoint, LimitExceeded, UnsafeContent, U
 from ckptdoctor.formats.magic import ZIP_LOCAL_HEADER
 from ckptdoctor.formats.pickle.stand_ins import StorageType
 from ckptdoctor.formats.pickle.unpickler import load_pickle
+from ckptdoctor.formats.registry import FileFormat, Head
+from ckptdoctor.io.rangefile import RangeFile
+from ckptdoctor.io.storage import storage_for
 from ckptdoctor.model.checkpoint import ByteRange, Checkpoint, StorageInfo, itemsize
 from ckptdoctor.model.locate import build_checkpoint
 
 MAX_MEMBERS = 5_000_000
 MAX_PICKLE_MEMBER = 1 << 31
 LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+SUFFIX_GUESS = 48 << 10  # remote: the end records and (usually) the whole central directory in one range
 
 
 class TorchZipArchive:
@@ -33,8 +36,13 @@ class TorchZipArchive:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.storage = storage_for(path)
+        self.file = RangeFile(self.storage, path, readahead=self.storage.remote)
+        self.file_size = self.file.size
+        if self.storage.remote:
+            self.file.prefetch(self.file_size - SUFFIX_GUESS, SUFFIX_GUESS)
         try:
-            self.zip = _open_zip(path)
+            self.zip = _open_zip(self.file)
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
             raise CorruptCheckpoint(f"not a readable zip archive ({exc})", path=path) from None
         infos = self.zip.infolist()
@@ -54,12 +62,20 @@ class TorchZipArchive:
             raise UnsupportedFormat("a zip archive without data.pkl: not a torch.save file", path=path)
         self.pickle_name = min(pickles, key=len)
         self.prefix = self.pickle_name[: -len("data.pkl")]
-        self.file = open(path, "rb")  # noqa: SIM115 - closed by close()
-        self.file_size = os.fstat(self.file.fileno()).st_size
+        # Where each member's record ends: the next record's start (members are contiguous).
+        starts = sorted({i.header_offset for i in infos} | {self.zip.start_dir})
+        self._next = {s: starts[k + 1] for k, s in enumerate(starts[:-1])}
+        if self.storage.remote:
+            # data.pkl and the small members torch writes beside it (byteorder, versions) in one range:
+            # from data.pkl's record up to the first storage's (or the central directory).
+            first = self.members[self.pickle_name].header_offset
+            storages = [i.header_offset for n, i in self.members.items()
+                        if n.startswith(self.prefix + "data/") and i.header_offset > first]
+            self.file.prefetch(first, min([*storages, self.zip.start_dir]) - first)
 
     def close(self) -> None:
-        self.file.close()
         self.zip.close()
+        self.file.close()
 
     def has(self, name: str) -> bool:
         return self.prefix + name in self.members
@@ -82,8 +98,11 @@ class TorchZipArchive:
         if info.compress_type != zipfile.ZIP_STORED:
             raise UnsupportedFormat(f"member {name} is compressed; torch.save writes storages uncompressed",
                                     path=self.path)
-        self.file.seek(info.header_offset)
-        header = self.file.read(LOCAL_HEADER.size)
+        if self.storage.remote:
+            inferred = self._inferred_start(info)
+            if inferred is not None:
+                return inferred, info.file_size
+        header = self.file.read_at(info.header_offset, LOCAL_HEADER.size)
         if len(header) != LOCAL_HEADER.size or header[:4] != ZIP_LOCAL_HEADER:
             raise CorruptCheckpoint(f"member {name} has no valid local header", path=self.path)
         fields = LOCAL_HEADER.unpack(header)
@@ -94,10 +113,29 @@ class TorchZipArchive:
         return start, info.file_size
 
 
+    def _inferred_start(self, info: zipfile.ZipInfo) -> int | None:
+        """A stored member's data offset from the layout alone, without fetching its local header.
+
+        A record is local header + data + (flag bit 3) a data descriptor, and the next record starts
+        right after it, so the data starts ``descriptor + size`` before the next record. torch's
+        writer (miniz) writes a 16-byte descriptor, 24 bytes for members of 4 GiB or more. None when
+        the layout does not fit (then the header is read).
+        """
+        end = self._next.get(info.header_offset)
+        if end is None:
+            return None
+        descriptor = (24 if info.file_size >= 0xFFFFFFFF else 16) if info.flag_bits & 0x8 else 0
+        start = end - descriptor - info.file_size
+        header_end = info.header_offset + LOCAL_HEADER.size + len(info.orig_filename.encode("utf-8"))
+        if not header_end <= start <= header_end + 0xFFFF or start + info.file_size > self.file_size:
+            return None
+        return start
+
+
 _ZIP_VERSION_LOCK = threading.Lock()
 
 
-def _open_zip(path: str) -> zipfile.ZipFile:
+def _open_zip(path: Any) -> zipfile.ZipFile:
     """Open the archive as torch does: ignoring the "version needed to extract" field.
 
     torch's reader (miniz, caffe2/serialize/inline_container.cc) never checks it, so a file
@@ -164,3 +202,10 @@ def read_torch_zip(path: str, entry: str | None = None) -> Checkpoint:
     finally:
         archive.close()
 
+
+
+def _sniff(head: Head) -> bool:
+    return head.data.startswith(ZIP_LOCAL_HEADER)
+
+
+FILE_FORMATS = (FileFormat("torch-zip", 10, _sniff, read_torch_zip),)

@@ -1,0 +1,245 @@
+"""Real servers on loopback for the remote tests: an HTTP server that honours ``Range``, and moto's S3.
+
+Python's ``http.server`` ignores ``Range``; :class:`RangeServer` serves a directory with
+``HEAD``, ``GET`` with single ``bytes=a-b`` / ``a-`` / ``-n`` ranges (206, ``Content-Range``),
+directory listings as HTML links (what fsspec's HTTP ``ls`` parses), and logs every request with
+the bytes it sent, so tests count requests and bytes from the server's side. Faults are injected
+per path: a status code, a truncated body (fewer bytes than ``Content-Length``) or a connection
+reset mid-body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import struct
+import threading
+import urllib.parse
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+HUB_FILE_RE = re.compile(r"^/[^/]+/([^/]+)/resolve/[^/]+/(.+)$")
+
+
+def hub_entry(repo: Path, path: str) -> dict[str, Any]:
+    """A tree / paths-info entry as the Hub returns it."""
+    target = repo / path
+    oid = hashlib.sha1(path.encode()).hexdigest()
+    if target.is_dir():
+        return {"type": "directory", "path": path, "oid": oid}
+    return {"type": "file", "path": path, "size": target.stat().st_size, "oid": oid}
+
+
+@dataclass
+class Logged:
+    method: str
+    path: str
+    range: str | None
+    status: int
+    sent: int
+
+
+@dataclass
+class RangeServer:
+    """Serves ``root`` on 127.0.0.1; ``faults[path] = 403 | 404 | 500 | "truncate" | "reset"``."""
+
+    root: Path
+    log: list[Logged] = field(default_factory=list)
+    faults: dict[str, Any] = field(default_factory=dict)
+    fail_times: dict[str, int] = field(default_factory=dict)  # a fault for the first N requests only
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self._serve(head=True)
+
+            def do_GET(self) -> None:
+                if self.path.startswith("/api/models/"):
+                    self._hub_api(None)
+                    return
+                self._serve(head=False)
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self._hub_api(self.rfile.read(length).decode())
+
+            def _json(self, status: int, doc: Any) -> None:
+                body = json.dumps(doc).encode()
+                self._record(status, len(body))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _hub_api(self, form: str | None) -> None:
+                """The Hub's file endpoints HfFileSystem uses: repo info, paths-info, tree (one page)."""
+                parts = urllib.parse.urlsplit(self.path).path.split("/")  # '', api, models, org, name, ...
+                repo = server.root / urllib.parse.unquote(parts[4]) if len(parts) > 4 else None
+                if repo is None or not repo.is_dir():
+                    self._json(404, {"error": "Repository not found"})
+                    return
+                if len(parts) <= 6:  # /api/models/org/name[/revision/rev]
+                    self._json(200, {"id": f"{parts[3]}/{parts[4]}", "sha": "0" * 40, "siblings": []})
+                    return
+                if parts[5] == "paths-info" and form is not None:
+                    wanted = urllib.parse.parse_qs(form).get("paths", [])
+                    self._json(200, [hub_entry(repo, p) for p in wanted if (repo / p).exists()])
+                    return
+                if parts[5] == "tree":
+                    inside = urllib.parse.unquote("/".join(parts[7:]))
+                    folder = repo / inside
+                    entries = [hub_entry(repo, str(c.relative_to(repo))) for c in sorted(folder.iterdir())]
+                    self._json(200, entries)
+                    return
+                self._json(404, {"error": "unknown endpoint"})
+
+            def _record(self, status: int, sent: int) -> None:
+                with server._lock:
+                    server.log.append(Logged(self.command, self.path, self.headers.get("Range"), status, sent))
+
+            def _fault(self) -> Any:
+                fault = server.faults.get(self.path)
+                if fault is None:
+                    return None
+                with server._lock:
+                    left = server.fail_times.get(self.path)
+                    if left is not None:
+                        if left <= 0:
+                            return None
+                        server.fail_times[self.path] = left - 1
+                return fault
+
+            def _serve(self, head: bool) -> None:
+                fault = self._fault()
+                if isinstance(fault, int):
+                    body = b"denied" if fault == 403 else b"failure"
+                    self.send_response(fault)
+                    self.send_header("Content-Length", str(len(body)))
+                    self._record(fault, 0)
+                    self.end_headers()
+                    if not head:
+                        self.wfile.write(body)
+                    return
+                target = server.root / self.path.lstrip("/").split("?", 1)[0]
+                hub = HUB_FILE_RE.match(self.path.split("?", 1)[0])
+                if hub is not None:  # /org/name/resolve/revision/path: the Hub's file URL
+                    target = server.root / urllib.parse.unquote(hub.group(1)) / urllib.parse.unquote(hub.group(2))
+                if target.is_dir():
+                    names = sorted(p.name for p in target.iterdir() if p.is_file())
+                    body = "".join(f'<a href="{n}">{n}</a>\n' for n in names).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html")
+                    self.send_header("Content-Length", str(len(body)))
+                    self._record(200, 0 if head else len(body))
+                    self.end_headers()
+                    if not head:
+                        self.wfile.write(body)
+                    return
+                if not target.is_file():
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self._record(404, 0)
+                    self.end_headers()
+                    return
+                size = target.stat().st_size
+                start, end, status = 0, size, 200
+                wanted = self.headers.get("Range")
+                if wanted:
+                    match = RANGE_RE.match(wanted.strip())
+                    if match is None or (not match.group(1) and not match.group(2)):
+                        self.send_response(416)
+                        self.send_header("Content-Length", "0")
+                        self._record(416, 0)
+                        self.end_headers()
+                        return
+                    a, b = match.group(1), match.group(2)
+                    if a:
+                        start, end = int(a), min(size, int(b) + 1) if b else size
+                    else:
+                        start, end = max(0, size - int(b)), size
+                    status = 206
+                self.send_response(status)
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("Content-Length", str(end - start))
+                if status == 206:
+                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+                if head:
+                    self._record(status, 0)
+                    self.end_headers()
+                    return
+                self.end_headers()
+                with open(target, "rb") as f:
+                    f.seek(start)
+                    data = f.read(end - start)
+                if fault in ("truncate", "reset"):
+                    data = data[: len(data) // 2]
+                    self._record(status, len(data))
+                    self.wfile.write(data)
+                    self.wfile.flush()
+                    if fault == "reset":  # RST instead of FIN: SO_LINGER with a zero timeout
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    return
+                self._record(status, len(data))  # logged before sending: the client may finish first
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def reset(self) -> None:
+        with self._lock:
+            self.log.clear()
+            self.faults.clear()
+            self.fail_times.clear()
+
+    def gets(self) -> list[Logged]:
+        with self._lock:
+            return [e for e in self.log if e.method == "GET"]
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def s3_environment(port: int) -> dict[str, str]:
+    return {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def upload_tree(fs: Any, local: Path, url: str) -> None:
+    """Copy a file or a directory's files to ``url`` with the given fsspec filesystem."""
+    if local.is_dir():
+        for name in sorted(os.listdir(local)):
+            if (local / name).is_file():
+                fs.put_file(str(local / name), f"{url}/{name}")
+    else:
+        fs.put_file(str(local), url)
