@@ -633,10 +633,6 @@ def build_benign(directory: Path) -> list[Sample]:
     for name, factory in benign_objects().items():
         torch.save(factory(), d / f"{name}.pt")
         add(name, d / f"{name}.pt")
-    torch.save(benign_objects()["training_ckpt"](), d / "protocol4.pt", pickle_protocol=4)
-    # torch's weights_only unpickler does not implement protocol 4 opcodes (FRAME,
-    # SHORT_BINUNICODE, ...): it refuses the file although nothing in it is unsafe.
-    add("protocol4", d / "protocol4.pt", torch_loads_weights_only=False)
     torch.save(benign_objects()["params_views_tied"](), d / "legacy.pt", _use_new_zipfile_serialization=False)
     add("legacy_format", d / "legacy.pt")
     torch.save(benign_objects()["module_state_dict"](), d / "weights.bin")
@@ -694,6 +690,10 @@ def build_not_weights_only(directory: Path) -> list[Sample]:
             "argparse_namespace", d / "timm_with_args.pth.tar", "not-weights-only", "argparse.Namespace", None, "unsafe"
         )
     )
+    torch.save(benign_objects()["training_ckpt"](), d / "protocol4.pt", pickle_protocol=4)
+    # torch's weights_only unpickler does not implement protocol 4 opcodes (FRAME,
+    # SHORT_BINUNICODE, ...): it refuses the file although nothing in it is hostile.
+    out.append(Sample("protocol4", d / "protocol4.pt", "not-weights-only", "weights-only-refused", None, "unsafe"))
     scripted = torch.jit.script(nn.Linear(2, 2))
     torch.jit.save(scripted, str(d / "scripted.pt"))
     out.append(Sample("torchscript", d / "scripted.pt", "not-weights-only", "torchscript", None, "unsafe"))

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import IO
 
 from ckptdoctor.engines.scan_archive import LOCAL_SIG, audit_zip, find_eocd, is_torchscript_member
-from ckptdoctor.engines.scan_pickle import Findings, PickleWalker, Window, is_pickle_start, walk_pickle
+from ckptdoctor.engines.scan_opcodes import Source, StrictReader
+from ckptdoctor.engines.scan_pickle import Findings, PickleWalker, is_pickle_start, walk_pickle
 from ckptdoctor.engines.scan_types import (
     DANGEROUS,
     TORCH_OTHER,
@@ -188,7 +189,7 @@ def _looks_like_old_pickle(f: IO[bytes], size: int) -> bool:
     names a plausible global (a text file parses for a few opcodes, then fails)."""
     trial = Findings()
     f.seek(0)
-    res = PickleWalker(trial, "trial").run(Window(f, 0, min(size, 1 << 20)))
+    res = PickleWalker(trial, "trial").run(StrictReader(Source(f, 0, min(size, 1 << 20))))
     if res.end is not None:
         return True
     return any(_IDENT.match(u.module) and _IDENT.match(u.qualname) for u in trial.uses.values())
