@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import struct
 from pathlib import Path
 from typing import IO
 
 from ckptdoctor.engines.scan_archive import LOCAL_SIG, audit_zip, find_eocd, is_torchscript_member
-from ckptdoctor.engines.scan_opcodes import Source, StrictReader
-from ckptdoctor.engines.scan_pickle import Findings, PickleWalker, is_pickle_start, walk_pickle
+from ckptdoctor.engines.scan_pickle import Findings, is_pickle_start, looks_like_pickle, walk_pickle
 from ckptdoctor.engines.scan_types import (
     DANGEROUS,
     TORCH_OTHER,
@@ -38,6 +36,7 @@ from ckptdoctor.engines.scan_types import (
     ScanReport,
 )
 from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint, InputNotFound, LimitExceeded, UnsupportedFormat
+from ckptdoctor.formats.magic import HEAD_BYTES, looks_like_text, refuse_wrapper
 
 __all__ = [
     "DANGEROUS",
@@ -85,7 +84,6 @@ SAFETENSORS_BITS = {
     "F6_E2M3": 6,
     "F6_E3M2": 6,
 }
-_IDENT = re.compile(r"^[A-Za-z_][\w.]*$")
 
 
 def scan(path: str | os.PathLike[str]) -> ScanReport:
@@ -130,7 +128,7 @@ def _result(path: Path, fmt: str, fd: Findings) -> FileScan:
 def _scan_open(f: IO[bytes], size: int, path: Path) -> FileScan:
     if size == 0:
         raise UnsupportedFormat("empty file")
-    head = f.read(16)
+    head = f.read(HEAD_BYTES)
     fd = Findings()
     eocd = find_eocd(f, size)
     names: tuple[str, ...] | None = None
@@ -166,33 +164,17 @@ def _scan_open(f: IO[bytes], size: int, path: Path) -> FileScan:
     if head[:4] == LOCAL_SIG:
         raise CorruptCheckpoint("zip archive without an end-of-central-directory record (truncated?)")
     if len(head) >= 9 and head[8:9] == b"{":
+        if struct.unpack("<Q", head[:8])[0] > size - 8:
+            refuse_wrapper(head, str(path))  # a gzip/7z whose 9th byte happens to be "{"
         return _scan_safetensors(f, size, path)
     if is_pickle_start(head):
         return _scan_pickles(f, size, path, fd)
-    if _looks_like_old_pickle(f, size):
+    refuse_wrapper(head, str(path))  # 7z, tar, gzip, ...: "unpack it first"
+    if looks_like_pickle(f, 0, size):
         return _scan_pickles(f, size, path, fd)
-    if _is_text(head):
+    if looks_like_text(head):
         raise UnsupportedFormat("text file, not a checkpoint")
     raise UnsupportedFormat("unrecognised bytes: not a zip, pickle or safetensors file")
-
-
-def _is_text(head: bytes) -> bool:
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def _looks_like_old_pickle(f: IO[bytes], size: int) -> bool:
-    """Protocol 0/1 pickles have no PROTO header; accept one only if it parses to STOP or
-    names a plausible global (a text file parses for a few opcodes, then fails)."""
-    trial = Findings()
-    f.seek(0)
-    res = PickleWalker(trial, "trial").run(StrictReader(Source(f, 0, min(size, 1 << 20))))
-    if res.end is not None:
-        return True
-    return any(_IDENT.match(u.module) and _IDENT.match(u.qualname) for u in trial.uses.values())
 
 
 def _scan_pickles(f: IO[bytes], size: int, path: Path, fd: Findings) -> FileScan:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import io
+import re
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -156,6 +157,28 @@ class PickleResult:
 def is_pickle_start(head: bytes) -> bool:
     """True for bytes that begin with a PROTO opcode of a real protocol (``\\x80\\x02``..``\\x05``)."""
     return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= HIGHEST_PROTOCOL
+
+
+_IDENT = re.compile(r"^[A-Za-z_][\w.]*$")
+TRIAL_BYTES = 1 << 20
+
+
+def looks_like_pickle(f: IO[bytes], base: int, length: int) -> bool:
+    """Do the bytes at *base* hold a pickle of any protocol, with or without a PROTO opcode?
+
+    A PROTO opcode (``\\x80`` + 0..5) says so. Protocol 0/1 pickles have no header: accept the
+    bytes if they parse to STOP, or name a plausible global (a text file parses for a few
+    opcodes, then fails; a crafted pickle may fail too, but only after its GLOBAL).
+    """
+    f.seek(base)
+    head = f.read(2)
+    if len(head) == 2 and head[0] == 0x80 and head[1] <= HIGHEST_PROTOCOL:
+        return True
+    trial = Findings()
+    res = PickleWalker(trial, "trial").run(READERS[STRICT](Source(f, base, min(length, TRIAL_BYTES))))
+    if res.end is not None:
+        return True
+    return any(_IDENT.match(u.module) and _IDENT.match(u.qualname) for u in trial.uses.values())
 
 
 def _split_global(arg: str) -> tuple[str, str]:

@@ -12,8 +12,7 @@ import struct
 
 from ..checkpoint import Checkpoint
 from ..errors import CorruptCheckpoint, InputNotFound, UnsupportedFormat
-
-ZIP_MAGIC = b"PK\x03\x04"
+from .magic import HEAD_BYTES, ZIP_MAGIC, looks_like_text, refuse_wrapper
 
 
 def detect_format(path: str) -> str:
@@ -33,37 +32,26 @@ def detect_format(path: str) -> str:
                                 hint="The save was interrupted; re-save or re-download it.")
     try:
         with open(path, "rb") as f:
-            head = f.read(264)
+            head = f.read(HEAD_BYTES)
     except OSError as exc:
         raise InputNotFound(f"cannot read ({exc.strerror})", path=path) from None
     if head.startswith(ZIP_MAGIC):
         return "torch-zip"
-    if head[257:262] == b"ustar":
-        # torch.save before 0.4 wrote a tar of pickles (torch/serialization.py `_load` tar branch).
-        raise UnsupportedFormat("a tar archive: torch.save's format from before torch 0.4, not supported", path=path,
-                                hint="Load it once with the torch of its time and re-save it with torch.save.")
-    if len(head) >= 9:
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if head[8:9] == b"{" and 0 < header_len <= st.st_size - 8:
-            return "safetensors"
-        if head[8:9] == b"{":
-            raise CorruptCheckpoint(f"safetensors header declares {header_len} bytes but the file has "
-                                    f"{st.st_size - 8} after the length field", path=path)
+    header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 9 else 0
+    if head[8:9] == b"{" and 0 < header_len <= st.st_size - 8:
+        return "safetensors"
+    refuse_wrapper(head, path)  # 7z, tar, gzip, ...: "unpack it first" (after safetensors: a header
+    # length can begin with gzip's two magic bytes)
+    if head[8:9] == b"{":
+        raise CorruptCheckpoint(f"safetensors header declares {header_len} bytes but the file has "
+                                f"{st.st_size - 8} after the length field", path=path)
     if head[:1] == b"\x80":
         # torch.load treats anything that is not a zip as a legacy pickle stream.
         return "torch-legacy"
-    if _looks_like_text(head):
+    if looks_like_text(head):
         raise UnsupportedFormat("a text file, not a checkpoint", path=path)
     raise UnsupportedFormat("unknown file format (not a torch.save zip, legacy pickle or safetensors file)",
                             path=path)
-
-
-def _looks_like_text(head: bytes) -> bool:
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return all(c >= 32 or c in (9, 10, 13) for c in head)
 
 
 def open_checkpoint(path: str | os.PathLike[str], entry: str | None = None) -> Checkpoint:

@@ -19,10 +19,10 @@ from typing import Any
 from ..checkpoint import ByteRange, Checkpoint, StorageInfo, itemsize
 from ..errors import CorruptCheckpoint, LimitExceeded, UnsafeContent, UnsupportedFormat
 from .locate import build_checkpoint
+from .magic import ZIP_MAGIC
 from .pickle_globals import StorageType
 from .safe_pickle import load_pickle
 
-ZIP_MAGIC = b"PK\x03\x04"
 MAX_MEMBERS = 5_000_000
 MAX_PICKLE_MEMBER = 1 << 31
 LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
