@@ -129,6 +129,10 @@ def _scan_open(f: IO[bytes], size: int, path: Path) -> FileScan:
     if size == 0:
         raise UnsupportedFormat("empty file")
     head = f.read(HEAD_BYTES)
+    if not (head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8):  # not safetensors
+        # 7z, tar, gzip, ...: "unpack it first" (a tar holding a zip is not a zip polyglot:
+        # torch.load tries it as a tar and fails)
+        refuse_wrapper(head, str(path))
     fd = Findings()
     eocd = find_eocd(f, size)
     names: tuple[str, ...] | None = None
@@ -164,12 +168,9 @@ def _scan_open(f: IO[bytes], size: int, path: Path) -> FileScan:
     if head[:4] == LOCAL_SIG:
         raise CorruptCheckpoint("zip archive without an end-of-central-directory record (truncated?)")
     if len(head) >= 9 and head[8:9] == b"{":
-        if struct.unpack("<Q", head[:8])[0] > size - 8:
-            refuse_wrapper(head, str(path))  # a gzip/7z whose 9th byte happens to be "{"
         return _scan_safetensors(f, size, path)
     if is_pickle_start(head):
         return _scan_pickles(f, size, path, fd)
-    refuse_wrapper(head, str(path))  # 7z, tar, gzip, ...: "unpack it first"
     if looks_like_pickle(f, 0, size):
         return _scan_pickles(f, size, path, fd)
     if looks_like_text(head):
