@@ -37,6 +37,7 @@ from ckptdoctor.engines.scan_types import (
 )
 from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint, InputNotFound, LimitExceeded, UnsupportedFormat
 from ckptdoctor.formats.magic import HEAD_BYTES, looks_like_text, refuse_wrapper
+from ckptdoctor.formats.safetensors_format import MAX_HEADER_BYTES, safetensors_bits
 
 __all__ = [
     "DANGEROUS",
@@ -57,33 +58,10 @@ __all__ = [
 LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
 LEGACY_PICKLES = ("magic number", "protocol version", "sys info", "data", "storage keys")
 MAX_EXTRA_PICKLES = 8
-SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors crate refuses larger headers too
+SAFETENSORS_MAX_HEADER = MAX_HEADER_BYTES  # the safetensors crate refuses larger headers too
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors", ".pkl", ".pickle")
 MAX_DIR_FILES = 10_000
 MAX_DIR_DEPTH = 8
-# bits per element for every dtype name the safetensors format defines
-SAFETENSORS_BITS = {
-    "BOOL": 8,
-    "U8": 8,
-    "I8": 8,
-    "F8_E5M2": 8,
-    "F8_E4M3": 8,
-    "F8_E8M0": 8,
-    "I16": 16,
-    "U16": 16,
-    "F16": 16,
-    "BF16": 16,
-    "I32": 32,
-    "U32": 32,
-    "F32": 32,
-    "C64": 64,
-    "F64": 64,
-    "I64": 64,
-    "U64": 64,
-    "F4": 4,
-    "F6_E2M3": 6,
-    "F6_E3M2": 6,
-}
 
 
 def scan(path: str | os.PathLike[str]) -> ScanReport:
@@ -267,7 +245,7 @@ def _check_tensor_entry(key: str, info: object, data_len: int, fd: Findings) -> 
         fd.anomaly("bad-entry", "tensor entry is not an object", key)
         return None
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    bits = SAFETENSORS_BITS.get(dtype) if isinstance(dtype, str) else None
+    bits = safetensors_bits(dtype)
     if bits is None:
         fd.anomaly("bad-dtype", f"unknown dtype {dtype!r}", key)
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..checkpoint import ByteRange, Checkpoint, StorageInfo, TensorRecord, itemsize
+from ..checkpoint import DTYPE_BITS, ByteRange, Checkpoint, StorageInfo, TensorRecord, itemsize
 from ..errors import CorruptCheckpoint, EntryNotFound, LimitExceeded, UnsupportedFormat
 from .locate import build_checkpoint
 from .pickle_globals import contiguous_stride
@@ -44,6 +44,22 @@ SAFETENSORS_DTYPES: dict[str, str] = {
 }
 # Valid safetensors dtypes torch has no dtype for (src/tensor.rs): readable as bytes only.
 UNREPRESENTABLE_DTYPES = frozenset({"F6_E2M3", "F6_E3M2"})
+# Bits per element where safetensors counts elements differently from torch (src/tensor.rs `bitsize`).
+_SUB_BYTE_BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+
+
+def safetensors_bits(st_dtype: object) -> int | None:
+    """Bits per element of a safetensors dtype name as the format counts them; None if unknown.
+
+    The one table of safetensors dtypes (the reader's, above) serves the reader, the writer and
+    ``scan``, so no tool flags a file another writes.
+    """
+    if not isinstance(st_dtype, str):
+        return None
+    if st_dtype in _SUB_BYTE_BITS:
+        return _SUB_BYTE_BITS[st_dtype]
+    torch_name = SAFETENSORS_DTYPES.get(st_dtype)
+    return None if torch_name is None else DTYPE_BITS[torch_name]
 
 
 @dataclass(frozen=True)
