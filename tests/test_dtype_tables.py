@@ -75,6 +75,6 @@ def test_every_dtype_the_writer_writes_is_read_back_and_scanned_safe(tmp_path: P
     assert f.safe and f.anomalies == (), f.anomalies
     (t,) = open_checkpoint(out).tensors
     assert t.tensor.dtype == torch_dtype
-    assert (
-        json.loads(out.read_bytes()[8:].split(b"}}", 1)[0] + b"}}")["t"]["dtype"] == TORCH_TO_SAFETENSORS[torch_dtype]
-    )
+    data = out.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    assert json.loads(data[8 : 8 + n])["t"]["dtype"] == TORCH_TO_SAFETENSORS[torch_dtype]
