@@ -22,6 +22,7 @@ from ckptdoctor.engines.scan_payloads import code_like
 from ckptdoctor.engines.scan_pickle import TRIAL_BYTES, Findings, is_pickle_start, looks_like_pickle, walk_pickle
 from ckptdoctor.errors import CorruptCheckpoint, LimitExceeded
 from ckptdoctor.formats.magic import ZIP_MAGIC as LOCAL_SIG
+from ckptdoctor.limits import MAX_MEMBERS, MAX_PICKLE_BYTES
 
 CENTRAL_SIG = b"PK\x01\x02"
 EOCD_SIG = b"PK\x05\x06"
@@ -30,9 +31,8 @@ EOCD64_LOCATOR_SIG = b"PK\x06\x07"
 DESCRIPTOR_SIG = b"PK\x07\x08"
 MAX_COMMENT = 0xFFFF
 MAX_CENTRAL_DIR = 256 << 20
-MAX_MEMBERS = 1_000_000
 CRC_LIMIT = 64 << 20  # CRC is checked for pickles and for members up to this size
-MAX_PICKLE = 1 << 30  # a deflated pickle is inflated up to this many bytes
+MAX_PICKLE = MAX_PICKLE_BYTES  # a deflated pickle is inflated up to this many bytes
 HEAD = 4096  # bytes of each member read to recognise pickles and code
 # what torch.save writes under the archive's folder besides data/<key> (torch/serialization.py
 # _save, caffe2/serialize/inline_container.cc); TorchScript adds code/, constants/, extra/

@@ -47,9 +47,9 @@ from ckptdoctor.engines.scan_types import (
     Anomaly,
     GlobalUse,
 )
+from ckptdoctor.limits import MAX_MARK_DEPTH
 
 MAX_OPS = 5_000_000  # a 70B-parameter checkpoint's data.pkl has a few hundred thousand opcodes
-MAX_MARK_DEPTH = 1_000  # torch.save output nests a few dozen levels at most
 MAX_NESTED_DEPTH = 4
 MAX_ANOMALIES_PER_CODE = 10
 HIGHEST_PROTOCOL = 5

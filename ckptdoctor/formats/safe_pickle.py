@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 from ..checkpoint import GlobalRef, OpaqueObject, TensorRecord
 from ..errors import CorruptCheckpoint, LimitExceeded, UnsafeContent
+from ..limits import MAX_MARK_DEPTH, MAX_PICKLE_BYTES
 from .pickle_globals import (
     CALLABLE_STAND_INS,
     RECORDED_VALUE_TYPES,
@@ -43,8 +44,6 @@ from .pickle_globals import (
     resolve_global,
 )
 
-MAX_PICKLE_BYTES = 1 << 31  # a 2 GiB pickle of metadata is not a checkpoint
-MAX_MARK_DEPTH = 10_000
 # The pure-Python unpickler is private API; typed as Any so its internals (pop_mark, memo,
 # dispatch) need no stubs. It exists unchanged from Python 3.8 to 3.14.
 PersistentLoad = Callable[[Any], Any]

@@ -18,13 +18,13 @@ from typing import Any
 
 from ..checkpoint import ByteRange, Checkpoint, StorageInfo, itemsize
 from ..errors import CorruptCheckpoint, LimitExceeded, UnsafeContent, UnsupportedFormat
+from ..limits import MAX_MEMBERS, MAX_PICKLE_BYTES
 from .locate import build_checkpoint
 from .magic import ZIP_MAGIC
 from .pickle_globals import StorageType
 from .safe_pickle import load_pickle
 
-MAX_MEMBERS = 5_000_000
-MAX_PICKLE_MEMBER = 1 << 31
+MAX_PICKLE_MEMBER = MAX_PICKLE_BYTES
 LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 
 
