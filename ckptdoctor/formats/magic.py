@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import shlex
+import tarfile
 
 from ..errors import UnsupportedFormat
 
@@ -41,14 +42,23 @@ def archive_wrapper(head: bytes) -> tuple[str, str] | None:
     return None
 
 
-def is_torch_tar(head: bytes) -> bool:
-    """A tar whose first member is one torch.save wrote before torch 0.4."""
-    return head[257:262] == b"ustar" and head[:100].split(b"\0", 1)[0] in _TORCH_TAR_MEMBERS
+def is_torch_tar(head: bytes, path: str) -> bool:
+    """A tar holding the members torch.save wrote before torch 0.4 (only headers are read)."""
+    if head[257:262] != b"ustar":
+        return False
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for _, info in zip(range(8), tar):
+                if info.name.encode() in _TORCH_TAR_MEMBERS:
+                    return True
+    except (tarfile.TarError, OSError, UnicodeError):
+        return False
+    return False
 
 
 def refuse_wrapper(head: bytes, path: str) -> None:
     """Raise :class:`UnsupportedFormat` naming the wrapper, with an "unpack it first" hint."""
-    if is_torch_tar(head):
+    if is_torch_tar(head, path):
         raise UnsupportedFormat(
             "a tar archive in torch.save's format from before torch 0.4, not supported",
             path=path,
