@@ -77,6 +77,12 @@ class Source:
 
     def get(self, start: int, n: int) -> bytes:
         """Bytes ``[start, start + n)`` clipped to the window."""
+        off = start - self._chunk_at
+        if off >= 0 and off + n <= len(self._chunk):
+            return self._chunk[off : off + n]
+        return self._fill(start, n)
+
+    def _fill(self, start: int, n: int) -> bytes:
         n = max(0, min(n, self.length - start))
         if n == 0:
             return b""
@@ -135,6 +141,10 @@ class Reader:
         self.pos = start + n
         return start
 
+    def take(self, n: int) -> bytes:
+        """Consume *n* bytes for a fixed-size field and return them (they end at ``pos``)."""
+        return self.src.get(self.read(n), n)
+
     def payload(self, n: int) -> int:
         """Consume a bytes payload (``BINBYTES``..., read with ``readinto`` by CPython)."""
         return self.read(n)
@@ -179,8 +189,23 @@ class StrictReader(Reader):
             )
 
     def read(self, n: int) -> int:
-        self._check(n)
-        return super().read(n)
+        if self.frame_end is not None:
+            self._check(n)
+        start = self.pos
+        if start + n > self.src.length:
+            raise _truncated(f"{n} bytes wanted at offset {start}", start)
+        self.pos = start + n
+        return start
+
+    def take(self, n: int) -> bytes:
+        if self.frame_end is not None:
+            self._check(n)
+        start = self.pos
+        end = start + n
+        if end > self.src.length:
+            raise _truncated(f"{n} bytes wanted at offset {start}", start)
+        self.pos = end
+        return self.src.get(start, n)
 
     def payload(self, n: int) -> int:
         return self.read(n)
@@ -288,10 +313,13 @@ _NONE_OPS = {
     b"\x98": "READONLY_BUFFER",
 }  # fmt: skip
 _INT_OPS = {
-    b"\x80": ("PROTO", "<B"), b"J": ("BININT", "<i"), b"K": ("BININT1", "<B"), b"M": ("BININT2", "<H"),
-    b"G": ("BINFLOAT", ">d"), b"h": ("BINGET", "<B"), b"j": ("LONG_BINGET", "<I"), b"q": ("BINPUT", "<B"),
-    b"r": ("LONG_BINPUT", "<I"), b"\x82": ("EXT1", "<B"), b"\x83": ("EXT2", "<H"), b"\x84": ("EXT4", "<i"),
-    b"\x95": ("FRAME", "<Q"),
+    key: (name, struct.Struct(fmt))
+    for key, (name, fmt) in {
+        b"\x80": ("PROTO", "<B"), b"J": ("BININT", "<i"), b"K": ("BININT1", "<B"), b"M": ("BININT2", "<H"),
+        b"G": ("BINFLOAT", ">d"), b"h": ("BINGET", "<B"), b"j": ("LONG_BINGET", "<I"), b"q": ("BINPUT", "<B"),
+        b"r": ("LONG_BINPUT", "<I"), b"\x82": ("EXT1", "<B"), b"\x83": ("EXT2", "<H"), b"\x84": ("EXT4", "<i"),
+        b"\x95": ("FRAME", "<Q"),
+    }.items()
 }  # fmt: skip
 # (name, size format, content): text = UTF-8 str, bytes = a Span, str8 = Python 2 str, long = ignored
 _COUNTED_OPS = {
@@ -320,22 +348,22 @@ def decode(reader: Reader) -> Iterator[tuple[str, Any, int]]:
     than :data:`MAX_TEXT`), :class:`Span` for bytes, ``"module name"`` for GLOBAL/INST,
     :class:`LongLine` for over-long protocol 0 lines.
     """
-    src = reader.src
-    read = reader.read
+    take = reader.take
+    none_ops = _NONE_OPS
+    int_ops = _INT_OPS
     while True:
-        at = read(1)
-        key = src.get(at, 1)
-        name = _NONE_OPS.get(key)
+        key = take(1)
+        at = reader.pos - 1
+        name = none_ops.get(key)
         if name is not None:
             yield name, None, at
             if name == "STOP":
                 return
             continue
-        spec = _INT_OPS.get(key)
+        spec = int_ops.get(key)
         if spec is not None:
             name, fmt = spec
-            size = struct.calcsize(fmt)
-            (value,) = struct.unpack(fmt, src.get(read(size), size))
+            (value,) = fmt.unpack(take(fmt.size))
             if name == "FRAME":
                 if value > MAX_SIZE:
                     raise PickleReadError("malformed-pickle", f"FRAME length {value} exceeds sys.maxsize", at)
@@ -361,8 +389,7 @@ def decode(reader: Reader) -> Iterator[tuple[str, Any, int]]:
 
 def _counted(reader: Reader, spec: tuple[str, str, str], at: int) -> Any:
     name, fmt, content = spec
-    size_len = struct.calcsize(fmt)
-    (n,) = struct.unpack(fmt, reader.src.get(reader.read(size_len), size_len))
+    (n,) = struct.unpack(fmt, reader.take(struct.calcsize(fmt)))
     if n < 0:
         raise PickleReadError("malformed-pickle", f"{name} has a negative byte count", at)
     if n > MAX_SIZE:
