@@ -201,3 +201,40 @@ def test_pre_04_torch_tar_keeps_its_own_message(tmp_path: Path) -> None:
     for cmd in ("scan", "inspect"):
         r = run_cli(cmd, str(p))
         assert r.exit_code == 2 and "before torch 0.4" in r.stderr
+
+
+# -- NumPy .npy / .npz: an object array's data is a pickle -------------------------------------
+
+
+def test_numpy_object_arrays_are_walked(tmp_path: Path) -> None:
+    import numpy as np
+
+    np.save(tmp_path / "ints.npy", np.arange(6))
+    (f,) = scan(tmp_path / "ints.npy").files
+    assert (f.format, f.safe, f.pickles) == ("numpy", True, ())
+
+    np.save(tmp_path / "objs.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    (f,) = scan(tmp_path / "objs.npy").files
+    assert f.format == "numpy" and not f.safe
+    assert any(g.name.endswith("multiarray._reconstruct") for g in f.globals)
+
+    np.savez_compressed(tmp_path / "mixed.npz", ints=np.arange(3), objs=np.array([1, "x"], dtype=object))
+    (f,) = scan(tmp_path / "mixed.npz").files
+    assert f.format == "zip" and not f.safe
+    assert f.pickles == ("objs.npy (object array)",)
+
+    r = run_cli("inspect", str(tmp_path / "ints.npy"))
+    assert r.exit_code == 2 and "NumPy .npy" in r.stderr
+
+
+def test_payload_after_an_npy_header_is_found(tmp_path: Path) -> None:
+    header = b"{'descr': '|O', 'fortran_order': False, 'shape': (1,), }".ljust(117) + b"\n"
+    data = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + os_system_pickle(tmp_path / "never")
+    p = tmp_path / "evil.npy"
+    p.write_bytes(data)
+    (f,) = scan(p).files
+    assert {g.name for g in f.globals if g.verdict == DANGEROUS} == {"os.system"}
+    p2 = tmp_path / "evil.npz"
+    p2.write_bytes(build_zip([ZipEntry("arr_0.npy", data)]))
+    (f,) = scan(p2).files
+    assert {g.name for g in f.globals if g.verdict == DANGEROUS} == {"os.system"}

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from ckptdoctor.engines.scan_archive import LOCAL_SIG, audit_zip, find_eocd, is_torchscript_member
+from ckptdoctor.engines.scan_payloads import NPY_HEADER_LIMIT, npy_pickle_offset
 from ckptdoctor.engines.scan_pickle import Findings, is_pickle_start, looks_like_pickle, walk_pickle
 from ckptdoctor.engines.scan_types import (
     DANGEROUS,
@@ -36,7 +37,7 @@ from ckptdoctor.engines.scan_types import (
     ScanReport,
 )
 from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint, InputNotFound, LimitExceeded, UnsupportedFormat
-from ckptdoctor.formats.magic import HEAD_BYTES, looks_like_text, refuse_wrapper
+from ckptdoctor.formats.magic import HEAD_BYTES, NPY_MAGIC, looks_like_text, refuse_wrapper
 from ckptdoctor.formats.safetensors_format import MAX_HEADER_BYTES, safetensors_bits
 
 __all__ = [
@@ -107,6 +108,8 @@ def _scan_open(f: IO[bytes], size: int, path: Path) -> FileScan:
     if size == 0:
         raise UnsupportedFormat("empty file")
     head = f.read(HEAD_BYTES)
+    if head.startswith(NPY_MAGIC):
+        return _scan_npy(f, path)
     if not (head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8):  # not safetensors
         # 7z, tar, gzip, ...: "unpack it first" (a tar holding a zip is not a zip polyglot:
         # torch.load tries it as a tar and fails)
@@ -142,7 +145,8 @@ def _scan_open(f: IO[bytes], size: int, path: Path) -> FileScan:
             return _result(path, "torchscript", fd)
         if not fd.pickles:
             raise UnsupportedFormat("zip archive without data.pkl: not a torch.save file")
-        return _result(path, "torch-zip", fd)
+        # a zip without data.pkl that holds pickles (an .npz of object arrays, a pickle shipped in a zip)
+        return _result(path, "torch-zip" if any(n.endswith("data.pkl") for n in names) else "zip", fd)
     if head[:4] == LOCAL_SIG:
         raise CorruptCheckpoint("zip archive without an end-of-central-directory record (truncated?)")
     if len(head) >= 9 and head[8:9] == b"{":
@@ -154,6 +158,18 @@ def _scan_open(f: IO[bytes], size: int, path: Path) -> FileScan:
     if looks_like_text(head):
         raise UnsupportedFormat("text file, not a checkpoint")
     raise UnsupportedFormat("unrecognised bytes: not a zip, pickle or safetensors file")
+
+
+def _scan_npy(f: IO[bytes], path: Path) -> FileScan:
+    """A NumPy ``.npy``: an object array's data is a pickle ``np.load(allow_pickle=True)`` runs."""
+    fd = Findings()
+    f.seek(0)
+    offset = npy_pickle_offset(f.read(NPY_HEADER_LIMIT))
+    if offset is not None:
+        size = f.seek(0, 2)
+        f.seek(offset)
+        walk_pickle(f, size - offset, fd, "object array (pickle after the .npy header)")
+    return _result(path, "numpy", fd)
 
 
 def _scan_pickles(f: IO[bytes], size: int, path: Path, fd: Findings) -> FileScan:

@@ -18,9 +18,10 @@ import zlib
 from dataclasses import dataclass
 from typing import IO
 
-from ckptdoctor.engines.scan_payloads import code_like
+from ckptdoctor.engines.scan_payloads import NPY_HEADER_LIMIT, code_like, npy_pickle_offset
 from ckptdoctor.engines.scan_pickle import TRIAL_BYTES, Findings, is_pickle_start, looks_like_pickle, walk_pickle
 from ckptdoctor.errors import CorruptCheckpoint, LimitExceeded
+from ckptdoctor.formats.magic import NPY_MAGIC
 from ckptdoctor.formats.magic import ZIP_MAGIC as LOCAL_SIG
 from ckptdoctor.limits import MAX_MEMBERS, MAX_PICKLE_BYTES
 
@@ -319,12 +320,28 @@ class ArchiveAudit:
                 )
             if named_pickle or hidden:
                 self._scan_pickle_member(m, label)
+            elif head.startswith(NPY_MAGIC):
+                self._scan_npy_member(m, label)
             elif not expected and not is_storage and not ts_code:
                 what = code_like(head)
                 if what is not None:
                     self.anomaly("stray-code", f"member outside torch's layout holds {what}", label)
         if big:
             self.fd.note(f"CRC not checked for {big} member(s) larger than {CRC_LIMIT >> 20} MiB")
+
+    def _scan_npy_member(self, m: Member, label: str) -> None:
+        """An .npy member (an .npz archive): an object array's data is a pickle np.load runs."""
+        assert m.data_offset is not None
+        if m.method == 0:
+            offset = npy_pickle_offset(_read_at(self.f, m.data_offset, min(m.csize, NPY_HEADER_LIMIT)))
+            if offset is not None:
+                self.f.seek(m.data_offset + offset)
+                walk_pickle(self.f, max(0, m.csize - offset), self.fd, f"{label} (object array)")
+        elif m.method == 8:
+            data = self._inflate(m, MAX_PICKLE)
+            offset = npy_pickle_offset(data[:NPY_HEADER_LIMIT])
+            if offset is not None:
+                walk_pickle(io.BytesIO(data[offset:]), len(data) - offset, self.fd, f"{label} (object array)")
 
     def _in_layout(self, name: str) -> bool:
         """Is *name* a member torch.save or torch.jit.save writes (under the archive's folder)?"""

@@ -10,9 +10,11 @@ unmistakable statements for text, to keep false positives off real files.
 
 from __future__ import annotations
 
+import ast
 import re
+import struct
 
-from ckptdoctor.formats.magic import looks_like_text
+from ckptdoctor.formats.magic import NPY_MAGIC, looks_like_text
 
 _BINARY_MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\x7fELF", "an ELF executable or shared library"),
@@ -52,3 +54,46 @@ def code_like(head: bytes) -> str | None:
         if _SHELL.search(head):
             return "a shell script"
     return None
+
+
+NPY_HEADER_LIMIT = 1 << 20  # bytes read to find an .npy header's end (numpy writes ~128)
+_OBJECT_DTYPE = re.compile(r"^[|<>=]?O\d*$")
+
+
+def npy_pickle_offset(head: bytes) -> int | None:
+    """Where the pickle starts in a NumPy ``.npy`` holding an object array, else None.
+
+    ``numpy.lib.format.read_array`` unpickles the data of any dtype that holds Python objects
+    (``np.load(allow_pickle=True)``); the header is a Python literal read here with
+    ``ast.literal_eval``, which evaluates no code.
+    """
+    if not head.startswith(NPY_MAGIC) or len(head) < 10:
+        return None
+    if head[6] == 1:
+        (n,) = struct.unpack_from("<H", head, 8)
+        start = 10
+    else:
+        if len(head) < 12:
+            return None
+        (n,) = struct.unpack_from("<I", head, 8)
+        start = 12
+    raw = head[start : start + n]
+    if len(raw) < n:
+        return None
+    try:
+        header = ast.literal_eval(raw.decode("latin-1"))
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    return start + n if _has_object(header.get("descr"), 0) else None
+
+
+def _has_object(descr: object, depth: int) -> bool:
+    if depth > 32:
+        return True  # absurd nesting: assume the worst
+    if isinstance(descr, str):
+        return bool(_OBJECT_DTYPE.match(descr))
+    if isinstance(descr, (list, tuple)):
+        return any(_has_object(d, depth + 1) for d in descr)
+    return False

@@ -16,6 +16,7 @@ import tarfile
 from ..errors import UnsupportedFormat
 
 ZIP_MAGIC = b"PK\x03\x04"  # a zip local file header: torch.save >= 1.6, TorchScript
+NPY_MAGIC = b"\x93NUMPY"  # numpy.save (numpy/lib/format.py); .npz is a zip of these
 HEAD_BYTES = 512  # enough for every check below (a tar header is 512 bytes)
 
 # (magic, offset, what it is, how to unpack it; {path} is the shell-quoted file name)
@@ -63,6 +64,12 @@ def refuse_wrapper(head: bytes, path: str) -> None:
             "a tar archive in torch.save's format from before torch 0.4, not supported",
             path=path,
             hint="Load it once with the torch of its time and re-save it with torch.save.",
+        )
+    if head.startswith(NPY_MAGIC):
+        raise UnsupportedFormat(
+            "a NumPy .npy array, not a checkpoint",
+            path=path,
+            hint="Load it with numpy.load(path, allow_pickle=False); `ckptdoctor scan` checks its pickle, if any.",
         )
     found = archive_wrapper(head)
     if found is None:
