@@ -295,7 +295,9 @@ class ArchiveAudit:
                 continue
             seen[m.name] = seen.get(m.name, 0) + 1
             label = m.name if seen[m.name] == 1 else f"{m.name} (copy {seen[m.name]})"
-            is_storage = "/data/" in f"/{m.name}" and not m.name.endswith(".pkl")
+            is_storage = (
+                "/data/" in f"/{m.name}" or (self.torchscript and "/constants/" in f"/{m.name}")
+            ) and not m.name.endswith(".pkl")
             head = _read_at(self.f, m.data_offset, min(m.csize, HEAD)) if m.method == 0 else self._inflate(m, HEAD)
             named_pickle = m.name.endswith((".pkl", ".debug_pkl")) or (m.local_name or "").endswith(".pkl")
             expected = self._in_layout(m.name)
