@@ -243,3 +243,19 @@ def test_scan_reports_every_global_cpython_imports(tmp_path: Path, data: bytes) 
         assert set(imported) <= reported, (label, imported, reported)
     if ran["C"][0] != ran["Python"][0]:  # the readings disagree: scan must have noticed why
         assert not f.safe
+
+
+def test_cli_exits_1_and_names_the_divergence(tmp_path: Path) -> None:
+    from tests.cli_helpers import run_cli
+
+    p = tmp_path / "model.pt"
+    members = torch_members({"w": 1})
+    members[0] = ZipEntry("archive/data.pkl", frame_divergence_pickle(_hidden(tmp_path / "MARKER")))
+    p.write_bytes(build_zip(members))
+    r = run_cli("scan", str(p))
+    assert r.exit_code == 1
+    assert "✗ unsafe" in r.stdout and "frame-violation" in r.stdout and "os.system" in r.stdout
+    doc = run_cli("scan", str(p), "--json").json()
+    (entry,) = doc["files"]
+    assert doc["safe"] is False and "frame-violation" in {a["code"] for a in entry["anomalies"]}
+    assert not (tmp_path / "MARKER").exists()

@@ -238,3 +238,11 @@ def test_payload_after_an_npy_header_is_found(tmp_path: Path) -> None:
     p2.write_bytes(build_zip([ZipEntry("arr_0.npy", data)]))
     (f,) = scan(p2).files
     assert {g.name for g in f.globals if g.verdict == DANGEROUS} == {"os.system"}
+
+
+def test_cli_exits_1_and_names_the_stray_member(tmp_path: Path) -> None:
+    p = tmp_path / "model.pt"
+    p.write_bytes(build_zip([*torch_members({"w": 1}), ZipEntry("archive/extra/cfg", b"cos\nsystem\n(Vid\ntR.")]))
+    r = run_cli("scan", str(p))
+    assert r.exit_code == 1
+    assert "hidden-pickle" in r.stdout and "archive/extra/cfg" in r.stdout and "os.system" in r.stdout
