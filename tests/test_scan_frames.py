@@ -259,3 +259,13 @@ def test_cli_exits_1_and_names_the_divergence(tmp_path: Path) -> None:
     (entry,) = doc["files"]
     assert doc["safe"] is False and "frame-violation" in {a["code"] for a in entry["anomalies"]}
     assert not (tmp_path / "MARKER").exists()
+
+
+@pytest.mark.parametrize("op", [b"g", b"p", b"I", b"V", b"S", b"P"])
+def test_protocol0_lines_longer_than_the_cap_never_crash(tmp_path: Path, op: bytes) -> None:
+    from ckptdoctor.engines.scan_opcodes import MAX_LINE
+
+    data = b"\x80\x02N" + op + b"1" * (MAX_LINE + 10) + b"\n."
+    f = _scan_bytes(tmp_path, data)
+    assert not f.safe
+    assert {a.code for a in f.anomalies} & {"malformed-pickle", "long-line", "weights-only-refused"}

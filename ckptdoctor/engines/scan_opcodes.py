@@ -427,6 +427,8 @@ def _utf8(raw: bytes | LongLine, at: int) -> str:
 
 def _line_arg(name: str, raw: bytes | LongLine, at: int) -> Any:
     if isinstance(raw, LongLine):
+        if name in ("GET", "PUT"):  # CPython's int() refuses that many digits too
+            raise PickleReadError("malformed-pickle", f"{name} index at offset {at} is over {MAX_LINE} bytes", at)
         return raw
     if name in ("GET", "PUT"):
         try:
