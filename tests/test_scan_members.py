@@ -8,6 +8,7 @@ documented headers otherwise (7z, zstd, RAR).
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import importlib.util
 import io
@@ -19,8 +20,11 @@ import zlib
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ckptdoctor.engines.scan import DANGEROUS, FileScan, scan
+from ckptdoctor.errors import CkptDoctorError
 from tests.cli_helpers import run_cli
 from tests.hostile import PROTO2, STOP, ZipEntry, build_zip, glob, os_system_pickle, torch_members
 
@@ -246,3 +250,19 @@ def test_cli_exits_1_and_names_the_stray_member(tmp_path: Path) -> None:
     r = run_cli("scan", str(p))
     assert r.exit_code == 1
     assert "hidden-pickle" in r.stdout and "archive/extra/cfg" in r.stdout and "os.system" in r.stdout
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    prefix=st.sampled_from(
+        [b"", b"\x93NUMPY\x01\x00", b"\x93NUMPY\x02\x00", b"#!", b"MZ", b"\x7fELF", b"\x80\x02", b"c"]
+    ),
+    body=st.binary(max_size=300),
+    name=st.sampled_from(["archive/x", "archive/y.pkl", "other/z", "archive/data/9", "archive/byteorder"]),
+    method=st.sampled_from([0, 8]),
+)
+def test_any_member_content_never_crashes(tmp_path: Path, prefix: bytes, body: bytes, name: str, method: int) -> None:
+    p = tmp_path / "fuzz.pt"
+    p.write_bytes(build_zip([*torch_members({"w": 1}), ZipEntry(name, prefix + body, method=method)]))
+    with contextlib.suppress(CkptDoctorError):
+        scan(p)
