@@ -37,7 +37,7 @@ from ckptdoctor.engines.scan_types import (
     ScanReport,
 )
 from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint, InputNotFound, LimitExceeded, UnsupportedFormat
-from ckptdoctor.formats.magic import HEAD_BYTES, NPY_MAGIC, looks_like_text, refuse_wrapper
+from ckptdoctor.formats.magic import HEAD_BYTES, NPY_MAGIC, looks_like_text, npy_error, refuse_wrapper
 from ckptdoctor.formats.safetensors_format import MAX_HEADER_BYTES, safetensors_bits
 
 __all__ = [
@@ -164,11 +164,13 @@ def _scan_npy(f: IO[bytes], path: Path) -> FileScan:
     """A NumPy ``.npy``: an object array's data is a pickle ``np.load(allow_pickle=True)`` runs."""
     fd = Findings()
     f.seek(0)
-    offset = npy_pickle_offset(f.read(NPY_HEADER_LIMIT))
-    if offset is not None:
-        size = f.seek(0, 2)
-        f.seek(offset)
-        walk_pickle(f, size - offset, fd, "object array (pickle after the .npy header)")
+    head = f.read(NPY_HEADER_LIMIT)
+    offset = npy_pickle_offset(head)
+    if offset is None:  # numbers only: no pickle, and not a checkpoint (as every command says)
+        raise npy_error(str(path))
+    size = f.seek(0, 2)
+    f.seek(offset)
+    walk_pickle(f, size - offset, fd, "object array (pickle after the .npy header)")
     return _result(path, "numpy", fd)
 
 

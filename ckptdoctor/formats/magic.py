@@ -66,11 +66,7 @@ def refuse_wrapper(head: bytes, path: str) -> None:
             hint="Load it once with the torch of its time and re-save it with torch.save.",
         )
     if head.startswith(NPY_MAGIC):
-        raise UnsupportedFormat(
-            "a NumPy .npy array, not a checkpoint",
-            path=path,
-            hint="Load it with numpy.load(path, allow_pickle=False); `ckptdoctor scan` checks its pickle, if any.",
-        )
+        raise npy_error(path)
     found = archive_wrapper(head)
     if found is None:
         return
@@ -89,3 +85,12 @@ def looks_like_text(head: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return all(c >= " " or c in "\t\n\r\f" for c in text)
+
+
+def npy_error(path: str) -> UnsupportedFormat:
+    """The error for a NumPy ``.npy`` file where a checkpoint was expected."""
+    return UnsupportedFormat(
+        "a NumPy .npy array, not a checkpoint",
+        path=path,
+        hint="Load it with numpy.load(path, allow_pickle=False); `ckptdoctor scan` checks its pickle, if any.",
+    )
