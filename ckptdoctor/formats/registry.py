@@ -17,13 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ckptdoctor.errors import CorruptCheckpoint, UnsupportedFormat
-from ckptdoctor.formats.magic import refuse_text
+from ckptdoctor.formats.magic import refuse_text, refuse_wrapper
 from ckptdoctor.io.storage import storage_for
 from ckptdoctor.model.checkpoint import Checkpoint
 
 HEAD_BYTES = 264  # enough for every sniff (a tar's "ustar" sits at 257); remote reads fetch more at once
 REMOTE_HEAD_BYTES = 64 << 10  # a remote first read: a safetensors header usually fits (the Hub reads 100 KB)
-REFUSALS_RANK = 15  # the tar refusal is checked after the zip sniff (rank 10) and before the others
+# Archive wrappers (7z, tar, gzip...) and NumPy files are refused after the zip sniff (rank 10) and before
+# the others: a tar whose member name has `{` at byte 8 is a tar, not a corrupt safetensors file.
+REFUSALS_RANK = 15
 READER_MODULES = (
     "ckptdoctor.formats.readers.torch_zip",
     "ckptdoctor.formats.readers.safetensors",
@@ -98,12 +100,17 @@ def read_head(path: str, size: int) -> bytes:
 
 
 def _refuse(head: Head) -> None:
-    """Formats recognised only to be refused with a precise message (before the generic ones)."""
-    if head.data[257:262] == b"ustar":
-        # torch.save before 0.4 wrote a tar of pickles (torch/serialization.py `_load` tar branch).
-        raise UnsupportedFormat("a tar archive: torch.save's format from before torch 0.4, not supported",
-                                path=head.path,
-                                hint="Load it once with the torch of its time and re-save it with torch.save.")
+    """Formats recognised only to be refused with a precise message (before the generic ones).
+
+    A tar is named first, as torch.load tries a tar before anything else; otherwise a well-formed
+    safetensors file is never refused: its header length may begin with gzip's two magic bytes (a
+    35,615-byte header).
+    """
+    if head.data[257:262] != b"ustar" and len(head.data) >= 9 and head.data[8:9] == b"{":
+        (header_len,) = struct.unpack("<Q", head.data[:8])
+        if 0 < header_len <= head.size - 8:
+            return
+    refuse_wrapper(head.data, head.path)
 
 
 def detect_file(path: str, size: int | None = None) -> FileFormat:

@@ -18,9 +18,17 @@ import zlib
 from dataclasses import dataclass
 from typing import IO
 
-from ckptdoctor.engines.scanning.pickle_walk import Findings, is_pickle_start, walk_pickle
+from ckptdoctor.engines.scanning.payloads import NPY_HEADER_LIMIT, code_like, npy_pickle_offset
+from ckptdoctor.engines.scanning.pickle_walk import (
+    TRIAL_BYTES,
+    Findings,
+    is_pickle_start,
+    looks_like_pickle,
+    walk_pickle,
+)
 from ckptdoctor.errors import CorruptCheckpoint, LimitExceeded
-from ckptdoctor.formats.magic import ZIP_LOCAL_HEADER
+from ckptdoctor.formats.magic import NPY_MAGIC, ZIP_LOCAL_HEADER
+from ckptdoctor.limits import MAX_MEMBERS, MAX_PICKLE_BYTES
 
 CENTRAL_SIG = b"PK\x01\x02"
 EOCD_SIG = b"PK\x05\x06"
@@ -29,9 +37,15 @@ EOCD64_LOCATOR_SIG = b"PK\x06\x07"
 DESCRIPTOR_SIG = b"PK\x07\x08"
 MAX_COMMENT = 0xFFFF
 MAX_CENTRAL_DIR = 256 << 20
-MAX_MEMBERS = 1_000_000
 CRC_LIMIT = 64 << 20  # CRC is checked for pickles and for members up to this size
-MAX_PICKLE = 1 << 30  # a deflated pickle is inflated up to this many bytes
+MAX_PICKLE = MAX_PICKLE_BYTES  # a deflated pickle is inflated up to this many bytes
+HEAD = 4096  # bytes of each member read to recognise pickles and code
+# what torch.save writes under the archive's folder besides data/<key> (torch/serialization.py
+# _save, caffe2/serialize/inline_container.cc); TorchScript adds code/, constants/, extra/
+TORCH_LAYOUT = frozenset(
+    {"data.pkl", "byteorder", "version", ".format_version", ".storage_alignment", ".data/version",
+     ".data/serialization_id", "constants.pkl"}
+)  # fmt: skip
 FLAG_ENCRYPTED = 0x0001
 FLAG_DESCRIPTOR = 0x0008
 FLAG_STRONG_ENCRYPTION = 0x0040
@@ -104,6 +118,7 @@ class ArchiveAudit:
         self.end_of_archive = size
         self.torchscript = False
         self.cd_start = 0
+        self.prefix = ""
 
     def anomaly(self, code: str, message: str, where: str) -> None:
         self.fd.anomaly(code, message, where)
@@ -212,7 +227,7 @@ class ArchiveAudit:
                     name,
                 )
         # torch's reader takes the archive name from the first record (inline_container.cc).
-        prefix = self.members[0].name.split("/", 1)[0] if self.members else ""
+        prefix = self.prefix = self.members[0].name.split("/", 1)[0] if self.members else ""
         for m in self.members:
             if "/" not in m.name or m.name.split("/", 1)[0] != prefix:
                 self.anomaly("outside-prefix", f"member is outside the archive's top-level folder {prefix!r}", m.name)
@@ -272,6 +287,12 @@ class ArchiveAudit:
 
     # -- contents ------------------------------------------------------------------------
     def scan_members(self) -> None:
+        """Walk every pickle in the archive, wherever it sits and whatever it is called.
+
+        torch loads ``data.pkl`` only. A pickle (any protocol, with or without PROTO) or code in
+        a member outside torch's layout is reported with what it holds: torch never reads it,
+        but a tool that walks the archive, or a user told to, may.
+        """
         seen: dict[str, int] = {}
         big = 0
         for m in self.members:
@@ -279,20 +300,72 @@ class ArchiveAudit:
                 continue
             seen[m.name] = seen.get(m.name, 0) + 1
             label = m.name if seen[m.name] == 1 else f"{m.name} (copy {seen[m.name]})"
-            is_storage = "/data/" in f"/{m.name}" and not m.name.endswith(".pkl")
-            head = _read_at(self.f, m.data_offset, 2) if m.method == 0 else self._inflate(m, 2)
+            is_storage = (
+                "/data/" in f"/{m.name}" or (self.torchscript and "/constants/" in f"/{m.name}")
+            ) and not m.name.endswith(".pkl")
+            head = _read_at(self.f, m.data_offset, min(m.csize, HEAD)) if m.method == 0 else self._inflate(m, HEAD)
             named_pickle = m.name.endswith((".pkl", ".debug_pkl")) or (m.local_name or "").endswith(".pkl")
-            hidden = not named_pickle and not is_storage and is_pickle_start(head)
+            expected = self._in_layout(m.name)
+            ts_code = self.torchscript and "/code/" in f"/{m.name}"
+            hidden = (
+                not named_pickle
+                and not is_storage
+                and not ts_code
+                and (is_pickle_start(head) or self._member_is_pickle(m))
+            )
             if m.usize <= CRC_LIMIT or named_pickle or hidden:
                 self._check_crc(m, label)
             else:
                 big += 1
             if hidden:
                 self.anomaly("hidden-pickle", "member is a pickle under a name that is not .pkl", label)
+            elif named_pickle and not expected:
+                self.anomaly(
+                    "stray-pickle",
+                    "pickle outside torch's layout: torch.load never reads it, tools that walk the archive may",
+                    label,
+                )
             if named_pickle or hidden:
                 self._scan_pickle_member(m, label)
+            elif head.startswith(NPY_MAGIC):
+                self._scan_npy_member(m, label)
+            elif not expected and not is_storage and not ts_code:
+                what = code_like(head)
+                if what is not None:
+                    self.anomaly("stray-code", f"member outside torch's layout holds {what}", label)
         if big:
             self.fd.note(f"CRC not checked for {big} member(s) larger than {CRC_LIMIT >> 20} MiB")
+
+    def _scan_npy_member(self, m: Member, label: str) -> None:
+        """An .npy member (an .npz archive): an object array's data is a pickle np.load runs."""
+        assert m.data_offset is not None
+        if m.method == 0:
+            offset = npy_pickle_offset(_read_at(self.f, m.data_offset, min(m.csize, NPY_HEADER_LIMIT)))
+            if offset is not None:
+                self.f.seek(m.data_offset + offset)
+                walk_pickle(self.f, max(0, m.csize - offset), self.fd, f"{label} (object array)")
+        elif m.method == 8:
+            data = self._inflate(m, MAX_PICKLE)
+            offset = npy_pickle_offset(data[:NPY_HEADER_LIMIT])
+            if offset is not None:
+                walk_pickle(io.BytesIO(data[offset:]), len(data) - offset, self.fd, f"{label} (object array)")
+
+    def _in_layout(self, name: str) -> bool:
+        """Is *name* a member torch.save or torch.jit.save writes (under the archive's folder)?"""
+        folder, _, rest = name.partition("/")
+        if folder != self.prefix or not rest:
+            return False
+        if self.torchscript and rest.startswith(("code/", "constants/", "extra/")):
+            return True
+        return rest in TORCH_LAYOUT or (rest.startswith("data/") and "/" not in rest[5:])
+
+    def _member_is_pickle(self, m: Member) -> bool:
+        """A protocol 0/1 pickle has no header; try to parse the member's start as one."""
+        assert m.data_offset is not None
+        if m.method == 0:
+            return looks_like_pickle(self.f, m.data_offset, max(0, min(m.csize, self.size - m.data_offset)))
+        data = self._inflate(m, TRIAL_BYTES)
+        return looks_like_pickle(io.BytesIO(data), 0, len(data))
 
     def _inflate(self, m: Member, limit: int) -> bytes:
         assert m.data_offset is not None

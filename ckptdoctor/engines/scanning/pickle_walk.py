@@ -1,7 +1,8 @@
 """Static pickle analysis: walk the opcodes, simulate the stack symbolically, never import.
 
-``pickletools.genops`` decodes opcodes and their arguments; everything else (stack, mark
-stack, memo) is simulated here with placeholder values, so the walker can tell which globals
+:mod:`~ckptdoctor.engines.scanning.opcodes` decodes opcodes and their arguments exactly as
+CPython reads them (frames included); everything else (stack, mark stack, memo) is simulated
+here with placeholder values, so the walker can tell which globals
 are merely *referenced* and which are *called* (REDUCE, NEWOBJ/NEWOBJ_EX, INST, OBJ, BUILD),
 follow names assembled on the stack for STACK_GLOBAL (including memo lookups), and recurse into
 bytes that are themselves pickles (``torch.storage._load_from_bytes`` runs ``torch.load`` on its
@@ -14,13 +15,23 @@ and the bytes a single pickle may span, so a crafted file cannot hang or exhaust
 from __future__ import annotations
 
 import _compat_pickle
-import contextlib
 import io
-import pickletools
-from collections.abc import Iterator
+import re
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from ckptdoctor.engines.scanning.opcodes import (
+    C_STREAM,
+    LINEAR,
+    READERS,
+    STRICT,
+    LongLine,
+    PickleReadError,
+    Reader,
+    Source,
+    Span,
+    decode,
+)
 from ckptdoctor.engines.scanning.results import (
     DANGEROUS,
     TORCH_OTHER,
@@ -36,55 +47,12 @@ from ckptdoctor.engines.scanning.tables import (
     WEIGHTS_ONLY_OPCODES,
     is_denied,
 )
+from ckptdoctor.limits import MAX_MARK_DEPTH
 
 MAX_OPS = 5_000_000  # a 70B-parameter checkpoint's data.pkl has a few hundred thousand opcodes
-MAX_MARK_DEPTH = 1_000  # torch.save output nests a few dozen levels at most
 MAX_NESTED_DEPTH = 4
-MAX_LINE = 1 << 20  # protocol 0 arguments are newline-terminated; cap the line we buffer
 MAX_ANOMALIES_PER_CODE = 10
 HIGHEST_PROTOCOL = 5
-
-
-class Window:
-    """A read-only view of ``length`` bytes of *f* starting at *start*, for ``genops``.
-
-    It clips every read to the window (a lying length cannot read past the member) and caps
-    ``readline`` so a protocol 0 argument without a newline cannot pull a whole file into
-    memory. The walker is the only user of *f* while the window is alive.
-    """
-
-    def __init__(self, f: IO[bytes], start: int, length: int) -> None:
-        self._f = f
-        self._start = start
-        self._length = max(length, 0)
-        self._pos = 0
-        f.seek(start)
-
-    def tell(self) -> int:
-        return self._pos
-
-    def read(self, n: int = -1) -> bytes:
-        remaining = self._length - self._pos
-        n = remaining if n < 0 else min(n, remaining)
-        data = self._f.read(n) if n > 0 else b""
-        self._pos += len(data)
-        return data
-
-    def readline(self, size: int = -1) -> bytes:
-        limit = min(MAX_LINE, self._length - self._pos)
-        out = bytearray()
-        while len(out) < limit:
-            chunk = self._f.read(min(4096, limit - len(out)))
-            if not chunk:
-                break
-            nl = chunk.find(b"\n")
-            if nl >= 0:
-                out += chunk[: nl + 1]
-                self._f.seek(self._start + self._pos + len(out))
-                break
-            out += chunk
-        self._pos += len(out)
-        return bytes(out)
 
 
 @dataclass
@@ -183,11 +151,34 @@ class PickleResult:
 
     end: int | None
     protocol: int
+    frame_violation: bool = False
 
 
 def is_pickle_start(head: bytes) -> bool:
     """True for bytes that begin with a PROTO opcode of a real protocol (``\\x80\\x02``..``\\x05``)."""
     return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= HIGHEST_PROTOCOL
+
+
+_IDENT = re.compile(r"^[A-Za-z_][\w.]*$")
+TRIAL_BYTES = 1 << 20
+
+
+def looks_like_pickle(f: IO[bytes], base: int, length: int) -> bool:
+    """Do the bytes at *base* hold a pickle of any protocol, with or without a PROTO opcode?
+
+    A PROTO opcode (``\\x80`` + 0..5) says so. Protocol 0/1 pickles have no header: accept the
+    bytes if they parse to STOP, or name a plausible global (a text file parses for a few
+    opcodes, then fails; a crafted pickle may fail too, but only after its GLOBAL).
+    """
+    f.seek(base)
+    head = f.read(2)
+    if len(head) == 2 and head[0] == 0x80 and head[1] <= HIGHEST_PROTOCOL:
+        return True
+    trial = Findings()
+    res = PickleWalker(trial, "trial").run(READERS[STRICT](Source(f, base, min(length, TRIAL_BYTES))))
+    if res.end is not None:
+        return True
+    return any(_IDENT.match(u.module) and _IDENT.match(u.qualname) for u in trial.uses.values())
 
 
 def _split_global(arg: str) -> tuple[str, str]:
@@ -218,6 +209,9 @@ class PickleWalker:
         self.nops = 0
         self.deep_reported = False
         self.non_wo_ops: set[str] = set()
+        self.src: Source | None = None
+        # the re-walks of a frame-violating pickle report globals, not the refusal again
+        self.quiet_weights_only = False
 
     # -- helpers -------------------------------------------------------------------------
     def where(self) -> str:
@@ -250,15 +244,21 @@ class PickleWalker:
     def new_global(self, module: str, qualname: str) -> _Glob:
         return _Glob(self.f.use(module, qualname, self.where()))
 
-    def check_bytes(self, data: bytes) -> None:
+    def check_bytes(self, data: bytes | Span) -> None:
         """Recurse into bytes that start like a pickle (anywhere in the stream)."""
-        if not is_pickle_start(data[:2]):
+        src = self.src
+        head = data[:2] if not isinstance(data, Span) else src.get(data.start, 2) if src else b""
+        if not is_pickle_start(head):
             return
         label = f"nested pickle in {self.name} @ offset {self.pos}"
         if self.depth + 1 > MAX_NESTED_DEPTH:
             self.anomaly("nesting-limit", f"pickle nested more than {MAX_NESTED_DEPTH} levels deep; not scanned")
             return
-        walk_pickle(io.BytesIO(data), len(data), self.f, label, self.depth + 1)
+        if isinstance(data, Span):
+            assert src is not None
+            walk_source(src.f, src.base + data.start, data.length, self.f, label, self.depth + 1)
+        else:
+            walk_pickle(io.BytesIO(data), len(data), self.f, label, self.depth + 1)
 
     def callee(self, target: Any, how: str, flag: str) -> _Use | None:
         """Record that *target* is invoked; anomalies for callables computed by the pickle."""
@@ -272,38 +272,39 @@ class PickleWalker:
         return None
 
     # -- the walk ------------------------------------------------------------------------
-    def run(self, stream: Any) -> PickleResult:
+    def run(self, reader: Reader) -> PickleResult:
         self.f.pickles.append(self.name)
-        ops: Iterator[tuple[Any, Any, int | None]] = pickletools.genops(stream)
+        self.src = reader.src
         end: int | None = None
+        violation = False
         try:
-            for op, arg, pos in ops:
-                self.pos = pos or 0
+            for name, arg, pos in decode(reader):
+                self.pos = pos
                 self.nops += 1
                 if self.nops > MAX_OPS:
                     self.anomaly("opcode-limit", f"more than {MAX_OPS} opcodes; analysis stopped")
                     break
-                if op.name not in WEIGHTS_ONLY_OPCODES:
-                    self.non_wo_ops.add(op.name)
-                if op.name == "STOP":
-                    end = self.pos + 1
+                if name not in WEIGHTS_ONLY_OPCODES:
+                    self.non_wo_ops.add(name)
+                if name == "STOP":
+                    end = reader.pos
                     break
-                self.step(op.name, arg)
-        except ValueError as e:  # genops: unknown opcode, truncated argument, missing STOP
-            msg = str(e)
-            if "exhausted" in msg or "remain" in msg or "not enough" in msg or "no newline" in msg:
-                self.anomaly("truncated-pickle", f"pickle ends before its STOP opcode ({msg})")
-            elif "unknown" in msg:
-                self.anomaly("unknown-opcode", msg)
-            else:
-                self.anomaly("malformed-pickle", msg)
-        if self.non_wo_ops:
-            self.f.note(
-                f"{self.name}: uses opcodes torch's weights_only unpickler does not implement "
-                f"({', '.join(sorted(self.non_wo_ops))}); torch.load(weights_only=True) refuses those "
-                "opcodes whatever they build"
+                self.step(name, arg)
+        except PickleReadError as e:
+            self.pos = e.offset
+            violation = e.code == "frame-violation"
+            self.anomaly(e.code, e.message)
+        if self.non_wo_ops and not self.quiet_weights_only:
+            self.f.anomaly(
+                "weights-only-refused",
+                "torch.load(weights_only=True) refuses this pickle: torch's restricted unpickler does not "
+                f"implement its opcodes {', '.join(sorted(self.non_wo_ops))} (pickle protocol "
+                f"{max(self.protocol, 2)}); whatever they build, the file cannot be loaded safely as it is",
+                self.name,
             )
-        return PickleResult(end, self.protocol)
+        if reader.skipped:
+            self.f.note(f"{self.name}: skipped {reader.skipped} bytes of frames a linear reader treats as data")
+        return PickleResult(end, self.protocol, violation)
 
     def step(self, name: str, arg: Any) -> None:
         if name == "PROTO":
@@ -410,12 +411,14 @@ class PickleWalker:
     def step_data(self, name: str, arg: Any) -> None:
         if name in ("BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"):
             self.check_bytes(arg)
-            self.push(arg)
+            self.push(_Made("bytes"))
         elif name in ("STRING", "BINSTRING", "SHORT_BINSTRING"):
             # Python 2 str: loaded as bytes with encoding="bytes" (torch's legacy loader does that)
-            with contextlib.suppress(UnicodeEncodeError):
+            if isinstance(arg, str):
                 self.check_bytes(arg.encode("latin-1"))
-            self.push(arg)
+                self.push(arg)
+            else:
+                self.push(_Made("str"))
         elif name in (
             "UNICODE",
             "SHORT_BINUNICODE",
@@ -431,7 +434,10 @@ class PickleWalker:
             "FLOAT",
             "BINFLOAT",
         ):
-            self.push(arg)
+            if isinstance(arg, LongLine):
+                self.anomaly("long-line", f"a {name} argument longer than 1 MiB; its value is not analysed")
+                arg = _Made("str")
+            self.push(_Made("str") if arg is None else arg)
         elif name in ("NONE", "NEWTRUE", "NEWFALSE"):
             self.push({"NONE": None, "NEWTRUE": True, "NEWFALSE": False}[name])
         elif name in ("EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET", "EMPTY_TUPLE"):
@@ -468,8 +474,8 @@ class PickleWalker:
             self.anomaly("out-of-band-buffer", "the pickle expects out-of-band buffers from the loader")
             self.push(_Made("buffer"))
         elif name in ("READONLY_BUFFER", "FRAME"):
-            pass
-        else:  # pragma: no cover - genops only yields opcodes it knows, all handled above
+            pass  # FRAME is followed by the reader (scan_opcodes)
+        else:  # pragma: no cover - decode only yields opcodes it knows, all handled above
             self.anomaly("unknown-opcode", f"opcode {name} is not simulated")
 
 
@@ -478,5 +484,27 @@ def walk_pickle(stream: IO[bytes], length: int, findings: Findings, name: str, d
 
     Offsets in ``where`` strings are relative to the start of this pickle.
     """
-    window = Window(stream, stream.tell(), length)
-    return PickleWalker(findings, name, depth).run(window)
+    return walk_source(stream, stream.tell(), length, findings, name, depth)
+
+
+_REREADS = (
+    (C_STREAM, "as CPython < 3.13.15's C unpickler reads it from a file, e.g. in torch.load"),
+    (LINEAR, "read linearly, as pickle.loads on bytes and pickletools do"),
+)
+
+
+def walk_source(
+    stream: IO[bytes], base: int, length: int, findings: Findings, name: str, depth: int = 0
+) -> PickleResult:
+    """Walk the pickle at offset *base* of *stream*, as CPython's strict unpickler reads it.
+
+    If its frames are inconsistent (CPython versions disagree on what it runs), walk it again
+    under each other reading so that every global any of them imports is reported.
+    """
+    res = PickleWalker(findings, name, depth).run(READERS[STRICT](Source(stream, base, length)))
+    if res.frame_violation:
+        for mode, how in _REREADS:
+            walker = PickleWalker(findings, f"{name} ({how})", depth)
+            walker.quiet_weights_only = True
+            walker.run(READERS[mode](Source(stream, base, length)))
+    return res

@@ -19,13 +19,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import struct
 from pathlib import Path
 from typing import IO, cast
 
 from ckptdoctor.engines.scanning.archive import audit_zip, find_eocd, is_torchscript_member
-from ckptdoctor.engines.scanning.pickle_walk import Findings, PickleWalker, Window, is_pickle_start, walk_pickle
+from ckptdoctor.engines.scanning.payloads import NPY_HEADER_LIMIT, npy_pickle_offset
+from ckptdoctor.engines.scanning.pickle_walk import Findings, is_pickle_start, looks_like_pickle, walk_pickle
 from ckptdoctor.engines.scanning.results import (
     DANGEROUS,
     TORCH_OTHER,
@@ -38,7 +38,15 @@ from ckptdoctor.engines.scanning.results import (
     ScanReport,
 )
 from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint, InputNotFound, LimitExceeded, UnsupportedFormat
-from ckptdoctor.formats.magic import ZIP_LOCAL_HEADER, refuse_text
+from ckptdoctor.formats.magic import (
+    HEAD_BYTES,
+    NPY_MAGIC,
+    ZIP_LOCAL_HEADER,
+    npy_error,
+    refuse_text,
+    refuse_wrapper,
+)
+from ckptdoctor.formats.readers.safetensors import MAX_HEADER_BYTES, safetensors_bits
 from ckptdoctor.io.rangefile import RangeFile
 from ckptdoctor.io.storage import is_url, storage_for
 
@@ -61,35 +69,11 @@ __all__ = [
 LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
 LEGACY_PICKLES = ("magic number", "protocol version", "sys info", "data", "storage keys")
 MAX_EXTRA_PICKLES = 8
-SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors crate refuses larger headers too
+SAFETENSORS_MAX_HEADER = MAX_HEADER_BYTES  # the safetensors crate refuses larger headers too
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors", ".pkl", ".pickle")
 MAX_DIR_FILES = 10_000
 REMOTE_BUFFER = 16 << 10  # bytes per remote read while scanning (headers and pickles are small)
 MAX_DIR_DEPTH = 8
-# bits per element for every dtype name the safetensors format defines
-SAFETENSORS_BITS = {
-    "BOOL": 8,
-    "U8": 8,
-    "I8": 8,
-    "F8_E5M2": 8,
-    "F8_E4M3": 8,
-    "F8_E8M0": 8,
-    "I16": 16,
-    "U16": 16,
-    "F16": 16,
-    "BF16": 16,
-    "I32": 32,
-    "U32": 32,
-    "F32": 32,
-    "C64": 64,
-    "F64": 64,
-    "I64": 64,
-    "U64": 64,
-    "F4": 4,
-    "F6_E2M3": 6,
-    "F6_E3M2": 6,
-}
-_IDENT = re.compile(r"^[A-Za-z_][\w.]*$")
 
 
 def scan(path: str | os.PathLike[str]) -> ScanReport:
@@ -170,7 +154,13 @@ def _result(path: Path, fmt: str, fd: Findings) -> FileScan:
 def _scan_open(f: IO[bytes], size: int, path: Path) -> FileScan:
     if size == 0:
         raise UnsupportedFormat("empty file")
-    head = f.read(64)  # long enough to name a Git LFS pointer
+    head = f.read(HEAD_BYTES)
+    if head.startswith(NPY_MAGIC):
+        return _scan_npy(f, path)
+    if not (head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8):  # not safetensors
+        # 7z, tar, gzip, ...: "unpack it first" (a tar holding a zip is not a zip polyglot:
+        # torch.load tries it as a tar and fails)
+        refuse_wrapper(head, str(path))
     fd = Findings()
     eocd = find_eocd(f, size)
     names: tuple[str, ...] | None = None
@@ -202,28 +192,32 @@ def _scan_open(f: IO[bytes], size: int, path: Path) -> FileScan:
             return _result(path, "torchscript", fd)
         if not fd.pickles:
             raise UnsupportedFormat("zip archive without data.pkl: not a torch.save file")
-        return _result(path, "torch-zip", fd)
+        # a zip without data.pkl that holds pickles (an .npz of object arrays, a pickle shipped in a zip)
+        return _result(path, "torch-zip" if any(n.endswith("data.pkl") for n in names) else "zip", fd)
     if head[:4] == ZIP_LOCAL_HEADER:
         raise CorruptCheckpoint("zip archive without an end-of-central-directory record (truncated?)")
     if len(head) >= 9 and head[8:9] == b"{":
         return _scan_safetensors(f, size, path)
     if is_pickle_start(head):
         return _scan_pickles(f, size, path, fd)
-    if _looks_like_old_pickle(f, size):
+    if looks_like_pickle(f, 0, size):
         return _scan_pickles(f, size, path, fd)
     refuse_text(head, str(path))
     raise UnsupportedFormat("unrecognised bytes: not a zip, pickle or safetensors file")
 
 
-def _looks_like_old_pickle(f: IO[bytes], size: int) -> bool:
-    """Protocol 0/1 pickles have no PROTO header; accept one only if it parses to STOP or
-    names a plausible global (a text file parses for a few opcodes, then fails)."""
-    trial = Findings()
+def _scan_npy(f: IO[bytes], path: Path) -> FileScan:
+    """A NumPy ``.npy``: an object array's data is a pickle ``np.load(allow_pickle=True)`` runs."""
+    fd = Findings()
     f.seek(0)
-    res = PickleWalker(trial, "trial").run(Window(f, 0, min(size, 1 << 20)))
-    if res.end is not None:
-        return True
-    return any(_IDENT.match(u.module) and _IDENT.match(u.qualname) for u in trial.uses.values())
+    head = f.read(NPY_HEADER_LIMIT)
+    offset = npy_pickle_offset(head)
+    if offset is None:  # numbers only: no pickle, and not a checkpoint (as every command says)
+        raise npy_error(str(path))
+    size = f.seek(0, 2)
+    f.seek(offset)
+    walk_pickle(f, size - offset, fd, "object array (pickle after the .npy header)")
+    return _result(path, "numpy", fd)
 
 
 def _scan_pickles(f: IO[bytes], size: int, path: Path, fd: Findings) -> FileScan:
@@ -315,7 +309,7 @@ def _check_tensor_entry(key: str, info: object, data_len: int, fd: Findings) -> 
         fd.anomaly("bad-entry", "tensor entry is not an object", key)
         return None
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    bits = SAFETENSORS_BITS.get(dtype) if isinstance(dtype, str) else None
+    bits = safetensors_bits(dtype)
     if bits is None:
         fd.anomaly("bad-dtype", f"unknown dtype {dtype!r}", key)
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):

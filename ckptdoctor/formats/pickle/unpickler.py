@@ -41,10 +41,9 @@ from ckptdoctor.formats.pickle.stand_ins import (
     UnknownGlobal,
     resolve_global,
 )
+from ckptdoctor.limits import MAX_MARK_DEPTH, MAX_PICKLE_BYTES
 from ckptdoctor.model.checkpoint import GlobalRef, OpaqueObject, TensorRecord
 
-MAX_PICKLE_BYTES = 1 << 31  # a 2 GiB pickle of metadata is not a checkpoint
-MAX_MARK_DEPTH = 10_000
 # The pure-Python unpickler is private API; typed as Any so its internals (pop_mark, memo,
 # dispatch) need no stubs. It exists unchanged from Python 3.8 to 3.14.
 PersistentLoad = Callable[[Any], Any]

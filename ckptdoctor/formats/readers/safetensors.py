@@ -25,7 +25,7 @@ from ckptdoctor.errors import CorruptCheckpoint, EntryNotFound, LimitExceeded, U
 from ckptdoctor.formats.pickle.stand_ins import contiguous_stride
 from ckptdoctor.formats.registry import FileFormat, safetensors_length_ok
 from ckptdoctor.io.storage import storage_for
-from ckptdoctor.model.checkpoint import ByteRange, Checkpoint, StorageInfo, TensorRecord, itemsize
+from ckptdoctor.model.checkpoint import DTYPE_BITS, ByteRange, Checkpoint, StorageInfo, TensorRecord, itemsize
 from ckptdoctor.model.locate import build_checkpoint
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own MAX_HEADER_SIZE (src/tensor.rs)
@@ -46,6 +46,22 @@ SAFETENSORS_DTYPES: dict[str, str] = {
 }
 # Valid safetensors dtypes torch has no dtype for (src/tensor.rs): readable as bytes only.
 UNREPRESENTABLE_DTYPES = frozenset({"F6_E2M3", "F6_E3M2"})
+# Bits per element where safetensors counts elements differently from torch (src/tensor.rs `bitsize`).
+_SUB_BYTE_BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+
+
+def safetensors_bits(st_dtype: object) -> int | None:
+    """Bits per element of a safetensors dtype name as the format counts them; None if unknown.
+
+    The one table of safetensors dtypes (the reader's, above) serves the reader, the writer and
+    ``scan``, so no tool flags a file another writes.
+    """
+    if not isinstance(st_dtype, str):
+        return None
+    if st_dtype in _SUB_BYTE_BITS:
+        return _SUB_BYTE_BITS[st_dtype]
+    torch_name = SAFETENSORS_DTYPES.get(st_dtype)
+    return None if torch_name is None else DTYPE_BITS[torch_name]
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,11 @@ from ckptdoctor.formats.pickle.unpickler import load_pickle
 from ckptdoctor.formats.registry import FileFormat, Head
 from ckptdoctor.io.rangefile import RangeFile
 from ckptdoctor.io.storage import storage_for
+from ckptdoctor.limits import MAX_MEMBERS, MAX_PICKLE_BYTES
 from ckptdoctor.model.checkpoint import ByteRange, Checkpoint, StorageInfo, itemsize
 from ckptdoctor.model.locate import build_checkpoint
 
-MAX_MEMBERS = 5_000_000
-MAX_PICKLE_MEMBER = 1 << 31
+MAX_PICKLE_MEMBER = MAX_PICKLE_BYTES
 LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 SUFFIX_GUESS = 48 << 10  # remote: the end records and (usually) the whole central directory in one range
 
