@@ -110,9 +110,9 @@ def _dtype_findings(ckpt: Checkpoint, spec: ModelSpec, plan: Plan) -> list[Findi
     if spec.kind == "callable":
         return []
     want = {t.key: t.dtype for t in spec.tensors}
+    renamed = plan.mapping_dict()  # once: building it per tensor made `check` quadratic
     changed = [(new, info.dtype, want[new]) for info in ckpt.tensors
-               for old, new in [(info.key, plan.mapping_dict().get(info.key))] if new in want
-               and want[new] != info.dtype and old is not None]
+               for new in [renamed.get(info.key)] if new in want and want[new] != info.dtype]
     if not changed:
         return []
     first = changed[0]
@@ -150,7 +150,8 @@ def _tied_aliases(source: list[KeyShape], plan: Plan, spec: ModelSpec) -> dict[s
 def _tied_finding(tied: Mapping[str, str], plan: Plan) -> list[Finding]:
     if not tied:
         return []
-    pairs = [(plan.mapping_dict().get(alias, alias), plan.mapping_dict().get(src, src)) for alias, src in tied.items()]
+    renamed = plan.mapping_dict()
+    pairs = [(renamed.get(alias, alias), renamed.get(src, src)) for alias, src in tied.items()]
     shown = ", ".join(f"`{a}` = `{b}`" for a, b in pairs[:4])
     return [Finding("tied-weight", "error",
                     f"{_count(len(pairs), 'tied weight')} stored once ({shown}): the model shares the tensor, the "
