@@ -415,12 +415,23 @@ def remap_metadata(metadata: Any, mapping: Sequence[tuple[str, str]], missing: S
     """
     if not isinstance(metadata, Mapping):
         return metadata
+    # Where each prefix's keys went, from one walk over every key's own prefixes (not one scan
+    # of the whole mapping per prefix: both number in the hundreds of thousands in large models).
+    moved: dict[str, set[str | None]] = {p: set() for p in metadata if isinstance(p, str)}
+    for old, new in mapping:
+        if "" in moved:
+            moved[""].add(_moved_prefix("", old, new))
+        dot = old.find(".")
+        while dot >= 0:
+            prefix = old[:dot]
+            if prefix in moved:
+                moved[prefix].add(_moved_prefix(prefix, old, new))
+            dot = old.find(".", dot + 1)
     out: OrderedDict[str, Any] = OrderedDict()
     for prefix, value in metadata.items():
         if not isinstance(prefix, str):
             continue
-        targets = {_moved_prefix(prefix, old, new) for old, new in mapping
-                   if prefix == "" or old.startswith(prefix + ".")}
+        targets = moved[prefix]
         targets.discard(None)
         if len(targets) == 1:
             out[targets.pop()] = value  # type: ignore[index]
