@@ -70,13 +70,51 @@ def _containers(names: Iterable[str]) -> set[str]:
 Member = tuple[str, str, tuple[int, ...]]  # (key, rest below the group, shape)
 
 
+# Per line: the path up to and including the first numeric segment that a dot follows, and
+# what comes after that dot (both empty when there is no such segment).
+_FIRST_CHILD = re.compile(r"^((?:|.*?\.)\d+)\.(.*)$|^.*$", re.MULTILINE)
+
+
 def _children(
     items: Iterable[tuple[str, tuple[int, ...]]], wanted: set[str]
 ) -> dict[str, dict[int, list[Member]]]:
     """Numbered children of every container in ``wanted``: container → index → [(key, rest, shape)].
 
-    One pass over ``items`` for all containers, so a step costs the same however many there are.
+    One regex pass over all keys per level of numbering (``layers.3.experts.7`` has two): the
+    regex engine cuts every key at its next numeric segment; keys are filed under the pieces
+    cut so far, and each distinct child path is resolved to (container, index) once.
     """
+    pairs = list(items)
+    if sum(k.count("\n") for k, _ in pairs):  # a key holds a newline: cut each key on its own
+        return _children_by_key(pairs, wanted)
+    groups: dict[tuple[str, ...], list[tuple[int, str]]] = {}
+    paths: list[tuple[str, ...]] = [()] * len(pairs)
+    todo, texts = list(range(len(pairs))), [k for k, _ in pairs]
+    while todo:
+        nxt: list[int] = []
+        rests: list[str] = []
+        for k, (child, rest) in zip(todo, _FIRST_CHILD.findall("\n".join(texts)), strict=True):
+            if child:
+                path = paths[k] = (*paths[k], child)
+                groups.setdefault(path, []).append((k, rest))
+                nxt.append(k)
+                rests.append(rest)
+        todo, texts = nxt, rests
+    out: dict[str, dict[int, list[tuple[int, str]]]] = {}
+    for path, members in groups.items():
+        container, _, index = ".".join(path).rpartition(".")
+        if container in wanted:
+            children = out.setdefault(container, {})
+            if int(index) in children:  # `0` and `00` are one index, as int() reads them
+                members = sorted(children[int(index)] + members)
+            children[int(index)] = members
+    return {c: {i: [(pairs[k][0], rest, pairs[k][1]) for k, rest in m] for i, m in children.items()}
+            for c, children in out.items()}
+
+
+def _children_by_key(
+    items: Sequence[tuple[str, tuple[int, ...]]], wanted: set[str]
+) -> dict[str, dict[int, list[Member]]]:
     out: dict[str, dict[int, list[Member]]] = {}
     for key, shape in items:
         for m in _NUMBERED.finditer(key):
