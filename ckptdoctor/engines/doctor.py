@@ -59,8 +59,11 @@ def implicit_counters(ckpt: Checkpoint) -> dict[str, str]:
 def _orphan_counters(ckpt: Checkpoint) -> bool:
     """Does the file hold a counter with no ``running_var`` beside it (its module renamed apart)?"""
     present = {t.key for t in ckpt.tensors}
-    return any(k.rpartition(".")[2] == "num_batches_tracked"
-               and f"{k.rpartition('.')[0]}.running_var".lstrip(".") not in present for k in present)
+    for key in present:
+        prefix, dot, leaf = key.rpartition(".")
+        if leaf == "num_batches_tracked" and f"{prefix}{dot}running_var" not in present:
+            return True
+    return False
 
 
 def _score(diagnosis: Diagnosis) -> int:
