@@ -24,6 +24,10 @@ Cases (targets from the issues):
   http-diff-values  diff --values of the two 2.4 GB files over HTTP (the tests' Range server on 127.0.0.1) vs
                   fsspec `get` of both: <= 1.2x, <= 300 MB. (moto's S3 server reads a whole object for every
                   range request, ~3 s per GET of a 2.4 GB object here, so on moto this would time moto.)
+  check-prefix-N  check of an N-key MoE-like file whose keys carry `model.` against the plain keys (a reference
+                  checkpoint) vs inspect of both files: <= 2x, N = 20k, 50k, 200k (the curve)
+  check-renum-N   the same for a file whose `layers` are renumbered (a parameter-free layer at index 1 removed,
+                  every later index shifted by one): <= 2x
 """
 
 from __future__ import annotations
@@ -136,6 +140,48 @@ def paint_seconds(page: Path, repeat: int) -> float | None:
             tab.close()
         browser.close()
     return statistics.median(times)
+SCALES = (20_000, 50_000, 200_000)
+SCALE_CASES = tuple(f"check-{kind}-{n // 1000}k" for n in SCALES for kind in ("prefix", "renum"))
+EXPERTS = 64  # experts per layer: 6 + 3 * 64 keys a layer
+
+
+def _moe_keys(n: int) -> list[tuple[str, tuple[int, ...]]]:
+    """About ``n`` keys of a mixture-of-experts decoder: embedding, norms, attention, experts' projections."""
+    per_layer = 6 + 3 * EXPERTS
+    keys: list[tuple[str, tuple[int, ...]]] = [("embed_tokens.weight", (32, 4))]
+    for i in range(max(2, (n - 2) // per_layer)):
+        p = f"layers.{i}."
+        keys.append((p + "input_layernorm.weight", (4,)))
+        keys += [(p + f"self_attn.{a}_proj.weight", (4, 4)) for a in "qkvo"]
+        keys.append((p + "post_attention_layernorm.weight", (4,)))
+        for j in range(EXPERTS):
+            keys += [(p + f"mlp.experts.{j}.gate_proj.weight", (2, 4)), (p + f"mlp.experts.{j}.up_proj.weight", (2, 4)),
+                     (p + f"mlp.experts.{j}.down_proj.weight", (4, 2))]
+    keys.append(("norm.weight", (4,)))
+    return keys
+
+
+def _renumbered(key: str) -> str:
+    """The key in a file saved when ``layers`` had a parameter-free child at index 1 (Dropout)."""
+    if not key.startswith("layers."):
+        return key
+    _, index, rest = key.split(".", 2)
+    return f"layers.{int(index) + (int(index) >= 1)}.{rest}"
+
+
+def make_scale_inputs(workdir: Path, n: int) -> dict[str, Path]:
+    """The plain N-key file (the reference), its `model.`-prefixed twin and its renumbered twin."""
+    import torch  # noqa: PLC0415 - only the generator needs torch
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = {kind: workdir / f"moe-{n // 1000}k-{kind}.pt" for kind in ("plain", "prefix", "renum")}
+    keys = _moe_keys(n)
+    names = {"plain": lambda k: k, "prefix": lambda k: "model." + k, "renum": _renumbered}
+    for kind, path in paths.items():
+        if not path.exists():
+            gen = torch.Generator().manual_seed(0)
+            torch.save({names[kind](k): torch.rand(shape, generator=gen) for k, shape in keys}, path)
+    return paths
 
 
 def row(name: str, ours: Timing, theirs: Timing | None, target: str) -> str:
@@ -247,12 +293,14 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(args.workdir)
     print(f"generating inputs in {workdir} (once) ...", flush=True)
-    p = make_inputs(workdir)
-    out_dir = Path(tempfile.mkdtemp(dir=workdir))
-    results: list[str] = []
 
     def want(case: str) -> bool:
         return not args.only or case in args.only
+
+    only_scale = bool(args.only) and all(c in SCALE_CASES for c in args.only)
+    p = make_inputs(workdir) if not only_scale else {}
+    out_dir = Path(tempfile.mkdtemp(dir=workdir))
+    results: list[str] = []
 
     torch_way = [PY, "-c", TORCH_PRINT]
     if want("inspect-2.4GB"):
@@ -303,6 +351,16 @@ def main() -> None:
         results.extend(s3_rows(p, args.repeat, want))
     if want("http-diff-values"):
         results.append(http_diff_row(p, args.repeat))
+    for n in SCALES:
+        cases = [(kind, f"check-{kind}-{n // 1000}k") for kind in ("prefix", "renum")]
+        if not any(want(case) for _, case in cases):
+            continue
+        files = make_scale_inputs(workdir, n)
+        for kind, case in cases:
+            if want(case):
+                reading = f"{CKPT} inspect {files[kind]} > /dev/null && {CKPT} inspect {files['plain']} > /dev/null"
+                ours = measure([CKPT, "check", str(files[kind]), "--against", str(files["plain"])], args.repeat)
+                results.append(row(case, ours, measure(reading, args.repeat), "<= 2x of inspect of both files"))
     shutil.rmtree(out_dir, ignore_errors=True)
     print()
     print(f"{'case':<16} {'ckptdoctor':>10} {'baseline':>10} {'ratio':>7} {'peak MB':>9} {'base MB':>9}  target")

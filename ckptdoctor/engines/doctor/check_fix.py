@@ -9,7 +9,7 @@ plus :func:`adapt_state` for the Python API. The same :class:`~.match_rules.Plan
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -66,6 +66,50 @@ def implicit_counters(ckpt: Checkpoint) -> dict[str, str]:
     return out
 
 
+def _orphan_counters(ckpt: Checkpoint) -> bool:
+    """Does the file hold a counter with no ``running_var`` beside it (its module renamed apart)?"""
+    present = {t.key for t in ckpt.tensors}
+    for key in present:
+        prefix, dot, leaf = key.rpartition(".")
+        if leaf == "num_batches_tracked" and f"{prefix}{dot}running_var" not in present:
+            return True
+    return False
+
+
+def _score(diagnosis: Diagnosis) -> int:
+    plan = diagnosis.plan
+    return len(plan.unexpected) + len(plan.missing) + len(plan.shape_mismatches) + len(plan.ambiguities)
+
+
+# (implicit counters to add) → (diagnosis, original key → the name it was diagnosed under)
+_Run = Callable[[Mapping[str, str]], tuple[Diagnosis, Mapping[str, str]]]
+
+
+def _settle_counters(ckpt: Checkpoint, implicit: dict[str, str], run: _Run) -> tuple[dict[str, str], Diagnosis]:
+    """The implicit counters a repair really needs, and the diagnosis made with them.
+
+    A partially renamed file (torchvision's DenseNet hook renames ``norm.1.weight`` and the
+    running stats to ``norm1.*`` but leaves ``norm.1.num_batches_tracked``) has a real counter
+    for every module, under the old name. Inventing ``norm1.num_batches_tracked`` would land it
+    and leave the real one unexpected; the rename must move the real one instead. So when the
+    file holds such orphaned counters, the plan is also made without invented counters, which
+    are then added back only where the model still lacks one, and the better plan is kept.
+    """
+    first = run(implicit)
+    if not implicit or not _orphan_counters(ckpt):
+        return implicit, first[0]
+    alt, names = run({})
+    mapping, missing = alt.plan.mapping_dict(), set(alt.plan.missing)
+    kept = {}
+    for counter, running_var in implicit.items():
+        target = mapping.get(names.get(running_var, running_var), "")
+        if target.endswith("running_var") and target[: -len("running_var")] + "num_batches_tracked" in missing:
+            kept[counter] = running_var
+    if kept:
+        alt = run(kept)[0]
+    return (kept, alt) if _score(alt) < _score(first[0]) else (implicit, first[0])
+
+
 def _with_implicit(keys: list[KeyShape], implicit: Mapping[str, str]) -> list[KeyShape]:
     """``keys`` with each implicit counter placed right after its ``running_var``, as torch orders them."""
     after = {v: k for k, v in implicit.items()}
@@ -120,9 +164,9 @@ def _dtype_findings(ckpt: Checkpoint, spec: ModelSpec, plan: Plan) -> list[Findi
     if spec.kind == "callable":
         return []
     want = {t.key: t.dtype for t in spec.tensors}
+    renamed = plan.mapping_dict()  # once: building it per tensor made `check` quadratic
     changed = [(new, info.dtype, want[new]) for info in ckpt.tensors
-               for old, new in [(info.key, plan.mapping_dict().get(info.key))] if new in want
-               and want[new] != info.dtype and old is not None]
+               for new in [renamed.get(info.key)] if new in want and want[new] != info.dtype]
     if not changed:
         return []
     first = changed[0]
@@ -160,7 +204,8 @@ def _tied_aliases(source: list[KeyShape], plan: Plan, spec: ModelSpec) -> dict[s
 def _tied_finding(tied: Mapping[str, str], plan: Plan) -> list[Finding]:
     if not tied:
         return []
-    pairs = [(plan.mapping_dict().get(alias, alias), plan.mapping_dict().get(src, src)) for alias, src in tied.items()]
+    renamed = plan.mapping_dict()
+    pairs = [(renamed.get(alias, alias), renamed.get(src, src)) for alias, src in tied.items()]
     shown = ", ".join(f"`{a}` = `{b}`" for a, b in pairs[:4])
     return [Finding("tied-weight", "error",
                     f"{_count(len(pairs), 'tied weight')} stored once ({shown}): the model shares the tensor, the "
@@ -192,10 +237,16 @@ def _digest_finding(mismatches: Sequence[DigestMismatch]) -> list[Finding]:
 
 def check_checkpoint(ckpt: Checkpoint, spec: ModelSpec, *, spec_arg: str) -> CheckResult:
     """Would ``model.load_state_dict(state_dict, strict=True)`` succeed, and if not, why."""
-    implicit = implicit_counters(ckpt)
-    source, target = _with_implicit(checkpoint_keys(ckpt), implicit), spec_keys(spec)
-    diagnosis = diagnose(source, target, state_dict_path=ckpt.state_dict_path, non_persistent=spec.non_persistent)
-    raw_source = source
+    own, target = checkpoint_keys(ckpt), spec_keys(spec)
+
+    def run(counters: Mapping[str, str]) -> tuple[Diagnosis, Mapping[str, str]]:
+        return diagnose(_with_implicit(own, counters), target, state_dict_path=ckpt.state_dict_path,
+                        non_persistent=spec.non_persistent), {}
+
+    as_is = implicit_counters(ckpt)  # what torch fills in when the file is loaded as it is
+    implicit, diagnosis = _settle_counters(ckpt, as_is, run)
+    source = _with_implicit(own, implicit)
+    raw_source = _with_implicit(own, as_is)
     tied = _tied_aliases(source, diagnosis.plan, spec)
     if tied:  # the model's tied weights stored once: diagnose again with the aliases present
         by_name = {ks.key: ks for ks in source}
@@ -258,14 +309,20 @@ def plan_repair(ckpt: Checkpoint, *, edits: Sequence[Edit] = (), spec: ModelSpec
         return RepairPlan(tuple(edited), (), (), None, tuple(edits))
     # Counters torch fills in on load take part in the matching (so renames move them), but
     # they have no tensor to write: they are left out of the mapping below.
-    implicit = implicit_counters(ckpt)
-    all_keys = [ks.key for ks in _with_implicit(own, implicit)]
-    edited = apply_edits(all_keys, list(edits)) if edits else [(k, k) for k in all_keys]
-    shapes = {ks.key: tuple(ks.shape) for ks in own} | dict.fromkeys(implicit, ())
-    dtypes = {ks.key: ks.dtype for ks in own} | dict.fromkeys(implicit, "int64")
-    source = [KeyShape(new, shapes[old], dtypes[old]) for old, new in edited]
-    diagnosis = diagnose(source, spec_keys(spec), state_dict_path=ckpt.state_dict_path,
-                         non_persistent=spec.non_persistent)
+    def edit(counters: Mapping[str, str]) -> tuple[list[tuple[str, str]], list[KeyShape]]:
+        all_keys = [ks.key for ks in _with_implicit(own, counters)]
+        pairs = apply_edits(all_keys, list(edits)) if edits else [(k, k) for k in all_keys]
+        shapes = {ks.key: tuple(ks.shape) for ks in own} | dict.fromkeys(counters, ())
+        dtypes = {ks.key: ks.dtype for ks in own} | dict.fromkeys(counters, "int64")
+        return pairs, [KeyShape(new, shapes[old], dtypes[old]) for old, new in pairs]
+
+    def run(counters: Mapping[str, str]) -> tuple[Diagnosis, Mapping[str, str]]:
+        pairs, keys = edit(counters)
+        return diagnose(keys, spec_keys(spec), state_dict_path=ckpt.state_dict_path,
+                        non_persistent=spec.non_persistent), dict(pairs)
+
+    implicit, diagnosis = _settle_counters(ckpt, implicit_counters(ckpt), run)
+    edited, source = edit(implicit)
     tied = _tied_aliases(source, diagnosis.plan, spec)
     aliases: dict[str, str] = {}
     if tied:  # write tied weights the file stores once as the same tensor under both names
@@ -391,12 +448,23 @@ def remap_metadata(metadata: Any, mapping: Sequence[tuple[str, str]], missing: S
     """
     if not isinstance(metadata, Mapping):
         return metadata
+    # Where each prefix's keys went, from one walk over every key's own prefixes (not one scan
+    # of the whole mapping per prefix: both number in the hundreds of thousands in large models).
+    moved: dict[str, set[str | None]] = {p: set() for p in metadata if isinstance(p, str)}
+    for old, new in mapping:
+        if "" in moved:
+            moved[""].add(_moved_prefix("", old, new))
+        dot = old.find(".")
+        while dot >= 0:
+            prefix = old[:dot]
+            if prefix in moved:
+                moved[prefix].add(_moved_prefix(prefix, old, new))
+            dot = old.find(".", dot + 1)
     out: OrderedDict[str, Any] = OrderedDict()
     for prefix, value in metadata.items():
         if not isinstance(prefix, str):
             continue
-        targets = {_moved_prefix(prefix, old, new) for old, new in mapping
-                   if prefix == "" or old.startswith(prefix + ".")}
+        targets = moved[prefix]
         targets.discard(None)
         if len(targets) == 1:
             out[targets.pop()] = value  # type: ignore[index]

@@ -108,11 +108,12 @@ def _fold(template: str, tuples: list[tuple[int, ...]]) -> list[str]:
         for s in slots:
             out = out.replace("#", _braced(_fold_numbers(s), len(s) > 1), 1)
         return [out]
-    first = slots[0]
+    by_first: dict[int, list[tuple[int, ...]]] = {}
+    for t in tuples:
+        by_first.setdefault(t[0], []).append(t[1:])
     result: list[str] = []
-    for v in first:
-        rest = [t[1:] for t in tuples if t[0] == v]
-        result += _fold(template.replace("#", str(v), 1), rest)
+    for v in slots[0]:
+        result += _fold(template.replace("#", str(v), 1), by_first[v])
     return result
 
 
@@ -267,6 +268,8 @@ def _head_only(keys: Sequence[str]) -> bool:
 
 def _whole_blocks(keys: Sequence[str], all_keys: Sequence[str]) -> list[str]:
     """Numbered children (``layer3.4``) whose every key is in ``keys`` while siblings are not."""
+    if not keys:
+        return []
     block_re = re.compile(r"^((?:[^.]+\.)*?\d+)\.")
     left = set(keys)
     blocks: dict[str, list[bool]] = {}
@@ -275,11 +278,13 @@ def _whole_blocks(keys: Sequence[str], all_keys: Sequence[str]) -> list[str]:
         if m:
             blocks.setdefault(m.group(1), []).append(k in left)
     whole = [b for b, flags in blocks.items() if all(flags)]
-    return [b for b in whole if any(not all(f) for o, f in blocks.items() if _same_parent(o, b))]
+    # Parents with a block that is not whole (a sibling present), found in one pass.
+    partial = {_parent(o) for o, f in blocks.items() if not all(f)}
+    return [b for b in whole if _parent(b) in partial]
 
 
-def _same_parent(a: str, b: str) -> bool:
-    return a.rpartition(".")[0] == b.rpartition(".")[0]
+def _parent(path: str) -> str:
+    return path.rpartition(".")[0]
 
 
 def _leftover_findings(plan: Plan, source: Sequence[KeyShape], target: Sequence[KeyShape],
@@ -335,13 +340,16 @@ def _special_findings(source: Sequence[KeyShape], state_dict_path: Sequence[str]
                              f"the weights sit at `{where}` inside the file, not at its root (a training "
                              f"checkpoint): load `torch.load(f)[...]` at that path, or `fix --extract` it",
                              (), 0, {"state_dict_path": list(state_dict_path)}))
-    flat = [s.key for s in source if leaf(s.key) == "_flat_param" or s.key.endswith("flat_param")]
+    # One text search over all keys first: these names are rare, and a per-key regex is not free.
+    text = "\n".join(s.key for s in source)
+    flat = [s.key for s in source if leaf(s.key) == "_flat_param" or s.key.endswith("flat_param")] \
+        if "flat_param" in text else []
     if flat:
         found.append(Finding("fsdp-flat-param", "error",
                              f"{len(flat)} FSDP flat parameter(s) ({_short(flat)}) hold many weights in one "
                              "buffer; they cannot be split back key by key without FSDP's metadata. Save with a "
                              "FULL_STATE_DICT (or torch.distributed.checkpoint) instead", tuple(flat), len(flat)))
-    lora = [s.key for s in source if is_peft_key(s.key)]
+    lora = [s.key for s in source if is_peft_key(s.key)] if "lora_" in text or "base_layer" in text else []
     if lora:
         found.append(Finding("lora-unmerged", "error",
                              f"{len(lora)} LoRA/PEFT tensors ({_short(lora)}): the adapters must be merged "

@@ -53,6 +53,8 @@ def split_harmless(keys: Sequence[str], names: Sequence[str], present: Iterable[
     buffers (GPT-2's ``attn.bias`` mask, ``position_ids``): an old file that saved them has
     them as unexpected keys, harmless once dropped.
     """
+    if not keys:
+        return [], []
     alive = {k.rpartition(".")[0] for k in present}
     check_alive = bool(alive)
     ok = [k for k in keys if (leaf(k) in names and (not check_alive or k.rpartition(".")[0] in alive))

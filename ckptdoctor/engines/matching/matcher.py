@@ -26,8 +26,9 @@ Pure functions over :class:`KeyShape` sequences: no I/O, no torch.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ckptdoctor.engines.matching.edits import AddPrefix, Edit, Rename, Strip, apply_edits, parse_rename
 from ckptdoctor.engines.matching.rules import (
@@ -116,6 +117,20 @@ def _names_kept(state: MatchState, moves: dict[int, str]) -> int:
     return kept
 
 
+def _ranked(state: MatchState, options: list[_Option]) -> list[_Option]:
+    """``options`` best first; ``names_kept`` is counted only where it can decide something.
+
+    It only breaks ties between options of equal gain and equal keys explained (in the order and
+    in ``_rivals``), and counting it walks every landed key's segments: options whose (gain,
+    explained) is unique keep 0, which changes neither the order nor any rivalry.
+    """
+    tied = Counter((o.gain, o.explained) for o in options)
+    options = [replace(o, names_kept=_names_kept(state, o.moves)) if tied[(o.gain, o.explained)] > 1 else o
+               for o in options]
+    options.sort(key=_Option.order)
+    return options
+
+
 def _known_text(rule: Rule) -> bool:
     """A leading-prefix rule, or a segment rule that only moves wrapper segments."""
     if isinstance(rule, StripSegment | InsertSegment):
@@ -130,21 +145,16 @@ def _options(state: MatchState) -> tuple[list[_Option], list[_Option], list[Ambi
     for c in text_candidates(state):
         known = _known_text(c.rule)
         (text if known else inner).append(_Option(c.rule, c.moves, c.gain, c.rule.count, TEXT if known else INNER,
-                                                  c.rank, _names_kept(state, c.moves)))
+                                                  c.rank))
     renumbers, ambiguous = renumber_candidates(state)
-    inner += [_Option(c.rule, c.moves, c.gain, c.rule.count, INNER, (3, 0), _names_kept(state, c.moves))
-              for c in renumbers]
-    text.sort(key=_Option.order)
-    inner.sort(key=_Option.order)
-    return text, inner, ambiguous
+    inner += [_Option(c.rule, c.moves, c.gain, c.rule.count, INNER, (3, 0)) for c in renumbers]
+    return _ranked(state, text), _ranked(state, inner), ambiguous
 
 
 def _rename_options(state: MatchState) -> tuple[list[_Option], list[Ambiguity]]:
     renames, ambiguous = rename_candidates(state)
-    options = [_Option(c.rule, c.moves, c.gain, c.rule.count, RENAME, (0, 0), _names_kept(state, c.moves))
-               for c in renames]
-    options.sort(key=_Option.order)
-    return options, ambiguous
+    options = [_Option(c.rule, c.moves, c.gain, c.rule.count, RENAME, (0, 0)) for c in renames]
+    return _ranked(state, options), ambiguous
 
 
 def _rivals(a: _Option, b: _Option, state: MatchState) -> bool:

@@ -28,6 +28,10 @@ class MatchState:
         self.owner: dict[str, int] = {name: i for i, name in enumerate(self.names)}
         self.shapes: list[tuple[int, ...]] = [tuple(s.shape) for s in source]
         self.matched: list[bool] = [self.lands(i, n) for i, n in enumerate(self.names)]
+        self.tgt_keys: list[str] = [t.key for t in target]
+        # Per-step views, rebuilt lazily after each apply(): every tier asks for them.
+        self._loose: list[int] | None = None
+        self._free: dict[str, tuple[int, ...]] | None = None
 
     def shape(self, i: int) -> tuple[int, ...]:
         return self.shapes[i]
@@ -40,16 +44,18 @@ class MatchState:
         return self.matched[i]
 
     def unmatched_source(self) -> list[int]:
-        return [i for i, ok in enumerate(self.matched) if not ok]
+        """Source indices not yet matched, in file order (shared: do not mutate)."""
+        if self._loose is None:
+            self._loose = [i for i, ok in enumerate(self.matched) if not ok]
+        return self._loose
 
     def unmatched_target(self) -> dict[str, tuple[int, ...]]:
-        """Target keys no source key currently matches, in model order, with their shapes."""
-        free: dict[str, tuple[int, ...]] = {}
-        for t in self.tgt:
-            i = self.owner.get(t.key)
-            if i is None or not self.matched[i]:
-                free[t.key] = tuple(t.shape)
-        return free
+        """Target keys no source key currently matches, in model order, with their shapes (shared)."""
+        if self._free is None:
+            owner, matched, shape = self.owner, self.matched, self.tgt_shape
+            self._free = {k: shape[k] for k in self.tgt_keys
+                          if (i := owner.get(k)) is None or not matched[i]}
+        return self._free
 
     def trim(self, proposal: dict[int, str]) -> dict[int, str]:
         """Drop moves that would give two source keys the same name.
@@ -73,12 +79,12 @@ class MatchState:
 
     def gain(self, moves: dict[int, str]) -> int:
         """Shape-consistent pairs gained by ``moves`` (already trimmed)."""
-        after = sum(1 for i, n in moves.items() if self.lands(i, n))
-        before = sum(1 for i in moves if self.is_matched(i))
-        return after - before
+        matched = self.matched
+        return self.landed(moves) - sum(1 for i in moves if matched[i])
 
     def landed(self, moves: dict[int, str]) -> int:
-        return sum(1 for i, n in moves.items() if self.lands(i, n))
+        get, shapes = self.tgt_shape.get, self.shapes
+        return sum(1 for i, n in moves.items() if get(n) == shapes[i])
 
     def conflicts(self, a: dict[int, str], b: dict[int, str]) -> bool:
         """Do two proposals land the same source key on different targets, or two keys on one target?
@@ -95,6 +101,7 @@ class MatchState:
         return any(n in owners and owners[n] != i for i, n in landed_b.items())
 
     def apply(self, moves: dict[int, str]) -> None:
+        self._loose = self._free = None
         for i in moves:
             del self.owner[self.names[i]]
         for i, n in moves.items():

@@ -8,8 +8,11 @@ alignments are equally good the matcher reports an :class:`Ambiguity` instead of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from ckptdoctor.engines.matching.rules import WRAPPER_SEGMENTS, Ambiguity, RenameGroup, Renumber
 from ckptdoctor.engines.matching.state import PARKED, MatchState
@@ -38,36 +41,86 @@ def _join(prefix: str, rest: str) -> str:
 # ---------------------------------------------------------------- renumbering
 
 
-def _containers(names: Sequence[str]) -> set[str]:
-    """Paths directly followed by a numeric segment in any of ``names``."""
+# A numeric path segment (``layers.3.``): at the start or after a dot, followed by a dot.
+_NUMBERED = re.compile(r"(?:^|(?<=\.))(\d+)\.")
+
+
+# Per line, the path before the line's *last* numeric segment ("" when only the first is one).
+_LAST_CONTAINER = re.compile(r"^(?:(.*)\.|)\d+\.", re.MULTILINE)
+
+
+def _containers(names: Iterable[str]) -> set[str]:
+    """Paths directly followed by a numeric segment in any of ``names``.
+
+    One regex pass over all names finds each name's last container; the earlier ones are the
+    containers of those (few, distinct) paths, found the same way until nothing new turns up.
+    """
+    names = list(names)
+    text = "\n".join(names)
+    if text.count("\n") >= len(names):  # a name holds a newline: the line trick does not apply
+        return {name[: m.start() - 1] if m.start() else "" for name in names for m in _NUMBERED.finditer(name)}
     found: set[str] = set()
-    for name in names:
-        segs = name.split(".")
-        for p in range(len(segs) - 1):
-            if segs[p].isdigit():
-                found.add(".".join(segs[:p]))
+    new = set(_LAST_CONTAINER.findall(text))
+    while new:
+        found |= new
+        new = set(_LAST_CONTAINER.findall("\n".join(f"{c}." for c in new if c))) - found
     return found
 
 
 Member = tuple[str, str, tuple[int, ...]]  # (key, rest below the group, shape)
 
 
+# Per line: the path up to and including the first numeric segment that a dot follows, and
+# what comes after that dot (both empty when there is no such segment).
+_FIRST_CHILD = re.compile(r"^((?:|.*?\.)\d+)\.(.*)$|^.*$", re.MULTILINE)
+
+
 def _children(
-    items: Sequence[tuple[str, tuple[int, ...]]], wanted: set[str]
+    items: Iterable[tuple[str, tuple[int, ...]]], wanted: set[str]
 ) -> dict[str, dict[int, list[Member]]]:
     """Numbered children of every container in ``wanted``: container → index → [(key, rest, shape)].
 
-    One pass over ``items`` for all containers, so a step costs the same however many there are.
+    One regex pass over all keys per level of numbering (``layers.3.experts.7`` has two): the
+    regex engine cuts every key at its next numeric segment; keys are filed under the pieces
+    cut so far, and each distinct child path is resolved to (container, index) once.
     """
+    pairs = list(items)
+    if sum(k.count("\n") for k, _ in pairs):  # a key holds a newline: cut each key on its own
+        return _children_by_key(pairs, wanted)
+    groups: dict[tuple[str, ...], list[tuple[int, str]]] = {}
+    paths: list[tuple[str, ...]] = [()] * len(pairs)
+    todo, texts = list(range(len(pairs))), [k for k, _ in pairs]
+    while todo:
+        nxt: list[int] = []
+        rests: list[str] = []
+        for k, (child, rest) in zip(todo, _FIRST_CHILD.findall("\n".join(texts)), strict=True):
+            if child:
+                path = paths[k] = (*paths[k], child)
+                groups.setdefault(path, []).append((k, rest))
+                nxt.append(k)
+                rests.append(rest)
+        todo, texts = nxt, rests
+    out: dict[str, dict[int, list[tuple[int, str]]]] = {}
+    for path, members in groups.items():
+        container, _, index = ".".join(path).rpartition(".")
+        if container in wanted:
+            children = out.setdefault(container, {})
+            if int(index) in children:  # `0` and `00` are one index, as int() reads them
+                members = sorted(children[int(index)] + members)
+            children[int(index)] = members
+    return {c: {i: [(pairs[k][0], rest, pairs[k][1]) for k, rest in m] for i, m in children.items()}
+            for c, children in out.items()}
+
+
+def _children_by_key(
+    items: Sequence[tuple[str, tuple[int, ...]]], wanted: set[str]
+) -> dict[str, dict[int, list[Member]]]:
     out: dict[str, dict[int, list[Member]]] = {}
     for key, shape in items:
-        segs = key.split(".")
-        for p in range(len(segs) - 1):
-            if segs[p].isdigit():
-                container = ".".join(segs[:p])
-                if container in wanted:
-                    rest = ".".join(segs[p + 1:])
-                    out.setdefault(container, {}).setdefault(int(segs[p]), []).append((key, rest, shape))
+        for m in _NUMBERED.finditer(key):
+            container = key[: m.start() - 1] if m.start() else ""
+            if container in wanted:
+                out.setdefault(container, {}).setdefault(int(m.group(1)), []).append((key, key[m.end():], shape))
     return out
 
 
@@ -76,6 +129,8 @@ def _signature(entries: Sequence[tuple[str, str, tuple[int, ...]]]) -> Signature
 
 
 def _unwrapped(rest: str) -> str:
+    if not any(w in rest for w in WRAPPER_SEGMENTS):
+        return rest  # the common case, without splitting
     segs = rest.split(".")
     return ".".join([s for s in segs[:-1] if s not in WRAPPER_SEGMENTS] + segs[-1:])
 
@@ -90,18 +145,19 @@ def _child_signature(entries: Sequence[Member]) -> Signature:
     return tuple(sorted((_unwrapped(rest), shape) for _, rest, shape in entries))
 
 
-def _lcs_tables(a: Sequence[Signature], b: Sequence[Signature]) -> tuple[list[list[int]], list[list[int]]]:
-    """Prefix and suffix LCS lengths, used to find pairs that lie on *some* optimal alignment."""
-    n, m = len(a), len(b)
-    pre = [[0] * (m + 1) for _ in range(n + 1)]
+def _lcs_prefix(eq: np.ndarray) -> np.ndarray:
+    """LCS lengths of every prefix pair, from the equality matrix ``eq[i, j] = a[i] == b[j]``.
+
+    Row by row: ``pre[i+1][j+1]`` is ``pre[i][j] + 1`` where the items are equal, else
+    ``pre[i][j+1]``, carried forward by a running maximum (the ``pre[i+1][j]`` term). Equal to the
+    textbook recurrence because ``pre[i][j] + 1`` is never below its neighbours; one numpy
+    pass per row instead of a Python step per cell.
+    """
+    n, m = eq.shape
+    pre = np.zeros((n + 1, m + 1), dtype=np.int32)
     for i in range(n):
-        for j in range(m):
-            pre[i + 1][j + 1] = pre[i][j] + 1 if a[i] == b[j] else max(pre[i][j + 1], pre[i + 1][j])
-    suf = [[0] * (m + 1) for _ in range(n + 1)]
-    for i in range(n - 1, -1, -1):
-        for j in range(m - 1, -1, -1):
-            suf[i][j] = suf[i + 1][j + 1] + 1 if a[i] == b[j] else max(suf[i + 1][j], suf[i][j + 1])
-    return pre, suf
+        np.maximum.accumulate(np.where(eq[i], pre[i, :-1] + 1, pre[i, 1:]), out=pre[i + 1, 1:])
+    return pre
 
 
 def align(a: Sequence[Signature], b: Sequence[Signature]) -> tuple[list[tuple[int, int]], int]:
@@ -112,7 +168,8 @@ def align(a: Sequence[Signature], b: Sequence[Signature]) -> tuple[list[tuple[in
     otherwise two optimal alignments disagree and the caller must not guess.
 
     Signatures found on one side only can never be paired, so they are dropped before the
-    (quadratic) tables are built; that changes no alignment.
+    (quadratic) tables are built; that changes no alignment. Two equal sequences have one
+    maximum alignment, item by item (the common case: every child kept its signature).
     """
     common = set(a) & set(b)
     ai = [i for i, sig in enumerate(a) if sig in common]
@@ -120,15 +177,20 @@ def align(a: Sequence[Signature], b: Sequence[Signature]) -> tuple[list[tuple[in
     if not ai:
         return [], 0
     a, b = [a[i] for i in ai], [b[j] for j in bj]
-    pre, suf = _lcs_tables(a, b)
-    best = pre[len(a)][len(b)]
-    usable = [
-        (ai[i], bj[j])
-        for i in range(len(a))
-        for j in range(len(b))
-        if a[i] == b[j] and pre[i][j] + 1 + suf[i + 1][j + 1] == best
-    ]
-    return usable, best
+    if a == b:
+        return list(zip(ai, bj, strict=True)), len(a)
+    codes: dict[Signature, int] = {}
+    ca = np.array([codes.setdefault(sig, len(codes)) for sig in a])
+    cb = np.array([codes.setdefault(sig, len(codes)) for sig in b])
+    eq = ca[:, None] == cb[None, :]
+    n, m = eq.shape
+    pre = _lcs_prefix(eq)
+    best = int(pre[n, m])
+    # suf[i][j] (LCS of a[i:], b[j:]) is the prefix table of both sequences reversed.
+    suf_rev = _lcs_prefix(eq[::-1, ::-1])
+    after = suf_rev[:n, :m][::-1, ::-1]  # after[i, j] = suf[i + 1][j + 1]
+    rows, cols = np.nonzero(eq & (pre[:n, :m] + 1 + after == best))
+    return [(ai[i], bj[j]) for i, j in zip(rows.tolist(), cols.tolist(), strict=True)], best
 
 
 def _same_index_pairs(src: dict[int, list[Member]], tgt: dict[int, list[Member]]) -> int:
@@ -174,14 +236,22 @@ def _renumber_one(
 
 def renumber_candidates(state: MatchState) -> tuple[list[Candidate], list[Ambiguity]]:
     """Renumberings that gain pairs, for containers holding at least one unmatched key."""
-    loose = [state.names[i] for i in state.unmatched_source()] + list(state.unmatched_target())
-    wanted = _containers(loose)
+    loose, free = state.unmatched_source(), state.unmatched_target()
+    loose_src = _containers(state.names[i] for i in loose)
+    loose_tgt = _containers(free)
     found: list[Candidate] = []
     ambiguous: list[Ambiguity] = []
+    if not loose_src and not loose_tgt:
+        return found, ambiguous
+    # Only containers with a loose key that both sides have can gain: find them from the names
+    # first (each name scanned once), and collect children for those containers alone.
+    in_src = loose_src | _containers(n for n, ok in zip(state.names, state.matched, strict=True) if ok)
+    in_tgt = loose_tgt | _containers(k for k in state.tgt_keys if k not in free)
+    wanted = (loose_src | loose_tgt) & in_src & in_tgt
     if not wanted:
         return found, ambiguous
-    src = _children([(n, state.shape(i)) for i, n in enumerate(state.names)], wanted)
-    tgt = _children([(t.key, tuple(t.shape)) for t in state.tgt], wanted)
+    src = _children(zip(state.names, state.shapes, strict=True), wanted)
+    tgt = _children(((k, state.tgt_shape[k]) for k in state.tgt_keys), wanted)
     for container in sorted(wanted & set(src) & set(tgt), key=lambda c: (c.count("."), c)):
         cand, amb = _renumber_one(state, container, src[container], tgt[container])
         if cand:

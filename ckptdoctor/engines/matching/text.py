@@ -10,7 +10,7 @@ sharded LLM checkpoints with tens of thousands of entries.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 
@@ -59,13 +59,21 @@ def _numbered(prefixes: tuple[str, str]) -> bool:
     return any(s.isdigit() for p in prefixes for s in p.split("."))
 
 
-def _suffix_index(keys: Free) -> list[dict[str, list[str]]]:
-    """For j leading segments dropped: suffix → target keys with that suffix."""
+def _suffix_index(keys: Iterable[str], wanted: set[str]) -> list[dict[str, list[str]]]:
+    """For j leading segments dropped: suffix → target keys with that suffix (suffixes in ``wanted``).
+
+    Only suffixes some voter asks about are kept, so the tables stay small; each key is cut at
+    its first dots (``partition``) rather than split and joined again.
+    """
     index: list[dict[str, list[str]]] = [{} for _ in range(MAX_PREFIX_SEGMENTS + 1)]
     for key in keys:
-        segs = key.split(".")
-        for j in range(min(MAX_PREFIX_SEGMENTS, len(segs) - 1) + 1):
-            index[j].setdefault(".".join(segs[j:]), []).append(key)
+        rest = key
+        for table in index:
+            if rest in wanted:
+                table.setdefault(rest, []).append(key)
+            _, dot, rest = rest.partition(".")
+            if not dot:
+                break
     return index
 
 
@@ -81,11 +89,11 @@ def _sample(loose: list[int]) -> list[int]:
 
 def _prefix_votes(state: MatchState, loose: list[int], free: Free) -> Counter[tuple[str, str]]:
     """(source prefix, target prefix) → number of (sampled) source keys it would land."""
-    index = _suffix_index(free)
+    voters = [(segs, state.shape(i)) for i in _sample(loose) for segs in [state.names[i].split(".")]]
+    asked = {".".join(segs[k:]) for segs, _ in voters for k in range(min(MAX_PREFIX_SEGMENTS, len(segs) - 1) + 1)}
+    index = _suffix_index(free, asked)
     votes: Counter[tuple[str, str]] = Counter()
-    for i in _sample(loose):
-        segs = state.names[i].split(".")
-        shape = state.shape(i)
+    for segs, shape in voters:
         for k in range(min(MAX_PREFIX_SEGMENTS, len(segs) - 1) + 1):
             rest = ".".join(segs[k:])
             head = _prefix(segs, k)
@@ -118,9 +126,19 @@ def _without(name: str, segments: frozenset[str]) -> str:
     return ".".join([s for s in segs[:-1] if s not in segments] + segs[-1:])
 
 
-def _present_wrappers(names: list[str]) -> tuple[str, ...]:
-    seen = {s for n in names for s in n.split(".")[:-1]}
-    return tuple(w for w in WRAPPER_SEGMENTS if w in seen)
+def _holds(name: str, segments: frozenset[str]) -> bool:
+    """Could ``_without(name, segments)`` change ``name``? (A cheap text test, no split.)"""
+    return any(s + "." in name for s in segments)
+
+
+def _present_wrappers(names: Iterable[str]) -> tuple[str, ...]:
+    """Wrapper segments found anywhere but in the leaf of some name (one text search each)."""
+    names = list(names)
+    text = "\n" + "\n".join(names)
+    if text.count("\n") > len(names):  # a name holds a newline itself: split them instead
+        seen = {s for n in names for s in n.split(".")[:-1]}
+        return tuple(w for w in WRAPPER_SEGMENTS if w in seen)
+    return tuple(w for w in WRAPPER_SEGMENTS if f"\n{w}." in text or f".{w}." in text)
 
 
 def _proposals(state: MatchState, loose: list[int], free: Free) -> list[tuple[TextRule, dict[int, str]]]:
@@ -139,13 +157,13 @@ def _proposals(state: MatchState, loose: list[int], free: Free) -> list[tuple[Te
         return {i: b + state.names[i][len(a):] for i in loose if state.names[i].startswith(a)}
 
     def strip_seg(segs: frozenset[str]) -> dict[int, str]:
-        out = {i: _without(state.names[i], segs) for i in loose}
+        out = {i: _without(state.names[i], segs) for i in loose if _holds(state.names[i], segs)}
         return {i: n for i, n in out.items() if n != state.names[i]}
 
     def insert_seg(segs: frozenset[str]) -> dict[int, str]:
         back: dict[str, str] = {}
         for t in free:
-            back.setdefault(_without(t, segs), t)
+            back.setdefault(_without(t, segs) if _holds(t, segs) else t, t)
         return {i: back[state.names[i]] for i in loose if state.names[i] in back}
 
     for (a, b), n in _prefix_votes(state, loose, free).items():
@@ -156,12 +174,12 @@ def _proposals(state: MatchState, loose: list[int], free: Free) -> list[tuple[Te
         else:
             found.append((n, PrependPrefix(b, 0, 0), partial(add, b)))
     seg_sets: set[tuple[str, ...]] = {(s,) for s in _segment_votes(sampled, free)}
-    seg_sets.add(_present_wrappers(list(names)))
+    seg_sets.add(_present_wrappers(names))
     for segs in seg_sets - {()}:
         found.append((len(loose), StripSegment(segs, 0, 0), partial(strip_seg, frozenset(segs))))
     free_sample = dict(list(free.items())[:: max(1, len(free) // MAX_VOTERS)])
     ins_sets: set[tuple[str, ...]] = {(s,) for s in _segment_votes(free_sample, names)}
-    ins_sets.add(_present_wrappers(list(free)))
+    ins_sets.add(_present_wrappers(free))
     for segs in ins_sets - {()}:
         found.append((len(loose), InsertSegment(segs, 0, 0), partial(insert_seg, frozenset(segs))))
     found.sort(key=lambda f: -f[0])
