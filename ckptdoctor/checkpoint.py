@@ -10,7 +10,6 @@ tensor bytes"); engines that need values read them through ``ckptdoctor.formats.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -69,10 +68,20 @@ class StorageInfo:
     name: str = ""  # the name the format gives it (zip record key, safetensors tensor name...)
     crc32: int | None = None  # the archive's CRC-32 of exactly these bytes, when the format records one
 
+    # Like TensorRecord: a pickle's BUILD must never rewrite it.
+    def __setstate__(self, state: Any) -> None:
+        raise TypeError("a StorageInfo takes no pickled state")
 
-@dataclass(frozen=True)
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (StorageInfo, (self.id, self.dtype, self.nbytes, self.device, self.source, self.name, self.crc32))
+
+
+@dataclass(frozen=True, slots=True)
 class TensorRecord:
-    """A tensor as metadata: everything ``torch.load`` would know about it except the values."""
+    """A tensor as metadata: everything ``torch.load`` would know about it except the values.
+
+    Slotted (a 200,000-tensor checkpoint holds 200,000 of these): no per-record ``__dict__``.
+    """
 
     dtype: str
     shape: tuple[int, ...]
@@ -83,15 +92,22 @@ class TensorRecord:
     requires_grad: bool = False
     layout: str = "strided"  # "strided", "sparse_coo", "quantized", "meta", "nested", ...
 
-    # Cached: engines ask for these per tensor many times (a frozen dataclass without slots
-    # keeps the cache in its __dict__; equality and hashing still use the fields only).
-    @functools.cached_property
+    @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    @functools.cached_property
+    @property
     def nbytes(self) -> int:
-        return self.numel * itemsize(self.dtype)
+        return math.prod(self.shape) * (DTYPE_BITS[self.dtype] // 8)
+
+    # A pickle's BUILD must never rewrite a record (the C unpickler would call __setstate__,
+    # see formats/fast_pickle.py); copies and pickles of records go through __reduce__.
+    def __setstate__(self, state: Any) -> None:
+        raise TypeError("a TensorRecord takes no pickled state")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TensorRecord, (self.dtype, self.shape, self.stride, self.storage_offset, self.storage,
+                               self.is_parameter, self.requires_grad, self.layout))
 
     @property
     def device(self) -> str:
@@ -187,6 +203,13 @@ class OpaqueObject:
     def extend(self, values: Any) -> None:
         self.list_items.extend(values)
 
+    # BUILD records the state (the C unpickler calls this; SafeUnpickler.load_build does the same).
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_opaque, (self.cls, self.args, self.state, self.items, self.list_items, self.via))
+
     def state_dict_view(self) -> Mapping[str, Any]:
         """Attributes of the object, whether pickled as a dict state or (dict, slots) pair."""
         state = self.state
@@ -197,6 +220,11 @@ class OpaqueObject:
                     merged.update(part)
             return merged
         return state if isinstance(state, dict) else {}
+
+
+def _opaque(cls: GlobalRef, args: tuple[Any, ...], state: Any, items: dict[Any, Any], list_items: list[Any],
+            via: str) -> OpaqueObject:
+    return OpaqueObject(cls, args, state, items, list_items, via)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 from ..checkpoint import GlobalRef, OpaqueObject, TensorRecord
 from ..errors import CorruptCheckpoint, LimitExceeded, UnsafeContent
+from .fast_pickle import NOT_FAST, fast_load, gc_paused
 from .pickle_globals import (
     CALLABLE_STAND_INS,
     RECORDED_VALUE_TYPES,
@@ -363,8 +364,14 @@ def load_pickle(data: bytes, persistent_load: PersistentLoad | None = None, *, w
     """Interpret one pickle as data; every failure becomes a ckptdoctor error naming ``where``."""
     if len(data) > MAX_PICKLE_BYTES:
         raise LimitExceeded(f"pickle of {len(data)} bytes is beyond the {MAX_PICKLE_BYTES}-byte limit", path=path)
-    return _run(SafeUnpickler(io.BytesIO(data), persistent_load, where=where), lambda u: u.load_bytes(data),
-                where, path)
+    with gc_paused():
+        # The C unpickler when a bounded pre-pass allows it (fast_pickle); this interpreter
+        # for everything else, and to give the exact error whenever the C path fails.
+        result = fast_load(data, persistent_load)
+        if result is not NOT_FAST:
+            return result
+        return _run(SafeUnpickler(io.BytesIO(data), persistent_load, where=where), lambda u: u.load_bytes(data),
+                    where, path)
 
 
 def read_pickle_stream(stream: Any, persistent_load: PersistentLoad | None = None, *,
