@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 # Element sizes in bits for every dtype torch knows, by torch's name without the `torch.` prefix.
 # Sub-byte dtypes (uint1..7, int1..7, bits1x8 ...) are stored packed by the user; torch itself
@@ -50,6 +50,8 @@ class ByteRange:
     path: str
     offset: int
     length: int
+    # True when `offset` is found only on first use (DCP items): metadata views skip it.
+    deferred: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)

@@ -210,6 +210,8 @@ class DeferredRange(ByteRange):
     tensor of that file in one pass (:meth:`ItemResolver.resolve_file`). Metadata commands never
     ask for it and so never read a ``.distcp`` byte."""
 
+    deferred = True
+
     def __init__(self, resolver: ItemResolver, item: Item, fqn: str, path: str, length: int) -> None:
         object.__setattr__(self, "path", path)
         object.__setattr__(self, "length", length)
