@@ -11,9 +11,10 @@ tensor bytes"); engines that need values read them through ``ckptdoctor.formats.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 # Element sizes in bits for every dtype torch knows, by torch's name without the `torch.` prefix.
 # Sub-byte dtypes (uint1..7, int1..7, bits1x8 ...) are stored packed by the user; torch itself
@@ -126,10 +127,11 @@ class TensorRecord:
 
     def byte_span(self) -> tuple[int, int]:
         """(first byte, one past last byte) this view touches inside its storage."""
-        size = itemsize(self.dtype)
-        if self.numel == 0:
+        size = DTYPE_BITS[self.dtype] // 8
+        if math.prod(self.shape) == 0:
             return (self.storage_offset * size, self.storage_offset * size)
-        last = self.storage_offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
+        # sum((n - 1) * s) over the dimensions, in C: sum(n * s) - sum(s)
+        last = self.storage_offset + sum(map(operator.mul, self.shape, self.stride)) - sum(self.stride)
         return (self.storage_offset * size, (last + 1) * size)
 
 
@@ -174,7 +176,27 @@ class GlobalRef:
         return f"{self.module}.{self.name}"
 
 
-@dataclass(eq=False)
+# Shared read-only empties: most opaque objects (DCP's 1,000,000 dataclass records) never get
+# SETITEM/APPEND, so they need no dict and list of their own; the methods below make them on demand.
+class _SharedEmptyDict(dict):  # type: ignore[type-arg]
+    """The one empty ``items`` all opaque objects share until they get their own: read-only."""
+
+    __slots__ = ()
+
+    def __hash__(self) -> int:  # dataclasses refuse unhashable defaults
+        return 0
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("the shared empty items of an OpaqueObject cannot change; use obj[key] = value")
+
+    __setitem__ = __delitem__ = update = setdefault = pop = popitem = clear = __ior__ = _refuse  # type: ignore
+
+
+_NO_ITEMS: dict[Any, Any] = _SharedEmptyDict()
+_NO_LIST_ITEMS: list[Any] = cast("list[Any]", ())
+
+
+@dataclass(eq=False, slots=True)
 class OpaqueObject:
     """An instance of a class ckptdoctor did not import: class name plus its state as data.
 
@@ -191,18 +213,24 @@ class OpaqueObject:
     cls: GlobalRef
     args: tuple[Any, ...] = ()
     state: Any = None
-    items: dict[Any, Any] = field(default_factory=dict)
-    list_items: list[Any] = field(default_factory=list)
+    items: dict[Any, Any] = _NO_ITEMS
+    list_items: list[Any] = _NO_LIST_ITEMS
     via: str = "newobj"  # "newobj", "reconstructor" or "reduce" (allowed constructor call)
 
     # Pickle's SETITEM(S)/APPEND(S) call these on whatever object is on the stack.
     def __setitem__(self, key: Any, value: Any) -> None:
+        if self.items is _NO_ITEMS:
+            self.items = {}
         self.items[key] = value
 
     def append(self, value: Any) -> None:
+        if self.list_items is _NO_LIST_ITEMS:
+            self.list_items = []
         self.list_items.append(value)
 
     def extend(self, values: Any) -> None:
+        if self.list_items is _NO_LIST_ITEMS:
+            self.list_items = []
         self.list_items.extend(values)
 
     # BUILD records the state (the C unpickler calls this; SafeUnpickler.load_build does the same).

@@ -40,7 +40,7 @@ from ..checkpoint import DTYPE_BITS, ByteRange, Checkpoint, GlobalRef, OpaqueObj
 from ..errors import CkptDoctorError, CorruptCheckpoint, LimitExceeded, UnsupportedFormat
 from .directory import member_path
 from .locate import build_checkpoint
-from .pickle_globals import StorageType, contiguous_stride
+from .pickle_globals import SHARED_DIMS, StorageType, contiguous_stride
 from .safe_pickle import load_pickle
 from .torch_zip import LOCAL_HEADER, ZIP_MAGIC
 
@@ -98,30 +98,30 @@ class DcpFiles:
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        self._open: dict[str, tuple[IO[bytes], int]] = {}
+        self._open: dict[str, tuple[IO[bytes], int, str]] = {}
 
     def close(self) -> None:
-        for f, _ in self._open.values():
+        for f, _, _ in self._open.values():
             f.close()
 
     def _file(self, relative_path: str) -> tuple[IO[bytes], int, str]:
-        path = member_path(self.directory, relative_path, ".metadata")
         if relative_path not in self._open:
+            path = member_path(self.directory, relative_path, ".metadata")
             try:
                 opened: IO[bytes] = open(path, "rb")  # noqa: SIM115 - closed by close()
             except OSError as exc:
                 raise CorruptCheckpoint(f".metadata refers to {relative_path!r}, which cannot be opened "
                                         f"({exc.strerror})", path=self.directory) from None
-            self._open[relative_path] = (opened, os.fstat(opened.fileno()).st_size)
-        f, size = self._open[relative_path]
-        return f, size, path
+            self._open[relative_path] = (opened, os.fstat(opened.fileno()).st_size, path)
+        return self._open[relative_path]
 
-    def check(self, item: Item) -> None:
-        """The item's file opens and holds its whole range (no byte of it is read)."""
-        _, size, _ = self._file(item.relative_path)
+    def check(self, item: Item) -> str:
+        """The item's file opens and holds its whole range (no byte of it is read); its path."""
+        _, size, path = self._file(item.relative_path)
         if item.offset < 0 or item.length < 0 or item.offset + item.length > size:
             raise CorruptCheckpoint(f"an item at {item.relative_path}@{item.offset} (+{item.length}) lies past "
                                     f"the end of the {size}-byte file", path=self.directory)
+        return path
 
     def starts_archive(self, item: Item) -> bool:
         """Whether the item starts like a torch.save archive (4 bytes read, once per checkpoint).
@@ -388,6 +388,8 @@ def _properties(node: Any, fqn: str, directory: str) -> tuple[str, bool]:
 
 
 def _dims(value: Any, what: str, directory: str) -> tuple[int, ...]:
+    if type(value) is tuple and SHARED_DIMS.get(value) is value:
+        return value  # a torch.Size the unpickler already checked (pickle_globals._check_dims)
     if not isinstance(value, (tuple, list)) or len(value) > 64 or not all(
             type(v) is int and 0 <= v < 1 << 62 for v in value):
         raise CorruptCheckpoint(f".metadata: {what} is not a list of sizes: {value!r:.60}", path=directory)
@@ -433,7 +435,7 @@ class DcpReader:
         if not whole:
             return self.unmapped(fqn, dtype, shape, requires_grad)
         item = items[0][1]
-        self.files.check(item)
+        path = self.files.check(item)
         if self.torch_save is None:
             self.torch_save = self.files.starts_archive(item)
         if not self.torch_save:
@@ -441,8 +443,7 @@ class DcpReader:
         nbytes = math.prod(shape) * DTYPE_BITS[dtype] // 8
         self.resolver.add(item, fqn, dtype, shape)
         where = f"{item.relative_path}@{item.offset}"
-        source = DeferredRange(self.resolver, item, fqn, member_path(self.directory, item.relative_path, ".metadata"),
-                               nbytes)
+        source = DeferredRange(self.resolver, item, fqn, path, nbytes)
         storage = StorageInfo(id=f"{fqn}@0", dtype=dtype, nbytes=nbytes, source=source, name=f"{where}/0")
         return TensorRecord(dtype=dtype, shape=shape, stride=contiguous_stride(shape), storage=storage,
                             requires_grad=requires_grad)

@@ -47,7 +47,7 @@ from functools import lru_cache
 from typing import Any
 
 from ..checkpoint import GlobalRef, OpaqueObject
-from .pickle_globals import RECORDED_VALUE_TYPES, UnknownGlobal, resolve_global
+from .pickle_globals import RECORDED_VALUE_TYPES, UnknownGlobal, _rebuild_from_type_v2, resolve_global
 
 MAX_MARK_DEPTH = 10_000  # the interpreter's limit (safe_pickle.MAX_MARK_DEPTH)
 NOT_FAST = object()  # "run the interpreter instead"
@@ -61,6 +61,16 @@ _DEPTH_STEP = bytes.maketrans(_OPENS + _CLOSES, b"\x02" + b"\x00" * len(_CLOSES)
 
 class _Fallback(Exception):
     """The C path met something only the interpreter handles exactly."""
+
+
+class _StandInType(type):
+    """Metaclass of every per-load stand-in class; ``global_ref`` is what the interpreter would hold."""
+
+    global_ref: UnknownGlobal | None
+
+
+def _refuse_state(state: Any) -> None:
+    raise _Fallback
 
 
 def _short_strings(lead: bytes) -> bytes:
@@ -114,13 +124,23 @@ def _harmless(data: bytes) -> bool:
     return deepest <= MAX_MARK_DEPTH
 
 
+def _make_from_type_v2() -> Any:
+    def from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+        if isinstance(new_type, _StandInType) and new_type.global_ref is not None:
+            new_type = new_type.global_ref
+        return _rebuild_from_type_v2(func, new_type, args, state)
+
+    from_type_v2.__setstate__ = _refuse_state  # type: ignore[attr-defined]
+    return from_type_v2
+
+
 class _Loader(pickle.Unpickler):
     """The C unpickler with every global replaced by a stand-in (see the module docstring)."""
 
     def __init__(self, data: bytes, persistent: Callable[[Any], Any] | None) -> None:
         super().__init__(io.BytesIO(data), encoding="latin1")
         self._persistent = persistent
-        self.classes: dict[str, tuple[type, int]] = {}
+        self.classes: dict[str, tuple[Any, int]] = {}
         self.ordered: list[OrderedDict[Any, Any]] = []
 
     def find_class(self, module: str, name: str) -> Any:
@@ -129,7 +149,25 @@ class _Loader(pickle.Unpickler):
         target = resolve_global(module, name)
         if isinstance(target, UnknownGlobal) or isinstance(target, type):
             return self._stand_in(module, name, None if isinstance(target, UnknownGlobal) else target)
+        if target is _rebuild_from_type_v2:
+            return self._from_type_v2()
         return target
+
+    def _track(self, key: str, make: Callable[[], Any]) -> Any:
+        """Make a stand-in and remember its reference count: a higher count after the load means
+        it escaped into the result. Counted with no local variable holding it, as in :meth:`escaped`."""
+        self.classes[key] = (make(), 0)
+        count = sys.getrefcount(self.classes[key][0])  # the entry and the argument (+ cls.__mro__)
+        self.classes[key] = (self.classes[key][0], count)
+        return self.classes[key][0]
+
+    def _from_type_v2(self) -> Any:
+        """``_rebuild_from_type_v2`` seeing the tensor subclass as the interpreter would: an
+        ``UnknownGlobal`` (here it arrives as a stand-in class), so DTensor & co. are named."""
+        key = "torch._tensor._rebuild_from_type_v2"
+        if key in self.classes:
+            return self.classes[key][0]
+        return self._track(key, _make_from_type_v2)
 
     def persistent_load(self, pid: Any) -> Any:
         if self._persistent is None:
@@ -159,7 +197,7 @@ class _Loader(pickle.Unpickler):
         def construct(args: tuple[Any, ...]) -> Any:
             return make_ordered(*args) if real is OrderedDict else real(*args)  # type: ignore[misc]
 
-        class StandInMeta(type):
+        class StandInMeta(_StandInType):
             def __call__(cls, *args: Any, **kwargs: Any) -> Any:  # REDUCE, OBJ with arguments
                 if kwargs:
                     raise _Fallback
@@ -179,22 +217,17 @@ class _Loader(pickle.Unpickler):
                 return construct(args)
             raise _Fallback
 
-        def refuse_state(state: Any) -> None:
-            raise _Fallback
+        def make() -> type:
+            cls = StandInMeta("StandIn", (), {"__new__": new, "__setstate__": staticmethod(_refuse_state),
+                                              "__slots__": ()})
+            cls.global_ref = UnknownGlobal(module, name) if real is None else None
+            return cls
 
-        cls = StandInMeta("StandIn", (), {"__new__": new, "__setstate__": staticmethod(refuse_state),
-                                          "__slots__": ()})
-        self.classes[dotted] = (cls, 0)
-        baseline = sys.getrefcount(cls)  # the entry, `cls`, the argument, cls.__mro__
-        self.classes[dotted] = (cls, baseline)
-        return cls
+        return self._track(dotted, make)  # type: ignore[no-any-return]
 
     def escaped(self) -> bool:
-        """True when a stand-in class is referenced from the result (used as a value)."""
-        for cls, baseline in self.classes.values():
-            if sys.getrefcount(cls) > baseline:
-                return True
-        return False
+        """True when a stand-in is referenced from the result (used as a value)."""
+        return any(sys.getrefcount(self.classes[key][0]) > self.classes[key][1] for key in self.classes)
 
 
 def fast_load(data: bytes, persistent_load: Callable[[Any], Any] | None) -> Any:

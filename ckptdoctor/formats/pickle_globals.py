@@ -75,17 +75,18 @@ RECORDED_VALUE_TYPES = frozenset({
 
 # Validated shapes and strides, shared: 200,000 tensors hold a few dozen distinct shapes, so
 # records point at one tuple each instead of 400,000 copies (and a hit skips the checks).
-_SHARED_DIMS: dict[tuple[int, ...], tuple[int, ...]] = {}
-MAX_SHARED_DIMS = 1 << 16
+SHARED_DIMS: dict[tuple[int, ...], tuple[int, ...]] = {}
+MAXSHARED_DIMS = 1 << 16
+_INT_ONLY = frozenset({int})
 
 
 def _check_dims(values: Any, what: str) -> tuple[int, ...]:
     if type(values) is tuple:
         try:
-            shared = _SHARED_DIMS.get(values)
+            shared = SHARED_DIMS.get(values)
         except TypeError:  # an unhashable element: refused below
             shared = None
-        if shared is not None and all(type(v) is int for v in values):  # 1 == 1.0 == True
+        if shared is not None and {*map(type, values)} <= _INT_ONLY:  # 1 == 1.0 == True: check types
             return shared
     if not isinstance(values, (tuple, list)) or len(values) > MAX_DIMS:
         raise CorruptCheckpoint(f"tensor {what} is not a short tuple of integers: {values!r:.80}")
@@ -93,8 +94,8 @@ def _check_dims(values: Any, what: str) -> tuple[int, ...]:
     for v in out:
         if type(v) is not int or v < 0 or v > 1 << 62:
             raise CorruptCheckpoint(f"tensor {what} holds an invalid value: {v!r:.40}")
-    if len(_SHARED_DIMS) < MAX_SHARED_DIMS:
-        return _SHARED_DIMS.setdefault(out, out)
+    if len(SHARED_DIMS) < MAXSHARED_DIMS:
+        return SHARED_DIMS.setdefault(out, out)
     return out
 
 
