@@ -44,6 +44,13 @@ TORCH_PRINT = (
     "for k, v in sd.items(): print(k, tuple(v.shape), v.dtype)\n"
 )
 
+TORCH_DCP_METADATA = (
+    "import sys\n"
+    "from torch.distributed.checkpoint import FileSystemReader\n"
+    "md = FileSystemReader(sys.argv[1]).read_metadata()\n"
+    "for k, v in md.state_dict_metadata.items(): print(k, getattr(v, 'size', None))\n"
+)
+
 
 @dataclass
 class Timing:

@@ -178,18 +178,18 @@ class GlobalRef:
 
 # Shared read-only empties: most opaque objects (DCP's 1,000,000 dataclass records) never get
 # SETITEM/APPEND, so they need no dict and list of their own; the methods below make them on demand.
-class _SharedEmptyDict(dict):  # type: ignore[type-arg]
+class _SharedEmptyDict(dict[Any, Any]):
     """The one empty ``items`` all opaque objects share until they get their own: read-only."""
 
     __slots__ = ()
 
-    def __hash__(self) -> int:  # dataclasses refuse unhashable defaults
+    def __hash__(self) -> int:  # type: ignore[override]  # dataclasses refuse unhashable defaults
         return 0
 
     def _refuse(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError("the shared empty items of an OpaqueObject cannot change; use obj[key] = value")
 
-    __setitem__ = __delitem__ = update = setdefault = pop = popitem = clear = __ior__ = _refuse  # type: ignore
+    __setitem__ = __delitem__ = update = setdefault = pop = popitem = clear = __ior__ = _refuse
 
 
 _NO_ITEMS: dict[Any, Any] = _SharedEmptyDict()

@@ -96,7 +96,7 @@ def test_dtensor_subclass_is_named_on_the_fast_path(tmp_path: Path) -> None:
     buffer = io.BytesIO()
     torch.save({"w": torch.nn.Parameter(torch.ones(2))}, buffer)
     with zipfile.ZipFile(buffer) as z:
-        data = z.read([n for n in z.namelist() if n.endswith("data.pkl")][0])
+        data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
     ours = fast_load(data, _storage)
     assert ours is not NOT_FAST and same(ours, _interpreted(data))
     assert ours["w"].is_parameter

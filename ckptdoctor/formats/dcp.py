@@ -219,7 +219,7 @@ class DeferredRange(ByteRange):
         object.__setattr__(self, "_item", item)
         object.__setattr__(self, "_fqn", fqn)
 
-    @property  # type: ignore[override]
+    @property
     def offset(self) -> int:
         return self._resolver.offset(self._item, self._fqn)  # type: ignore[attr-defined]
 
@@ -271,7 +271,7 @@ def _members(fd: int, item: Item, where: str, directory: str) -> dict[str, tuple
     at = tail.rfind(b"PK\x05\x06")
     if at < 0 or at + _EOCD.size > len(tail):
         raise CorruptCheckpoint(f"{where} is not a torch.save archive (no end of central directory)", path=directory)
-    _, _, _, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
+    _, _, _, _, _, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
     if cd_offset == 0xFFFFFFFF or cd_size == 0xFFFFFFFF:
         z64 = tail.rfind(b"PK\x06\x06", 0, at)
         if z64 < 0 or z64 + 56 > len(tail):

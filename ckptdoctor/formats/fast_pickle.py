@@ -147,7 +147,7 @@ class _Loader(pickle.Unpickler):
         if not isinstance(module, str) or not isinstance(name, str) or len(module) + len(name) > 1000:
             raise _Fallback
         target = resolve_global(module, name)
-        if isinstance(target, UnknownGlobal) or isinstance(target, type):
+        if isinstance(target, (UnknownGlobal, type)):
             return self._stand_in(module, name, None if isinstance(target, UnknownGlobal) else target)
         if target is _rebuild_from_type_v2:
             return self._from_type_v2()
@@ -223,7 +223,7 @@ class _Loader(pickle.Unpickler):
             cls.global_ref = UnknownGlobal(module, name) if real is None else None
             return cls
 
-        return self._track(dotted, make)  # type: ignore[no-any-return]
+        return self._track(dotted, make)
 
     def escaped(self) -> bool:
         """True when a stand-in is referenced from the result (used as a value)."""
@@ -237,7 +237,7 @@ def fast_load(data: bytes, persistent_load: Callable[[Any], Any] | None) -> Any:
     loader = _Loader(data, persistent_load)
     try:
         result = loader.load()
-    except Exception:  # noqa: BLE001 - every failure is re-judged by the interpreter
+    except Exception:  # every failure is re-judged by the interpreter
         return NOT_FAST
     finally:
         loader.memo = {}  # drop the memo's references before counting them
@@ -248,7 +248,7 @@ def fast_load(data: bytes, persistent_load: Callable[[Any], Any] | None) -> Any:
     return result
 
 
-class gc_paused:  # noqa: N801 - used as a context manager
+class gc_paused:
     """Pause the cyclic garbage collector while millions of containers are allocated.
 
     Unpickling creates objects that all stay alive; every 700 allocations the collector would

@@ -82,8 +82,7 @@ class TorchZipArchive:
         if info.compress_type != zipfile.ZIP_STORED:
             raise UnsupportedFormat(f"member {name} is compressed; torch.save writes storages uncompressed",
                                     path=self.path)
-        self.file.seek(info.header_offset)
-        header = self.file.read(LOCAL_HEADER.size)
+        header = os.pread(self.file.fileno(), LOCAL_HEADER.size, info.header_offset)  # one syscall per storage
         if len(header) != LOCAL_HEADER.size or header[:4] != ZIP_MAGIC:
             raise CorruptCheckpoint(f"member {name} has no valid local header", path=self.path)
         fields = LOCAL_HEADER.unpack(header)
@@ -113,11 +112,18 @@ def _open_zip(path: str) -> zipfile.ZipFile:
             setattr(zipfile, "MAX_EXTRACT_VERSION", saved)  # noqa: B010
 
 
+_LOCATIONS: dict[str, str] = {}
+
+
 def _location(value: Any) -> str:
+    if type(value) is str and value in _LOCATIONS:  # "cpu", "cuda:0": 200,000 storages, a few locations
+        return _LOCATIONS[value]
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
     if not isinstance(value, str) or len(value) > 64:
         raise CorruptCheckpoint(f"invalid storage location {value!r:.40}")
+    if type(value) is str and len(_LOCATIONS) < 64:
+        _LOCATIONS[value] = value
     return value
 
 
