@@ -44,7 +44,7 @@ def itemsize(dtype: str) -> int:
     return DTYPE_BITS[dtype] // 8
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ByteRange:
     """Where a storage's bytes lie: ``length`` bytes from ``offset`` in the file ``path``."""
 
@@ -55,7 +55,7 @@ class ByteRange:
     deferred: ClassVar[bool] = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StorageInfo:
     """One storage (a flat buffer several tensors may view).
 
@@ -135,7 +135,7 @@ class TensorRecord:
         return (self.storage_offset * size, (last + 1) * size)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     """A state-dict entry: its key plus the tensor record."""
 

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from ..checkpoint import TensorInfo
 
 
-@dataclass
+@dataclass(slots=True)
 class _Trie:
     children: dict[str, _Trie] = field(default_factory=dict)
     tensor: TensorInfo | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TreeNode:
     """One row of the tree: a module (with children) or a tensor (a leaf), possibly folded.
 
