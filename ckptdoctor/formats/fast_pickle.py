@@ -28,8 +28,8 @@ storage types and dtypes as they are, and for classes (an unknown class, ``Order
 a per-load stand-in class whose ``__new__`` (``NEWOBJ``) and metaclass ``__call__``
 (``REDUCE``/``OBJ``) apply the same policy as ``SafeUnpickler._new_object``/``_call``. ``BUILD``
 reaches only ``__setstate__`` methods the model defines (``OpaqueObject`` records the state;
-records, storage types and stand-in functions refuse), and ``OrderedDict``s get a temporary
-hook that keeps only ``_metadata``. A stand-in class that ends up *in* the result (the pickle
+records, storage types and stand-in functions refuse); on an ``OrderedDict`` it may set only a
+non-None ``_metadata`` (checked after the load, as torch writes it). A stand-in class that ends up *in* the result (the pickle
 used the class as a value) is detected by its reference count and sends the load to the
 interpreter, which records it as an ``UnknownGlobal``.
 """
@@ -176,16 +176,22 @@ class _Loader(pickle.Unpickler):
 
     def _ordered_dict(self, *args: Any) -> OrderedDict[Any, Any]:
         made: OrderedDict[Any, Any] = OrderedDict(*args)
-
-        def keep_metadata(state: Any) -> None:  # SafeUnpickler.load_build for OrderedDict
-            if isinstance(state, dict):
-                metadata = state.get("_metadata")
-                if metadata is not None:
-                    made._metadata = metadata  # type: ignore[attr-defined]
-
-        made.__setstate__ = keep_metadata  # type: ignore[attr-defined]
-        self.ordered.append(made)
+        self.ordered.append(made)  # its attributes are checked after the load (ordered_dicts_ok)
         return made
+
+    def ordered_dicts_ok(self) -> bool:
+        """Whether every OrderedDict holds at most what ``SafeUnpickler.load_build`` would set.
+
+        The C ``BUILD`` writes every key of a dict state into the instance's ``__dict__``; the
+        interpreter keeps only a non-None ``_metadata`` (what torch writes). Anything else
+        (a hostile ``keys`` attribute shadowing the method...) sends the load to the interpreter.
+        Calls made meanwhile through such attributes could only reach stand-ins.
+        """
+        for made in self.ordered:
+            attributes = made.__dict__
+            if attributes and (len(attributes) != 1 or attributes.get("_metadata") is None):
+                return False
+        return True
 
     def _stand_in(self, module: str, name: str, real: type | None) -> type:
         dotted = f"{module}.{name}"
@@ -241,9 +247,7 @@ def fast_load(data: bytes, persistent_load: Callable[[Any], Any] | None) -> Any:
         return NOT_FAST
     finally:
         loader.memo = {}  # drop the memo's references before counting them
-        for made in loader.ordered:
-            made.__dict__.pop("__setstate__", None)
-    if loader.escaped():
+    if loader.escaped() or not loader.ordered_dicts_ok():
         return NOT_FAST
     return result
 
