@@ -29,9 +29,9 @@ a per-load stand-in class whose ``__new__`` (``NEWOBJ``) and metaclass ``__call_
 (``REDUCE``/``OBJ``) apply the same policy as ``SafeUnpickler._new_object``/``_call``. ``BUILD``
 reaches only ``__setstate__`` methods the model defines (``OpaqueObject`` records the state;
 records, storage types and stand-in functions refuse); on an ``OrderedDict`` it may set only a
-non-None ``_metadata`` (checked after the load, as torch writes it). A stand-in class that ends up *in* the result (the pickle
-used the class as a value) is detected by its reference count and sends the load to the
-interpreter, which records it as an ``UnknownGlobal``.
+non-None ``_metadata`` (checked after the load, as torch writes it). A stand-in class that ends
+up *in* the result (the pickle used the class as a value) is detected by its reference count
+and sends the load to the interpreter, which records it as an ``UnknownGlobal``.
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ from .pickle_globals import (
 
 MAX_PICKLE_BYTES = 1 << 31  # a 2 GiB pickle of metadata is not a checkpoint
 MAX_MARK_DEPTH = 10_000
+FAST_MIN_BYTES = 1 << 16  # below this the interpreter takes milliseconds: no C path needed
 # The pure-Python unpickler is private API; typed as Any so its internals (pop_mark, memo,
 # dispatch) need no stubs. It exists unchanged from Python 3.8 to 3.14.
 PersistentLoad = Callable[[Any], Any]
@@ -367,7 +368,7 @@ def load_pickle(data: bytes, persistent_load: PersistentLoad | None = None, *, w
     with gc_paused():
         # The C unpickler when a bounded pre-pass allows it (fast_pickle); this interpreter
         # for everything else, and to give the exact error whenever the C path fails.
-        result = fast_load(data, persistent_load)
+        result = fast_load(data, persistent_load) if len(data) >= FAST_MIN_BYTES else NOT_FAST
         if result is not NOT_FAST:
             return result
         return _run(SafeUnpickler(io.BytesIO(data), persistent_load, where=where), lambda u: u.load_bytes(data),
