@@ -28,6 +28,11 @@ Cases (targets from the issues):
                   checkpoint) vs inspect of both files: <= 2x, N = 20k, 50k, 200k (the curve)
   check-renum-N   the same for a file whose `layers` are renumbered (a parameter-free layer at index 1 removed,
                   every later index shifted by one): <= 2x
+  inspect-200k    inspect of a 200,000-tensor file (MoE-like keys) vs torch.load(mmap) + print: <= 0.15x, <= 300 MB
+  inspect-200k-json  the same with --json: <= 0.2x, <= 400 MB
+  inspect-dcp-200k   inspect of a DCP checkpoint with 200,000 entries (50,000 params + Adam state) vs torch's
+                  FileSystemReader.read_metadata: <= 0.5x, <= 0.6x its memory
+  fix-strip-200k  fix --strip model. of the 200,000-tensor file: <= 3 s
 """
 
 from __future__ import annotations
@@ -52,6 +57,13 @@ TORCH_PRINT = (
     "import sys, torch\n"
     "sd = torch.load(sys.argv[1], mmap=True, weights_only=True)\n"
     "for k, v in sd.items(): print(k, tuple(v.shape), v.dtype)\n"
+)
+
+TORCH_DCP_METADATA = (
+    "import sys\n"
+    "from torch.distributed.checkpoint import FileSystemReader\n"
+    "md = FileSystemReader(sys.argv[1]).read_metadata()\n"
+    "for k, v in md.state_dict_metadata.items(): print(k, getattr(v, 'size', None))\n"
 )
 
 
@@ -181,6 +193,27 @@ def make_scale_inputs(workdir: Path, n: int) -> dict[str, Path]:
         if not path.exists():
             gen = torch.Generator().manual_seed(0)
             torch.save({names[kind](k): torch.rand(shape, generator=gen) for k, shape in keys}, path)
+def moe_keys(n: int) -> list[str]:
+    """``n`` mixture-of-experts keys: layers of 128 experts x 3 projections."""
+    names = ("gate_proj", "up_proj", "down_proj")
+    return [f"model.layers.{i // 384}.mlp.experts.{i // 3 % 128}.{names[i % 3]}.weight" for i in range(n)]
+
+
+def make_large_inputs(workdir: Path, which: set[str]) -> dict[str, Path]:
+    """The 200,000-entry inputs (issue 8), made only when a case needs them (minutes each)."""
+    import torch  # noqa: PLC0415
+
+    paths = {"many200k": workdir / "many-200k.pt", "dcp200k": workdir / "dcp-200k"}
+    if "many200k" in which and not paths["many200k"].exists():
+        torch.save({key: torch.zeros(4, 8) for key in moe_keys(200_000)}, paths["many200k"])
+    if "dcp200k" in which and not (paths["dcp200k"] / ".metadata").exists():
+        import torch.distributed.checkpoint as dcp  # noqa: PLC0415
+
+        model = {key: torch.zeros(4, 8) for key in moe_keys(50_000)}
+        state = {i: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(4, 8), "exp_avg_sq": torch.zeros(4, 8)}
+                 for i in range(50_000)}
+        optim = {"state": state, "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": list(range(50_000))}]}
+        dcp.save({"model": model, "optim": optim}, checkpoint_id=str(paths["dcp200k"]))
     return paths
 
 
@@ -361,6 +394,27 @@ def main() -> None:
                 reading = f"{CKPT} inspect {files[kind]} > /dev/null && {CKPT} inspect {files['plain']} > /dev/null"
                 ours = measure([CKPT, "check", str(files[kind]), "--against", str(files["plain"])], args.repeat)
                 results.append(row(case, ours, measure(reading, args.repeat), "<= 2x of inspect of both files"))
+    large = {case for case in ("inspect-200k", "inspect-200k-json", "fix-strip-200k") if want(case)}
+    need = ({"many200k"} if large else set()) | ({"dcp200k"} if want("inspect-dcp-200k") else set())
+    big = make_large_inputs(workdir, need) if need else {}
+    if want("inspect-200k"):
+        ours = measure([CKPT, "inspect", str(big["many200k"])], args.repeat)
+        results.append(row("inspect-200k", ours, measure([*torch_way, str(big["many200k"])], args.repeat),
+                           "<= 0.15x, <= 300 MB"))
+    if want("inspect-200k-json"):
+        ours = measure([CKPT, "inspect", "--json", str(big["many200k"])], args.repeat)
+        results.append(row("inspect-200k-json", ours, measure([*torch_way, str(big["many200k"])], args.repeat),
+                           "<= 0.2x, <= 400 MB"))
+    if want("inspect-dcp-200k"):
+        ours = measure([CKPT, "inspect", str(big["dcp200k"])], args.repeat)
+        theirs = measure([PY, "-c", TORCH_DCP_METADATA, str(big["dcp200k"])], args.repeat)
+        results.append(row("inspect-dcp-200k", ours, theirs, "<= 0.5x, <= 0.6x memory"))
+    if want("fix-strip-200k"):
+        dst = out_dir / "fixed-200k.pt"
+        ours = measure([CKPT, "fix", str(big["many200k"]), "--strip", "model.", "-o", str(dst)], args.repeat,
+                       lambda: dst.unlink(missing_ok=True))
+        results.append(row("fix-strip-200k", ours, None, "<= 3 s"))
+        dst.unlink(missing_ok=True)
     shutil.rmtree(out_dir, ignore_errors=True)
     print()
     print(f"{'case':<16} {'ckptdoctor':>10} {'baseline':>10} {'ratio':>7} {'peak MB':>9} {'base MB':>9}  target")

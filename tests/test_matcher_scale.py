@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from ckptdoctor.engines.doctor.diagnose import diagnose, suggested_fix_args
 from ckptdoctor.engines.matching.matcher import KeyShape, Renumber, StripPrefix, infer_plan
-
 from tests.cli_helpers import run_cli
 
 pytestmark = pytest.mark.slow

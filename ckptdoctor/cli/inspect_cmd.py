@@ -28,13 +28,11 @@ def inspect_command(
     from ckptdoctor.formats import open_checkpoint  # noqa: PLC0415
     from ckptdoctor.render import inspect_view  # noqa: PLC0415
 
-    ov = overview(open_checkpoint(path, entry), pattern=pattern, fold=not no_fold)
+    ov = overview(open_checkpoint(path, entry), pattern=pattern, fold=not no_fold, tree=not (keys or json_out))
     if keys:
         inspect_view.render_keys(ov)
     elif json_out:
-        from ckptdoctor.render.console import print_json  # noqa: PLC0415
-
-        print_json(inspect_view.inspect_document(ov))
+        inspect_view.write_inspect_json(ov)
     else:
         inspect_view.render_inspect(ov, max_depth=depth)
     return 0

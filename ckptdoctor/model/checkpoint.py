@@ -10,11 +10,11 @@ tensor bytes"); engines that need values read them through ``ckptdoctor.formats.
 
 from __future__ import annotations
 
-import functools
 import math
+import operator
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, cast
 
 # Element sizes in bits for every dtype torch knows, by torch's name without the `torch.` prefix.
 # Sub-byte dtypes (uint1..7, int1..7, bits1x8 ...) are stored packed by the user; torch itself
@@ -44,16 +44,18 @@ def itemsize(dtype: str) -> int:
     return DTYPE_BITS[dtype] // 8
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ByteRange:
     """Where a storage's bytes lie: ``length`` bytes from ``offset`` in the file ``path``."""
 
     path: str
     offset: int
     length: int
+    # True when `offset` is found only on first use (DCP items): metadata views skip it.
+    deferred: ClassVar[bool] = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StorageInfo:
     """One storage (a flat buffer several tensors may view).
 
@@ -69,10 +71,20 @@ class StorageInfo:
     name: str = ""  # the name the format gives it (zip record key, safetensors tensor name...)
     crc32: int | None = None  # the archive's CRC-32 of exactly these bytes, when the format records one
 
+    # Like TensorRecord: a pickle's BUILD must never rewrite it.
+    def __setstate__(self, state: Any) -> None:
+        raise TypeError("a StorageInfo takes no pickled state")
 
-@dataclass(frozen=True)
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (StorageInfo, (self.id, self.dtype, self.nbytes, self.device, self.source, self.name, self.crc32))
+
+
+@dataclass(frozen=True, slots=True)
 class TensorRecord:
-    """A tensor as metadata: everything ``torch.load`` would know about it except the values."""
+    """A tensor as metadata: everything ``torch.load`` would know about it except the values.
+
+    Slotted (a 200,000-tensor checkpoint holds 200,000 of these): no per-record ``__dict__``.
+    """
 
     dtype: str
     shape: tuple[int, ...]
@@ -83,15 +95,22 @@ class TensorRecord:
     requires_grad: bool = False
     layout: str = "strided"  # "strided", "sparse_coo", "quantized", "meta", "nested", ...
 
-    # Cached: engines ask for these per tensor many times (a frozen dataclass without slots
-    # keeps the cache in its __dict__; equality and hashing still use the fields only).
-    @functools.cached_property
+    @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    @functools.cached_property
+    @property
     def nbytes(self) -> int:
-        return self.numel * itemsize(self.dtype)
+        return math.prod(self.shape) * (DTYPE_BITS[self.dtype] // 8)
+
+    # A pickle's BUILD must never rewrite a record (the C unpickler would call __setstate__,
+    # see formats/fast_pickle.py); copies and pickles of records go through __reduce__.
+    def __setstate__(self, state: Any) -> None:
+        raise TypeError("a TensorRecord takes no pickled state")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TensorRecord, (self.dtype, self.shape, self.stride, self.storage_offset, self.storage,
+                               self.is_parameter, self.requires_grad, self.layout))
 
     @property
     def device(self) -> str:
@@ -108,14 +127,15 @@ class TensorRecord:
 
     def byte_span(self) -> tuple[int, int]:
         """(first byte, one past last byte) this view touches inside its storage."""
-        size = itemsize(self.dtype)
-        if self.numel == 0:
+        size = DTYPE_BITS[self.dtype] // 8
+        if math.prod(self.shape) == 0:
             return (self.storage_offset * size, self.storage_offset * size)
-        last = self.storage_offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
+        # sum((n - 1) * s) over the dimensions, in C: sum(n * s) - sum(s)
+        last = self.storage_offset + sum(map(operator.mul, self.shape, self.stride)) - sum(self.stride)
         return (self.storage_offset * size, (last + 1) * size)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     """A state-dict entry: its key plus the tensor record."""
 
@@ -156,7 +176,27 @@ class GlobalRef:
         return f"{self.module}.{self.name}"
 
 
-@dataclass(eq=False)
+# Shared read-only empties: most opaque objects (DCP's 1,000,000 dataclass records) never get
+# SETITEM/APPEND, so they need no dict and list of their own; the methods below make them on demand.
+class _SharedEmptyDict(dict[Any, Any]):
+    """The one empty ``items`` all opaque objects share until they get their own: read-only."""
+
+    __slots__ = ()
+
+    def __hash__(self) -> int:  # type: ignore[override]  # dataclasses refuse unhashable defaults
+        return 0
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("the shared empty items of an OpaqueObject cannot change; use obj[key] = value")
+
+    __setitem__ = __delitem__ = update = setdefault = pop = popitem = clear = __ior__ = _refuse
+
+
+_NO_ITEMS: dict[Any, Any] = _SharedEmptyDict()
+_NO_LIST_ITEMS: list[Any] = cast("list[Any]", ())
+
+
+@dataclass(eq=False, slots=True)
 class OpaqueObject:
     """An instance of a class ckptdoctor did not import: class name plus its state as data.
 
@@ -173,19 +213,32 @@ class OpaqueObject:
     cls: GlobalRef
     args: tuple[Any, ...] = ()
     state: Any = None
-    items: dict[Any, Any] = field(default_factory=dict)
-    list_items: list[Any] = field(default_factory=list)
+    items: dict[Any, Any] = _NO_ITEMS
+    list_items: list[Any] = _NO_LIST_ITEMS
     via: str = "newobj"  # "newobj", "reconstructor" or "reduce" (allowed constructor call)
 
     # Pickle's SETITEM(S)/APPEND(S) call these on whatever object is on the stack.
     def __setitem__(self, key: Any, value: Any) -> None:
+        if self.items is _NO_ITEMS:
+            self.items = {}
         self.items[key] = value
 
     def append(self, value: Any) -> None:
+        if self.list_items is _NO_LIST_ITEMS:
+            self.list_items = []
         self.list_items.append(value)
 
     def extend(self, values: Any) -> None:
+        if self.list_items is _NO_LIST_ITEMS:
+            self.list_items = []
         self.list_items.extend(values)
+
+    # BUILD records the state (the C unpickler calls this; SafeUnpickler.load_build does the same).
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_opaque, (self.cls, self.args, self.state, self.items, self.list_items, self.via))
 
     def state_dict_view(self) -> Mapping[str, Any]:
         """Attributes of the object, whether pickled as a dict state or (dict, slots) pair."""
@@ -197,6 +250,11 @@ class OpaqueObject:
                     merged.update(part)
             return merged
         return state if isinstance(state, dict) else {}
+
+
+def _opaque(cls: GlobalRef, args: tuple[Any, ...], state: Any, items: dict[Any, Any], list_items: list[Any],
+            via: str) -> OpaqueObject:
+    return OpaqueObject(cls, args, state, items, list_items, via)
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,13 @@ class Overview:
     storage_bytes: int  # bytes of distinct storages: what tied weights and views really occupy
 
 
-def overview(ckpt: Checkpoint, *, pattern: str | None = None, fold: bool = True) -> Overview:
-    selected = tuple(t for t in ckpt.tensors if pattern is None or fnmatch.fnmatchcase(t.key, pattern))
+EMPTY_TREE = TreeNode(name="", path="", children=(), tensor=None, params=0, nbytes=0, tensors=0)
+
+
+def overview(ckpt: Checkpoint, *, pattern: str | None = None, fold: bool = True, tree: bool = True) -> Overview:
+    """The facts ``inspect`` shows; ``tree=False`` skips the key tree (``--keys``/``--json`` do not show it)."""
+    selected = ckpt.tensors if pattern is None else tuple(
+        t for t in ckpt.tensors if fnmatch.fnmatchcase(t.key, pattern))
     by_dtype: Counter[str] = Counter()
     devices: dict[str, None] = {}
     by_storage: dict[str, list[str]] = {}
@@ -60,7 +65,7 @@ def overview(ckpt: Checkpoint, *, pattern: str | None = None, fold: bool = True)
         devices=tuple(devices),
         shared=tuple(tuple(keys) for keys in by_storage.values() if len(keys) > 1),
         entries=tuple(other_entries(ckpt)),
-        tree=build_tree(selected, fold=fold),
+        tree=build_tree(selected, fold=fold) if tree else EMPTY_TREE,
         selected=selected,
         storage_bytes=sum({t.tensor.storage.id: t.tensor.storage.nbytes for t in ckpt.tensors
                            if t.tensor.storage is not None}.values()),

@@ -38,6 +38,9 @@ class StorageType:
     def __init__(self, name: str, dtype: str, device: str) -> None:
         self.name, self.dtype, self.device = name, dtype, device
 
+    def __setstate__(self, state: Any) -> None:  # a pickle's BUILD must not rewrite it (fast_pickle)
+        raise TypeError("a storage type takes no pickled state")
+
 
 class DtypeRef(str):
     """A dtype named by the pickle (``torch.float32``); a str so it compares as its name."""
@@ -70,13 +73,29 @@ RECORDED_VALUE_TYPES = frozenset({
     "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING",
 })
 
+# Validated shapes and strides, shared: 200,000 tensors hold a few dozen distinct shapes, so
+# records point at one tuple each instead of 400,000 copies (and a hit skips the checks).
+SHARED_DIMS: dict[tuple[int, ...], tuple[int, ...]] = {}
+MAXSHARED_DIMS = 1 << 16
+_INT_ONLY = frozenset({int})
+
+
 def _check_dims(values: Any, what: str) -> tuple[int, ...]:
+    if type(values) is tuple:
+        try:
+            shared = SHARED_DIMS.get(values)
+        except TypeError:  # an unhashable element: refused below
+            shared = None
+        if shared is not None and {*map(type, values)} <= _INT_ONLY:  # 1 == 1.0 == True: check types
+            return shared
     if not isinstance(values, (tuple, list)) or len(values) > MAX_DIMS:
         raise CorruptCheckpoint(f"tensor {what} is not a short tuple of integers: {values!r:.80}")
     out = tuple(values)
     for v in out:
         if type(v) is not int or v < 0 or v > 1 << 62:
             raise CorruptCheckpoint(f"tensor {what} holds an invalid value: {v!r:.40}")
+    if len(SHARED_DIMS) < MAXSHARED_DIMS:
+        return SHARED_DIMS.setdefault(out, out)
     return out
 
 
@@ -260,6 +279,18 @@ DATA_TYPES: dict[str, Any] = {
 
 # Membership sets for the per-call checks (a 20,000-tensor pickle makes 40,000 calls).
 STAND_INS = frozenset(TORCH_FUNCTIONS.values())
+
+
+def _refuse_state(state: Any) -> None:
+    raise TypeError("a stand-in function takes no pickled state")
+
+
+# The C unpickler's BUILD calls an object's `__setstate__` if it has one, else writes into its
+# `__dict__`: a pickle must never rewrite these shared functions (fast_pickle.py), so each
+# refuses. SafeUnpickler never looks this attribute up.
+for _function in STAND_INS:
+    _function.__setstate__ = _refuse_state  # type: ignore[attr-defined]
+del _function
 CALLABLE_STAND_INS = STAND_INS | frozenset(DATA_TYPES.values())
 
 TENSOR_LAYOUTS = frozenset({"strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc",

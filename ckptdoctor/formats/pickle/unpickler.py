@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from ckptdoctor.errors import CorruptCheckpoint, LimitExceeded, UnsafeContent
+from ckptdoctor.formats.pickle.fast import NOT_FAST, fast_load, gc_paused
 from ckptdoctor.formats.pickle.stand_ins import (
     CALLABLE_STAND_INS,
     RECORDED_VALUE_TYPES,
@@ -44,6 +45,7 @@ from ckptdoctor.formats.pickle.stand_ins import (
 from ckptdoctor.limits import MAX_MARK_DEPTH, MAX_PICKLE_BYTES
 from ckptdoctor.model.checkpoint import GlobalRef, OpaqueObject, TensorRecord
 
+FAST_MIN_BYTES = 1 << 16  # below this the interpreter takes milliseconds: no C path needed
 # The pure-Python unpickler is private API; typed as Any so its internals (pop_mark, memo,
 # dispatch) need no stubs. It exists unchanged from Python 3.8 to 3.14.
 PersistentLoad = Callable[[Any], Any]
@@ -362,8 +364,14 @@ def load_pickle(data: bytes, persistent_load: PersistentLoad | None = None, *, w
     """Interpret one pickle as data; every failure becomes a ckptdoctor error naming ``where``."""
     if len(data) > MAX_PICKLE_BYTES:
         raise LimitExceeded(f"pickle of {len(data)} bytes is beyond the {MAX_PICKLE_BYTES}-byte limit", path=path)
-    return _run(SafeUnpickler(io.BytesIO(data), persistent_load, where=where), lambda u: u.load_bytes(data),
-                where, path)
+    with gc_paused():
+        # The C unpickler when a bounded pre-pass allows it (fast_pickle); this interpreter
+        # for everything else, and to give the exact error whenever the C path fails.
+        result = fast_load(data, persistent_load) if len(data) >= FAST_MIN_BYTES else NOT_FAST
+        if result is not NOT_FAST:
+            return result
+        return _run(SafeUnpickler(io.BytesIO(data), persistent_load, where=where), lambda u: u.load_bytes(data),
+                    where, path)
 
 
 def read_pickle_stream(stream: Any, persistent_load: PersistentLoad | None = None, *,

@@ -15,9 +15,12 @@ arrives as an :class:`OpaqueObject` whose ``state`` holds its fields:
 
 With the default ``SerializationFormat.TORCH_SAVE``, ``_write_item`` writes every item as a
 complete ``torch.save`` zip archive at ``[offset, offset + length)``: tensors as a saved tensor,
-non-tensor values (``BYTE_IO``) as a saved object. We read each archive's central directory and
-tiny ``data.pkl`` in place and point the tensor's :class:`ByteRange` at the raw storage inside
-it, so values stream from the ``.distcp`` file like any other format. Tensors split into
+non-tensor values (``BYTE_IO``) as a saved object. ``.metadata`` already gives every tensor's
+shape and dtype, so reading it touches no ``.distcp`` byte beyond a size check: each tensor gets a
+:class:`DeferredRange` whose offset is found on first use (values, digests, fix), for all tensors
+of that file in one pass of a few small reads per item (central directory, ``data.pkl``, local
+header), so values stream from the ``.distcp`` file like any other format. The few non-tensor
+values are small archives read eagerly. Tensors split into
 several chunks (sharded saves), written through a transform (compression extensions) or saved
 with ``SerializationFormat.SAFETENSORS`` keep shape and dtype but get no byte range; a note says so.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,13 +37,13 @@ from typing import IO, Any
 
 from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint, LimitExceeded, UnsupportedFormat
 from ckptdoctor.formats.magic import ZIP_LOCAL_HEADER
-from ckptdoctor.formats.pickle.stand_ins import StorageType, contiguous_stride
+from ckptdoctor.formats.pickle.stand_ins import SHARED_DIMS, StorageType, contiguous_stride
 from ckptdoctor.formats.pickle.unpickler import load_pickle
 from ckptdoctor.formats.readers.members import member_path
 from ckptdoctor.formats.readers.torch_zip import LOCAL_HEADER
 from ckptdoctor.formats.registry import DirectoryLayout
 from ckptdoctor.io.rangefile import RangeFile
-from ckptdoctor.io.storage import storage_for
+from ckptdoctor.io.storage import Storage, storage_for
 from ckptdoctor.model.checkpoint import (
     DTYPE_BITS,
     ByteRange,
@@ -105,23 +109,41 @@ class DcpFiles:
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        self._open: dict[str, tuple[IO[bytes], int]] = {}
+        self._open: dict[str, tuple[IO[bytes], int, str]] = {}
 
     def close(self) -> None:
-        for f, _ in self._open.values():
+        for f, _, _ in self._open.values():
             f.close()
 
     def _file(self, relative_path: str) -> tuple[IO[bytes], int, str]:
-        path = member_path(self.directory, relative_path, ".metadata")
         if relative_path not in self._open:
+            path = member_path(self.directory, relative_path, ".metadata")
             try:
                 opened: IO[bytes] = RangeFile(storage_for(path), path)  # type: ignore[assignment]
             except CkptDoctorError as exc:
                 raise CorruptCheckpoint(f".metadata refers to {relative_path!r}, which cannot be opened "
                                         f"({exc.message})", path=self.directory) from None
-            self._open[relative_path] = (opened, opened.size)  # type: ignore[attr-defined]
-        f, size = self._open[relative_path]
-        return f, size, path
+            self._open[relative_path] = (opened, opened.size, path)  # type: ignore[attr-defined]
+        return self._open[relative_path]
+
+    def check(self, item: Item) -> str:
+        """The item's file opens and holds its whole range (no byte of it is read); its path."""
+        _, size, path = self._file(item.relative_path)
+        if item.offset < 0 or item.length < 0 or item.offset + item.length > size:
+            raise CorruptCheckpoint(f"an item at {item.relative_path}@{item.offset} (+{item.length}) lies past "
+                                    f"the end of the {size}-byte file", path=self.directory)
+        return path
+
+    def starts_archive(self, item: Item) -> bool:
+        """Whether the item starts like a torch.save archive (4 bytes read, once per checkpoint).
+
+        ``SerializationFormat.SAFETENSORS`` writes one safetensors file per rank instead.
+        """
+        f, size, _ = self._file(item.relative_path)
+        if item.offset + 4 > size:
+            return True  # reported as past the end by check()
+        f.seek(item.offset)
+        return f.read(4) == ZIP_LOCAL_HEADER
 
     def load_item(self, item: Item, id_prefix: str) -> Any:
         """The object a ``torch.save`` archive embedded at ``item`` holds, tensors as records."""
@@ -187,6 +209,178 @@ def _member_data_start(f: IO[bytes], item: Item, info: zipfile.ZipInfo, where: s
     return start
 
 
+# ---- byte ranges resolved on first use ---------------------------------------------------------
+
+_EOCD = struct.Struct("<4sHHHHIIH")
+_CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")
+MAX_ARCHIVE_TAIL = 1 << 16
+
+
+class DeferredRange(ByteRange):
+    """A tensor's bytes inside a ``.distcp`` item: the file and length are known from
+    ``.metadata``; the offset needs the item's archive, so it is found on first use, for every
+    tensor of that file in one pass (:meth:`ItemResolver.resolve_file`). Metadata commands never
+    ask for it and so never read a ``.distcp`` byte."""
+
+    deferred = True
+
+    def __init__(self, resolver: ItemResolver, item: Item, fqn: str, path: str, length: int) -> None:
+        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "length", length)
+        object.__setattr__(self, "_resolver", resolver)
+        object.__setattr__(self, "_item", item)
+        object.__setattr__(self, "_fqn", fqn)
+
+    @property
+    def offset(self) -> int:
+        return self._resolver.offset(self._item, self._fqn)  # type: ignore[attr-defined]
+
+
+class ItemResolver:
+    """Finds where each tensor item's storage starts, one ``.distcp`` file at a time."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.pending: dict[str, list[tuple[Item, str, str, tuple[int, ...]]]] = {}
+        self.found: dict[tuple[str, int], int] = {}
+
+    def add(self, item: Item, fqn: str, dtype: str, shape: tuple[int, ...]) -> None:
+        self.pending.setdefault(item.relative_path, []).append((item, fqn, dtype, shape))
+
+    def offset(self, item: Item, fqn: str) -> int:
+        key = (item.relative_path, item.offset)
+        if key not in self.found:
+            self.resolve_file(item.relative_path)
+        return self.found[key]
+
+    def resolve_file(self, relative_path: str) -> None:
+        """Read every pending item of one file in offset order, with a few small reads each."""
+        path = member_path(self.directory, relative_path, ".metadata")
+        items = sorted(self.pending.pop(relative_path, []), key=lambda entry: entry[0].offset)
+        source = _Source(storage_for(path), path)
+        for item, fqn, dtype, shape in items:
+            self.found[(relative_path, item.offset)] = _tensor_start(source, item, fqn, dtype, shape, self.directory)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One ``.distcp`` file, read through the storage layer (local or remote alike)."""
+
+    store: Storage
+    path: str
+
+
+def _pread(fd: _Source, size: int, offset: int, where: str, directory: str) -> bytes:
+    try:
+        data = fd.store.read_range(fd.path, offset, size)
+    except CkptDoctorError as exc:
+        raise CorruptCheckpoint(f"{where} cannot be read ({exc.message})", path=directory) from None
+    if len(data) != size:
+        raise CorruptCheckpoint(f"{where} is truncated", path=directory)
+    return data
+
+
+def _members(fd: _Source, item: Item, where: str, directory: str) -> dict[str, tuple[int, int, int]]:
+    """name -> (local header offset, stored size, compression) from the item's central directory."""
+    tail_size = min(item.length, MAX_ARCHIVE_TAIL)
+    tail = _pread(fd, tail_size, item.offset + item.length - tail_size, where, directory)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or at + _EOCD.size > len(tail):
+        raise CorruptCheckpoint(f"{where} is not a torch.save archive (no end of central directory)", path=directory)
+    _, _, _, _, _, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
+    if cd_offset == 0xFFFFFFFF or cd_size == 0xFFFFFFFF:
+        z64 = tail.rfind(b"PK\x06\x06", 0, at)
+        if z64 < 0 or z64 + 56 > len(tail):
+            raise CorruptCheckpoint(f"{where}: malformed zip64 directory", path=directory)
+        cd_size, cd_offset = struct.unpack_from("<QQ", tail, z64 + 40)
+    if cd_offset + cd_size > item.length or cd_size > MAX_EMBEDDED_PICKLE:
+        raise CorruptCheckpoint(f"{where}: the central directory lies outside the item", path=directory)
+    central = _pread(fd, cd_size, item.offset + cd_offset, where, directory)
+    out: dict[str, tuple[int, int, int]] = {}
+    pos = 0
+    while pos + _CENTRAL.size <= len(central):
+        fields = _CENTRAL.unpack_from(central, pos)
+        if fields[0] != b"PK\x01\x02":
+            break
+        method, size, name_len, extra_len, comment_len, header = fields[4], fields[9], fields[10], fields[11], \
+            fields[12], fields[16]
+        name = central[pos + _CENTRAL.size: pos + _CENTRAL.size + name_len].decode("utf-8", "replace")
+        extra = central[pos + _CENTRAL.size + name_len: pos + _CENTRAL.size + name_len + extra_len]
+        if 0xFFFFFFFF in (size, header):
+            size, header = _zip64_sizes(extra, fields[9], fields[8], header)
+        out[name] = (header, size, method)
+        pos += _CENTRAL.size + name_len + extra_len + comment_len
+    return out
+
+
+def _zip64_sizes(extra: bytes, size: int, compressed: int, header: int) -> tuple[int, int]:
+    """(uncompressed size, local header offset) with the zip64 extra field's values filled in."""
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, length = struct.unpack_from("<HH", extra, pos)
+        if tag == 1:
+            values = list(struct.unpack_from(f"<{length // 8}Q", extra, pos + 4))
+            if size == 0xFFFFFFFF and values:
+                size = values.pop(0)
+            if compressed == 0xFFFFFFFF and values:
+                values.pop(0)
+            if header == 0xFFFFFFFF and values:
+                header = values.pop(0)
+            break
+        pos += 4 + length
+    return size, header
+
+
+def _data_start(fd: _Source, item: Item, header: int, size: int, where: str, directory: str) -> int:
+    local = _pread(fd, LOCAL_HEADER.size, item.offset + header, where, directory)
+    fields = LOCAL_HEADER.unpack(local)
+    if fields[0] != ZIP_LOCAL_HEADER:
+        raise CorruptCheckpoint(f"{where}: a member has no valid local header", path=directory)
+    start = header + LOCAL_HEADER.size + fields[9] + fields[10]
+    if start + size > item.length:
+        raise CorruptCheckpoint(f"{where}: a member extends past the item", path=directory)
+    return start
+
+
+def _tensor_start(fd: _Source, item: Item, fqn: str, dtype: str, shape: tuple[int, ...], directory: str) -> int:
+    """File offset of the first byte of the tensor saved at ``item`` (checked against ``.metadata``)."""
+    where = f"{item.relative_path}@{item.offset}"
+    members = _members(fd, item, where, directory)
+    pickles = sorted((n for n in members if n == "data.pkl" or n.endswith("/data.pkl")), key=len)
+    if not pickles or members[pickles[0]][1] > MAX_EMBEDDED_PICKLE or members[pickles[0]][2] != 0:
+        raise CorruptCheckpoint(f"{where} holds no readable data.pkl", path=directory)
+    prefix = pickles[0][: -len("data.pkl")]
+    header, size, _ = members[pickles[0]]
+    start = _data_start(fd, item, header, size, where, directory)
+    data = _pread(fd, size, item.offset + start, where, directory)
+    storages: dict[str, tuple[str, int]] = {}
+
+    def persistent_load(pid: Any) -> StorageInfo:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], StorageType) and isinstance(pid[2], str) and type(pid[4]) is int):
+            raise CorruptCheckpoint(f"{where}: unexpected persistent id {pid!r:.80}", path=directory)
+        storages[pid[2]] = (pid[1].dtype, pid[4])
+        return StorageInfo(id=pid[2], dtype=pid[1].dtype, nbytes=pid[4] * DTYPE_BITS[pid[1].dtype] // 8)
+
+    record = load_pickle(data, persistent_load, where=where, path=directory)
+    if not isinstance(record, TensorRecord) or record.storage is None or record.dtype != dtype \
+            or record.shape != shape:
+        raise CorruptCheckpoint(f".metadata describes {fqn!r} as {dtype}{list(shape)} but its bytes hold "
+                                f"{_describe(record)}", path=directory)
+    if record.numel and (record.stride != contiguous_stride(shape) and not record.is_contiguous()):
+        raise UnsupportedFormat(f"{fqn!r} is stored with strides {record.stride}, not contiguously",
+                                path=directory)
+    member = members.get(f"{prefix}data/{record.storage.id}")
+    if member is None or member[2] != 0:
+        raise CorruptCheckpoint(f"{where}: storage {record.storage.id!r} is missing or compressed", path=directory)
+    first = _data_start(fd, item, member[0], member[1], where, directory)
+    begin, end = record.byte_span()
+    if end > member[1] or end > record.storage.nbytes:
+        raise CorruptCheckpoint(f"{where}: storage {record.storage.id!r} holds fewer bytes than {fqn!r} needs",
+                                path=directory)
+    return item.offset + first + begin
+
+
 # ---- the Metadata object tree -----------------------------------------------------------------
 
 def _fields(node: Any, cls: str, what: str, directory: str) -> dict[str, Any]:
@@ -210,6 +404,8 @@ def _properties(node: Any, fqn: str, directory: str) -> tuple[str, bool]:
 
 
 def _dims(value: Any, what: str, directory: str) -> tuple[int, ...]:
+    if type(value) is tuple and SHARED_DIMS.get(value) is value:
+        return value  # a torch.Size the unpickler already checked (pickle_globals._check_dims)
     if not isinstance(value, (tuple, list)) or len(value) > 64 or not all(
             type(v) is int and 0 <= v < 1 << 62 for v in value):
         raise CorruptCheckpoint(f".metadata: {what} is not a list of sizes: {value!r:.60}", path=directory)
@@ -241,25 +437,32 @@ class DcpReader:
     files: DcpFiles
     storage: dict[str, list[tuple[tuple[int, ...], Item]]]
     notes: list[str]
+    resolver: ItemResolver
+    torch_save: bool | None = None  # items are torch.save archives (not SerializationFormat.SAFETENSORS)
 
     def tensor(self, fqn: str, fields: dict[str, Any]) -> TensorRecord:
+        """The record from ``.metadata`` alone; its byte range is resolved on first use."""
         dtype, requires_grad = _properties(fields.get("properties"), fqn, self.directory)
         shape = _dims(fields.get("size"), f"the size of {fqn!r}", self.directory)
         chunks = fields.get("chunks")
         items = self.storage.get(fqn, [])
         whole = (isinstance(chunks, list) and len(chunks) == 1 and len(items) == 1
                  and not any(items[0][0]) and not items[0][1].transformed)
-        if whole:
-            try:
-                record = self.files.load_item(items[0][1], f"{fqn}@")
-            except UnsupportedFormat:
-                return self.unmapped(fqn, dtype, shape, requires_grad)
-            if not isinstance(record, TensorRecord) or record.dtype != dtype or record.shape != shape:
-                raise CorruptCheckpoint(f".metadata describes {fqn!r} as {dtype}{list(shape)} but its bytes hold "
-                                        f"{_describe(record)}", path=self.directory)
-            return TensorRecord(dtype=dtype, shape=shape, stride=record.stride, storage_offset=record.storage_offset,
-                                storage=record.storage, requires_grad=requires_grad)
-        return self.unmapped(fqn, dtype, shape, requires_grad)
+        if not whole:
+            return self.unmapped(fqn, dtype, shape, requires_grad)
+        item = items[0][1]
+        path = self.files.check(item)
+        if self.torch_save is None:
+            self.torch_save = self.files.starts_archive(item)
+        if not self.torch_save:
+            return self.unmapped(fqn, dtype, shape, requires_grad)
+        nbytes = math.prod(shape) * DTYPE_BITS[dtype] // 8
+        self.resolver.add(item, fqn, dtype, shape)
+        where = f"{item.relative_path}@{item.offset}"
+        source = DeferredRange(self.resolver, item, fqn, path, nbytes)
+        storage = StorageInfo(id=f"{fqn}@0", dtype=dtype, nbytes=nbytes, source=source, name=f"{where}/0")
+        return TensorRecord(dtype=dtype, shape=shape, stride=contiguous_stride(shape), storage=storage,
+                            requires_grad=requires_grad)
 
     @staticmethod
     def unmapped(fqn: str, dtype: str, shape: tuple[int, ...], requires_grad: bool) -> TensorRecord:
@@ -341,7 +544,8 @@ def read_dcp(directory: str, entry: str | None = None) -> Checkpoint:
     if not isinstance(entries, dict):
         raise CorruptCheckpoint(".metadata has no state_dict_metadata mapping", path=directory)
     files = DcpFiles(directory)
-    reader = DcpReader(directory, files, _storage_index(fields.get("storage_data"), directory), [])
+    storage = _storage_index(fields.get("storage_data"), directory)
+    reader = DcpReader(directory, files, storage, [], ItemResolver(directory))
     tree: dict[Any, Any] = {}
     split = 0
     try:

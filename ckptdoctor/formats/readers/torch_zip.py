@@ -151,11 +151,18 @@ def _open_zip(path: Any) -> zipfile.ZipFile:
             setattr(zipfile, "MAX_EXTRACT_VERSION", saved)  # noqa: B010
 
 
+_LOCATIONS: dict[str, str] = {}
+
+
 def _location(value: Any) -> str:
+    if type(value) is str and value in _LOCATIONS:  # "cpu", "cuda:0": 200,000 storages, a few locations
+        return _LOCATIONS[value]
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
     if not isinstance(value, str) or len(value) > 64:
         raise CorruptCheckpoint(f"invalid storage location {value!r:.40}")
+    if type(value) is str and len(_LOCATIONS) < 64:
+        _LOCATIONS[value] = value
     return value
 
 

@@ -1,0 +1,274 @@
+"""The C unpickler behind a bounded pre-pass: C speed with the allowlisting unpickler's policy.
+
+Why not just ``pickle.Unpickler``: CPython's C unpickler grows its memo array to the largest
+index a ``PUT``/``LONG_BINPUT`` names, so a 4-byte index is a memory bomb, and it applies a few
+opcodes (``BUILD``, ``EXT*``) in ways the stand-ins cannot intercept. Why not just the
+pure-Python :class:`~.safe_pickle.SafeUnpickler`: it spends ~1 µs per opcode, and a
+200,000-tensor pickle holds millions of opcodes.
+
+So :func:`fast_load` runs the C unpickler only on pickles a pre-pass has proved harmless to it,
+and only accepts its result when nothing unusual happened; otherwise it returns
+:data:`NOT_FAST` and the caller runs the pure-Python unpickler, which then gives exactly
+today's result or error (hostile input therefore behaves exactly as before: it is refused or
+reported by the same code, with the same message).
+
+The pre-pass is one ``re.findall`` over the bytes (C speed, no object per opcode). Its pattern
+tokenises every opcode ``torch.save`` and DCP emit, with these bounds:
+
+* ``LONG_BINPUT``/``PUT`` indices below a power of two near half the pickle's size (a real
+  pickle numbers its memo entries 0, 1, 2...; each entry costs at least two bytes), so the C
+  memo can never exceed ~16 bytes per pickle byte: the same order as the pure-Python memo dict;
+* no ``EXT*``, ``INST``, out-of-band buffer or 8-byte-length opcodes, no strings of 256 bytes or
+  more (all go to the interpreter);
+* every ``MARK`` and mark-consuming opcode is returned as a token, so the nesting depth is
+  checked against the interpreter's limit before anything runs.
+
+The C unpickler then sees only stand-ins: :func:`.pickle_globals.resolve_global`'s functions,
+storage types and dtypes as they are, and for classes (an unknown class, ``OrderedDict``...)
+a per-load stand-in class whose ``__new__`` (``NEWOBJ``) and metaclass ``__call__``
+(``REDUCE``/``OBJ``) apply the same policy as ``SafeUnpickler._new_object``/``_call``. ``BUILD``
+reaches only ``__setstate__`` methods the model defines (``OpaqueObject`` records the state;
+records, storage types and stand-in functions refuse); on an ``OrderedDict`` it may set only a
+non-None ``_metadata`` (checked after the load, as torch writes it). A stand-in class that ends
+up *in* the result (the pickle used the class as a value) is detected by its reference count
+and sends the load to the interpreter, which records it as an ``UnknownGlobal``.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import itertools
+import operator
+import pickle
+import re
+import sys
+from collections import OrderedDict
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+from ckptdoctor.formats.pickle.stand_ins import (
+    RECORDED_VALUE_TYPES,
+    UnknownGlobal,
+    _rebuild_from_type_v2,
+    resolve_global,
+)
+from ckptdoctor.limits import MAX_MARK_DEPTH  # the interpreter's limit too
+from ckptdoctor.model.checkpoint import GlobalRef, OpaqueObject
+
+NOT_FAST = object()  # "run the interpreter instead"
+
+# Opcodes that push or consume a MARK, and STOP: returned by the pre-pass as tokens.
+_OPENS = b"("
+_CLOSES = b"tldeu\x90\x911o"  # TUPLE LIST DICT APPENDS SETITEMS ADDITEMS FROZENSET POP_MARK OBJ
+_STOP = b"."
+_DEPTH_STEP = bytes.maketrans(_OPENS + _CLOSES, b"\x02" + b"\x00" * len(_CLOSES))
+
+
+class _Fallback(Exception):
+    """The C path met something only the interpreter handles exactly."""
+
+
+class _StandInType(type):
+    """Metaclass of every per-load stand-in class; ``global_ref`` is what the interpreter would hold."""
+
+    global_ref: UnknownGlobal | None
+
+
+def _refuse_state(state: Any) -> None:
+    raise _Fallback
+
+
+def _short_strings(lead: bytes) -> bytes:
+    """A length byte 0..255 (then zero padding ``lead``) followed by that many bytes."""
+    return b"(?:" + b"|".join(re.escape(bytes([n]) + lead) + (b".{%d}" % n) for n in range(256)) + b")"
+
+
+def _below(bits: int) -> bytes:
+    """Four little-endian bytes whose value is below ``2 ** bits``."""
+    if bits >= 32:
+        return b".{4}"
+    whole, rest = divmod(bits, 8)
+    high = b"[\\x00-" + re.escape(bytes([(1 << rest) - 1])) + b"]"
+    return b".{%d}" % whole + high + b"\\x00" * (3 - whole)
+
+
+@lru_cache(maxsize=8)
+def _prepass(bits: int) -> re.Pattern[bytes]:
+    ops = b"|".join((
+        b"[Khq\\x80].",                              # BININT1 BINGET BINPUT PROTO
+        b"[02NRbas})\\]Q\\x81\\x85\\x86\\x87\\x88\\x89\\x8f\\x92\\x93\\x94]",  # argument-less
+        b"[XTB\\x8b]" + _short_strings(b"\x00\x00\x00"),  # BINUNICODE BINSTRING BINBYTES LONG4
+        b"[\\x8cCU\\x8a]" + _short_strings(b""),      # SHORT_BINUNICODE ... LONG1
+        b"[Jj].{4}",                                  # BININT LONG_BINGET
+        b"r" + _below(bits),                          # LONG_BINPUT, bounded
+        b"M..",                                       # BININT2
+        b"[G\\x95].{8}",                              # BINFLOAT FRAME
+        b"p[0-9]{1,6}\\n",                            # PUT (text), bounded
+        b"[ILFSVPg][^\\n]*\\n",                       # text arguments
+        b"c[^\\n]*\\n[^\\n]*\\n",                     # GLOBAL module\nname\n
+    ))
+    return re.compile(b"(?s)(?:" + ops + b")*+(.)")
+
+
+def _harmless(data: bytes) -> bool:
+    """True when every opcode is tokenised, memo indices are bounded and nesting is shallow."""
+    bits = max(16, (len(data) // 2 + 256).bit_length())
+    tokens = b"".join(_prepass(bits).findall(data))
+    stop = tokens.find(_STOP)
+    if stop < 0:
+        return False
+    head = tokens[:stop]
+    if head.translate(None, _OPENS + _CLOSES):
+        return False  # an opcode the pattern does not admit
+    if head.count(_OPENS) <= MAX_MARK_DEPTH:
+        return True
+    # depth after the k-th token = (2 x MARKs so far) - k; all in C: no Python step per token
+    steps = head.translate(_DEPTH_STEP)
+    return max(map(operator.sub, itertools.accumulate(steps), itertools.count(1))) <= MAX_MARK_DEPTH
+
+
+def _make_from_type_v2() -> Any:
+    def from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+        if isinstance(new_type, _StandInType) and new_type.global_ref is not None:
+            new_type = new_type.global_ref
+        return _rebuild_from_type_v2(func, new_type, args, state)
+
+    from_type_v2.__setstate__ = _refuse_state  # type: ignore[attr-defined]
+    return from_type_v2
+
+
+class _Loader(pickle.Unpickler):
+    """The C unpickler with every global replaced by a stand-in (see the module docstring)."""
+
+    def __init__(self, data: bytes, persistent: Callable[[Any], Any] | None) -> None:
+        super().__init__(io.BytesIO(data), encoding="latin1")
+        self._persistent = persistent
+        self.classes: dict[str, tuple[Any, int]] = {}
+        self.ordered: list[OrderedDict[Any, Any]] = []
+
+    def find_class(self, module: str, name: str) -> Any:
+        if not isinstance(module, str) or not isinstance(name, str) or len(module) + len(name) > 1000:
+            raise _Fallback
+        target = resolve_global(module, name)
+        if isinstance(target, (UnknownGlobal, type)):
+            return self._stand_in(module, name, None if isinstance(target, UnknownGlobal) else target)
+        if target is _rebuild_from_type_v2:
+            return self._from_type_v2()
+        return target
+
+    def _track(self, key: str, make: Callable[[], Any]) -> Any:
+        """Make a stand-in and remember its reference count: a higher count after the load means
+        it escaped into the result. Counted with no local variable holding it, as in :meth:`escaped`."""
+        self.classes[key] = (make(), 0)
+        count = sys.getrefcount(self.classes[key][0])  # the entry and the argument (+ cls.__mro__)
+        self.classes[key] = (self.classes[key][0], count)
+        return self.classes[key][0]
+
+    def _from_type_v2(self) -> Any:
+        """``_rebuild_from_type_v2`` seeing the tensor subclass as the interpreter would: an
+        ``UnknownGlobal`` (here it arrives as a stand-in class), so DTensor & co. are named."""
+        key = "torch._tensor._rebuild_from_type_v2"
+        if key in self.classes:
+            return self.classes[key][0]
+        return self._track(key, _make_from_type_v2)
+
+    def persistent_load(self, pid: Any) -> Any:
+        if self._persistent is None:
+            raise _Fallback
+        return self._persistent(pid)
+
+    def _ordered_dict(self, *args: Any) -> OrderedDict[Any, Any]:
+        made: OrderedDict[Any, Any] = OrderedDict(*args)
+        self.ordered.append(made)  # its attributes are checked after the load (ordered_dicts_ok)
+        return made
+
+    def ordered_dicts_ok(self) -> bool:
+        """Whether every OrderedDict holds at most what ``SafeUnpickler.load_build`` would set.
+
+        The C ``BUILD`` writes every key of a dict state into the instance's ``__dict__``; the
+        interpreter keeps only a non-None ``_metadata`` (what torch writes). Anything else
+        (a hostile ``keys`` attribute shadowing the method...) sends the load to the interpreter.
+        Calls made meanwhile through such attributes could only reach stand-ins.
+        """
+        for made in self.ordered:
+            attributes = made.__dict__
+            if attributes and (len(attributes) != 1 or attributes.get("_metadata") is None):
+                return False
+        return True
+
+    def _stand_in(self, module: str, name: str, real: type | None) -> type:
+        dotted = f"{module}.{name}"
+        if dotted in self.classes:
+            return self.classes[dotted][0]
+        recorded = dotted in RECORDED_VALUE_TYPES
+        make_ordered = self._ordered_dict
+
+        def construct(args: tuple[Any, ...]) -> Any:
+            return make_ordered(*args) if real is OrderedDict else real(*args)  # type: ignore[misc]
+
+        class StandInMeta(_StandInType):
+            def __call__(cls, *args: Any, **kwargs: Any) -> Any:  # REDUCE, OBJ with arguments
+                if kwargs:
+                    raise _Fallback
+                if real is not None:
+                    return construct(args)
+                if recorded and args:
+                    return OpaqueObject(GlobalRef(module, name), args=args, via="reduce")
+                raise _Fallback  # refused (or recorded without arguments): the interpreter says which
+
+        def new(cls: type, *args: Any, **kwargs: Any) -> Any:  # NEWOBJ, NEWOBJ_EX, OBJ without arguments
+            if real is None:
+                made = OpaqueObject(GlobalRef(module, name), args=args, via="newobj")
+                if kwargs:
+                    made.args = (*args, dict(kwargs))
+                return made
+            if real is OrderedDict or real in (set, frozenset, bytearray):
+                return construct(args)
+            raise _Fallback
+
+        def make() -> type:
+            cls = StandInMeta("StandIn", (), {"__new__": new, "__setstate__": staticmethod(_refuse_state),
+                                              "__slots__": ()})
+            cls.global_ref = UnknownGlobal(module, name) if real is None else None
+            return cls
+
+        return self._track(dotted, make)
+
+    def escaped(self) -> bool:
+        """True when a stand-in is referenced from the result (used as a value)."""
+        return any(sys.getrefcount(self.classes[key][0]) > self.classes[key][1] for key in self.classes)
+
+
+def fast_load(data: bytes, persistent_load: Callable[[Any], Any] | None) -> Any:
+    """The unpickled object tree, or :data:`NOT_FAST` when the interpreter must decide."""
+    if not _harmless(data):
+        return NOT_FAST
+    loader = _Loader(data, persistent_load)
+    try:
+        result = loader.load()
+    except Exception:  # every failure is re-judged by the interpreter
+        return NOT_FAST
+    finally:
+        loader.memo = {}  # drop the memo's references before counting them
+    if loader.escaped() or not loader.ordered_dicts_ok():
+        return NOT_FAST
+    return result
+
+
+class gc_paused:
+    """Pause the cyclic garbage collector while millions of containers are allocated.
+
+    Unpickling creates objects that all stay alive; every 700 allocations the collector would
+    walk young objects, and older generations ever more often: about half of a 200,000-tensor
+    load. Nothing made here is garbage, so pausing is pure saving.
+    """
+
+    def __enter__(self) -> None:
+        self.was_enabled = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.was_enabled:
+            gc.enable()

@@ -1,0 +1,147 @@
+"""The C-speed unpickle path (formats/fast_pickle.py) against the interpreter it stands in for.
+
+Whenever ``fast_load`` returns a result, the pure-Python ``SafeUnpickler`` must return the same
+tree for the same bytes; whenever the pre-pass or the C unpickler meets something unusual,
+``fast_load`` must step aside (``NOT_FAST``) so the interpreter gives its exact answer. Inputs are
+every pickle of the real zoo (torch.save zips, DCP ``.metadata`` and items, pickled modules,
+DTensor) and every zip member of the hostile corpus.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ckptdoctor.errors import CkptDoctorError
+from ckptdoctor.formats.pickle.fast import NOT_FAST, _harmless, fast_load
+from ckptdoctor.formats.pickle.stand_ins import StorageType
+from ckptdoctor.formats.pickle.unpickler import SafeUnpickler, load_pickle
+from ckptdoctor.model.checkpoint import GlobalRef, OpaqueObject, StorageInfo, TensorRecord
+from tests import zoo
+from tests.hostile import build_corpus
+
+
+def _storage(pid: Any) -> StorageInfo:
+    """A persistent_load like the readers': a record of the storage named by the pid."""
+    if not (isinstance(pid, tuple) and len(pid) == 5 and isinstance(pid[1], StorageType)
+            and isinstance(pid[2], str) and type(pid[4]) is int):
+        raise ValueError("not a storage pid")
+    return StorageInfo(id=pid[2], dtype=pid[1].dtype, nbytes=pid[4] * 8)
+
+
+def _interpreted(data: bytes) -> Any:
+    return SafeUnpickler(io.BytesIO(data), _storage).load_bytes(data)
+
+
+def same(a: Any, b: Any, depth: int = 0) -> bool:
+    """Structural equality, with OpaqueObjects (identity-compared) compared by content and types exact."""
+    assert depth < 200
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, OpaqueObject):
+        return (a.cls == b.cls and a.via == b.via and same(a.args, b.args, depth + 1)
+                and same(a.state, b.state, depth + 1) and same(dict(a.items), dict(b.items), depth + 1)
+                and same(list(a.list_items), list(b.list_items), depth + 1))
+    if isinstance(a, dict):
+        if isinstance(a, OrderedDict) and getattr(a, "__dict__", {}).keys() != getattr(b, "__dict__", {}).keys():
+            return False
+        return len(a) == len(b) and all(same(ka, kb, depth + 1) and same(va, vb, depth + 1)
+                                        for (ka, va), (kb, vb) in zip(a.items(), b.items()))
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y, depth + 1) for x, y in zip(a, b))
+    if isinstance(a, (TensorRecord, StorageInfo, GlobalRef, str, bytes, int, float, bool, type(None))):
+        return bool(a == b)
+    return a is b or bool(a == b)
+
+
+def _pickles(root: Path) -> list[tuple[str, bytes]]:
+    out = []
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name == ".metadata":
+            out.append((str(path), path.read_bytes()))
+        elif path.is_file() and zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                out += [(f"{path}:{n}", z.read(n)) for n in z.namelist() if n.endswith(".pkl")]
+    return out
+
+
+@pytest.fixture(scope="module")
+def zoo_pickles(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, bytes]]:
+    root = tmp_path_factory.mktemp("zoo")
+    for name, builder in zoo.BUILDERS.items():
+        (root / name).mkdir()
+        builder(root / name)
+    return _pickles(root)
+
+
+def test_fast_path_equals_the_interpreter_on_real_pickles(zoo_pickles: list[tuple[str, bytes]]) -> None:
+    fast = 0
+    for where, data in zoo_pickles:
+        ours = fast_load(data, _storage)
+        if ours is NOT_FAST:
+            continue
+        fast += 1
+        assert same(ours, _interpreted(data)), where
+    assert fast >= len(zoo_pickles) // 2  # the fast path really serves real checkpoints
+
+
+def test_dtensor_subclass_is_named_on_the_fast_path(tmp_path: Path) -> None:
+    """A stand-in class passed to _rebuild_from_type_v2 must reach it as an UnknownGlobal."""
+    buffer = io.BytesIO()
+    torch.save({"w": torch.nn.Parameter(torch.ones(2))}, buffer)
+    with zipfile.ZipFile(buffer) as z:
+        data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    ours = fast_load(data, _storage)
+    assert ours is not NOT_FAST and same(ours, _interpreted(data))
+    assert ours["w"].is_parameter
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x80\x02]r\xf0\xff\xff\xff.",                 # memo bomb: LONG_BINPUT 0xFFFFFFF0
+    b"\x80\x02" + b"(]" * 20_000 + b".",            # nesting deeper than the interpreter allows
+    b"\x80\x02]\x82\x01.",                          # EXT1
+    b"\x80\x02X\x00\x01\x00\x00" + b"a" * 256 + b".",  # a string too long for the pre-pass
+    b"\x80\x02cos\nsystem\nq\x00.",                 # a global used as a value (an UnknownGlobal)
+    b"\x80\x02ccollections\nOrderedDict\n)R}X\x03\x00\x00\x00keysK\x01sb.",  # BUILD setting `keys`
+    b"\x80\x02]K\x00K\x01s.",                       # SETITEM on a list
+])
+def test_fast_path_steps_aside_or_agrees(payload: bytes) -> None:
+    ours = fast_load(payload, None)
+    try:
+        theirs = load_pickle(payload)
+    except CkptDoctorError:
+        assert ours is NOT_FAST
+        return
+    assert ours is NOT_FAST or same(ours, theirs)
+
+
+def test_prepass_bounds_the_memo() -> None:
+    assert not _harmless(b"\x80\x02]r\xf0\xff\xff\xff.")
+    assert _harmless(b"\x80\x02]r\x10\x00\x00\x00.")
+    assert not _harmless(b"\x80\x02]p9999999\n.")
+
+
+def test_hostile_zip_members_agree_with_the_interpreter(tmp_path: Path) -> None:
+    for sample in build_corpus(tmp_path):
+        if not zipfile.is_zipfile(sample.path):
+            continue
+        try:
+            members = _pickles_of(sample.path)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError):
+            continue
+        for data in members:
+            ours = fast_load(data, _storage)
+            if ours is not NOT_FAST:
+                assert same(ours, _interpreted(data)), sample.name
+    assert all(s.marker is None or not s.marker.exists() for s in build_corpus(tmp_path / "again"))
+
+
+def _pickles_of(path: Path) -> list[bytes]:
+    with zipfile.ZipFile(path) as z:
+        return [z.read(n) for n in z.namelist() if n.endswith(".pkl")]
