@@ -269,7 +269,7 @@ def llama_7b_like():
 '''
 
 MEASURE = '''
-import json, resource, sys
+import json, sys
 from ckptdoctor.engines.spec import build_spec
 doc = build_spec(sys.argv[1])
 params = 0
@@ -278,8 +278,11 @@ for t in doc["tensors"]:
     for d in t["shape"]:
         n *= d
     params += n
-print(json.dumps({"params": params, "tensors": len(doc["tensors"]),
-                  "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forked parent (a pytest process
+# that just read a 200,000-key file would count here); VmHWM belongs to this process's own memory map.
+with open("/proc/self/status") as status:
+    hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+print(json.dumps({"params": params, "tensors": len(doc["tensors"]), "maxrss_kib": hwm}))
 '''
 
 
