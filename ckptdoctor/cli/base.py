@@ -69,7 +69,13 @@ def handle_errors(func: F) -> F:
 
         reset_io()  # each command's --json reports its own requests and bytes
         try:
-            code = func(*args, **kwargs)
+            if "allow_global" in kwargs:  # every reading command: --allow-global + pyproject.toml
+                from ckptdoctor.cli.allow import allowed_globals  # noqa: PLC0415
+
+                with allowed_globals(kwargs["allow_global"] or ()):
+                    code = func(*args, **kwargs)
+            else:
+                code = func(*args, **kwargs)
         except CkptDoctorError as exc:
             if os.environ.get("CKPTDOCTOR_DEBUG"):
                 raise

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from ckptdoctor.cli.allow import allow_option
 from ckptdoctor.cli.base import app, handle_errors
 
 
@@ -17,6 +18,7 @@ def check_command(
                                 help="package.module:Model, path/to/file.py:Model, a spec JSON, or a checkpoint."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document (schema_version 1)."),
     entry: Optional[str] = typer.Option(None, "--entry", help="Where the state dict sits, e.g. 'state_dict' or 'a/b'."),
+    allow_global: list[str] = allow_option(),
 ) -> int:
     """Diagnose why a checkpoint does not load into a model, and print the fix. Exit 0 loads, 1 does not.
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import typer
 
+from ckptdoctor.cli.allow import allow_option, allowance_notes
 from ckptdoctor.cli.base import app, handle_errors
 
 
@@ -34,6 +36,7 @@ def convert_command(
     workers: int = typer.Option(1, "--workers", metavar="N", help="Write hf shards or N DCP files in N processes."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (never SOURCE itself)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document (schema_version 1)."),
+    allow_global: list[str] = allow_option(),
 ) -> int:
     """Rewrite a checkpoint in another container without changing what it means.
 
@@ -50,6 +53,8 @@ def convert_command(
     plan = plan_conversion(source, out, keys, options)
     with byte_progress("converting", plan.total_bytes) as progress:
         result = run_conversion(plan, progress)
+    if extra := allowance_notes():
+        result = dataclasses.replace(result, notes=(*result.notes, *extra))
     if json_out:
         from ckptdoctor.render.console import print_json  # noqa: PLC0415
 

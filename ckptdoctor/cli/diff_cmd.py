@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from ckptdoctor.cli.allow import allow_option
 from ckptdoctor.cli.base import app, handle_errors
 
 
@@ -20,6 +21,7 @@ def diff_command(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document (schema_version 1)."),
     entry_a: Optional[str] = typer.Option(None, "--entry-a", help="Where A's state dict sits."),
     entry_b: Optional[str] = typer.Option(None, "--entry-b", help="Where B's state dict sits."),
+    allow_global: list[str] = allow_option(),
 ) -> int:
     """Keys only in A or B, shape, dtype and (--values) value changes, with systematic causes explained.
 

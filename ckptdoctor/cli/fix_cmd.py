@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from ckptdoctor.cli.allow import allow_option, allowance_notes
 from ckptdoctor.cli.base import app, handle_errors
 
 
@@ -26,6 +27,7 @@ def fix_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the mapping, write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (never PATH itself)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document (schema_version 1)."),
+    allow_global: list[str] = allow_option(),
 ) -> int:
     """Write a repaired checkpoint. Edits apply in order: --strip, --add-prefix, --rename, then --against.
 
@@ -36,10 +38,11 @@ def fix_command(
 
     keys = KeyEdits(tuple(strip), tuple(add_prefix), tuple(rename), against, drop_unexpected, allow_missing)
     result = fix_checkpoint(path, out, keys, entry=entry, extract=extract, dry_run=dry_run, force=force)
+    notes = [*result.notes, *allowance_notes()]
     if json_out:
         from ckptdoctor.render.console import print_json  # noqa: PLC0415
 
-        print_json(doctor_view.fix_document(result.plan, result.report, list(result.notes)))
+        print_json(doctor_view.fix_document(result.plan, result.report, notes))
     else:
-        doctor_view.render_fix(result.plan, result.report, list(result.notes))
+        doctor_view.render_fix(result.plan, result.report, notes)
     return 0

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from ckptdoctor.cli.allow import allow_option
 from ckptdoctor.cli.base import app, handle_errors
 
 
@@ -19,6 +20,7 @@ def inspect_command(
     pattern: Optional[str] = typer.Option(None, "--filter", help="Only keys matching this glob, e.g. '*.bn1.*'."),
     entry: Optional[str] = typer.Option(None, "--entry", help="Where the state dict sits, e.g. 'state_dict' or 'a/b'."),
     no_fold: bool = typer.Option(False, "--no-fold", help="Show every numbered sibling instead of folding repeats."),
+    allow_global: list[str] = allow_option(),
 ) -> int:
     """Show a checkpoint's key tree (repeats folded), shapes, dtypes, sizes and other entries.
 

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from ckptdoctor.cli.allow import allow_option
 from ckptdoctor.cli.base import app, handle_errors
 
 
@@ -24,6 +25,7 @@ def report_command(
     entry_b: Optional[str] = typer.Option(None, "--entry-b", help="Where B's state dict sits."),
     force: bool = typer.Option(False, "--force", help="Replace REPORT.html if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary (schema_version 1) on stdout."),
+    allow_global: list[str] = allow_option(),
 ) -> int:
     """Write one HTML page (no request leaves it) with a treemap of the bytes, a tensor table and overlays.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from ckptdoctor.cli.allow import allow_option
 from ckptdoctor.cli.base import app, handle_errors
 
 
@@ -15,6 +16,7 @@ def spec_command(
     digests: bool = typer.Option(False, "--digests", help="Record a SHA-256 per tensor (needs a checkpoint)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Also print a JSON summary on stdout."),
+    allow_global: list[str] = allow_option(),
 ) -> int:
     """Record what a model or released checkpoint holds, so CI can check later files against it.
 

@@ -29,6 +29,7 @@ from ckptdoctor.engines.matching.edits import Edit, apply_edits
 from ckptdoctor.engines.matching.rules import NOT_A_TENSOR, KeyShape, Plan
 from ckptdoctor.engines.spec import DigestMismatch, ModelSpec, check_digests
 from ckptdoctor.errors import FixRefused, UsageError
+from ckptdoctor.formats.pickle.allowance import current as current_allowance
 from ckptdoctor.model.checkpoint import Checkpoint
 from ckptdoctor.model.locate import opaque_classes, state_dict_metadata, state_dict_order, state_dict_values
 
@@ -262,6 +263,9 @@ def check_checkpoint(ckpt: Checkpoint, spec: ModelSpec, *, spec_arg: str) -> Che
                   if not diagnosis.ok else None)
     if tied and suggestion is None and diagnosis.plan.loads_strictly:
         suggestion = ["fix", ckpt.path, "--against", spec_arg]
+    if suggestion:  # the fix must read the same allowed calls (--allow-global) this check read
+        suggestion = [*suggestion, *(arg for name in sorted(current_allowance().used)
+                                     for arg in ("--allow-global", name))]
     have = {s.key: s.shape for s in raw_source}
     want = {t.key: t.shape for t in target}
     return CheckResult(path=ckpt.path, spec_arg=spec_arg, spec_source=spec.source, spec_kind=spec.kind, checkpoint=ckpt,
@@ -486,7 +490,8 @@ def _moved_prefix(prefix: str, old: str, new: str) -> str | None:
 
 def full_unpickling_notes(written: Any) -> list[str]:
     """Say when what ``fix`` wrote, like its input, needs ``torch.load(weights_only=False)``."""
-    classes = opaque_classes(written)
+    allowed = current_allowance().names  # --allow-global: said by the command's own note (cli/allow.py)
+    classes = [name for name in opaque_classes(written) if name not in allowed]
     if not classes:
         return []
     shown = ", ".join(classes[:3]) + (", ..." if len(classes) > 3 else "")

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from ckptdoctor.errors import CorruptCheckpoint, LimitExceeded, UnsafeContent
+from ckptdoctor.formats.pickle.allowance import current as current_allowance
 from ckptdoctor.formats.pickle.fast import NOT_FAST, fast_load, gc_paused
 from ckptdoctor.formats.pickle.stand_ins import (
     CALLABLE_STAND_INS,
@@ -63,6 +64,7 @@ class SafeUnpickler(_PyUnpickler):
         self._persistent = persistent_load
         self.where = where
         self.globals_seen: list[str] = []
+        self.allowance = current_allowance()  # --allow-global: calls recorded, never run
 
     # -- globals ---------------------------------------------------------------------------
     def find_class(self, module: str, name: str) -> Any:
@@ -78,15 +80,23 @@ class SafeUnpickler(_PyUnpickler):
 
     def _refuse_call(self, func: Any) -> None:
         name = func.dotted if isinstance(func, GlobalRef) else type(func).__name__
+        hint = None
+        if isinstance(func, GlobalRef):
+            hint = (f"If you trust `{name}`, pass --allow-global {name} (or list it under allow-globals in "
+                    "[tool.ckptdoctor] of pyproject.toml): its calls are then read as opaque records, never "
+                    "imported or run. Run `ckptdoctor scan PATH` for the full safety report.")
         raise UnsafeContent(
             f"refused to read: the pickle{' in ' + self.where if self.where else ''} calls `{name}`, "
-            "which is not a tensor rebuild function or a plain data type")
+            "which is not a tensor rebuild function or a plain data type", hint=hint)
 
     def _call(self, func: Any, args: Any) -> Any:
         if not isinstance(args, tuple):
             raise CorruptCheckpoint("a pickle call with non-tuple arguments")
         if isinstance(func, UnknownGlobal):
             if func.dotted in RECORDED_VALUE_TYPES:
+                return OpaqueObject(GlobalRef(func.module, func.name), args=args, via="reduce")
+            if func.dotted in self.allowance.names:
+                self.allowance.used.add(func.dotted)
                 return OpaqueObject(GlobalRef(func.module, func.name), args=args, via="reduce")
             self._refuse_call(func)
         if func in CALLABLE_STAND_INS:
@@ -367,7 +377,9 @@ def load_pickle(data: bytes, persistent_load: PersistentLoad | None = None, *, w
     with gc_paused():
         # The C unpickler when a bounded pre-pass allows it (fast_pickle); this interpreter
         # for everything else, and to give the exact error whenever the C path fails.
-        result = fast_load(data, persistent_load) if len(data) >= FAST_MIN_BYTES else NOT_FAST
+        # An allowance (--allow-global) is applied by the interpreter only.
+        fast = len(data) >= FAST_MIN_BYTES and not current_allowance().names
+        result = fast_load(data, persistent_load) if fast else NOT_FAST
         if result is not NOT_FAST:
             return result
         return _run(SafeUnpickler(io.BytesIO(data), persistent_load, where=where), lambda u: u.load_bytes(data),

@@ -11,6 +11,7 @@ Storage ids get the shard's file name as prefix, since each shard numbers its st
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -133,8 +134,11 @@ def read_hf_sharded(directory: str, index_name: str, entry: str | None) -> Check
     file_size, shard_formats = store.size(index_path), set()
     workers = min(SHARD_WORKERS, len(shards)) if store.remote else 1
     if workers > 1:
+        # Each task runs in a copy of this context: the reads see the command's --allow-global.
+        contexts = {s: contextvars.copy_context() for s in shards}
         with ThreadPoolExecutor(workers) as pool:
-            read = list(pool.map(lambda s: _read_shard(directory, s, by_shard[s], index_name), shards))
+            read = list(pool.map(lambda s: contexts[s].run(_read_shard, directory, s, by_shard[s], index_name),
+                                 shards))
     else:
         read = [_read_shard(directory, s, by_shard[s], index_name) for s in shards]
     for shard, checkpoint in zip(shards, read):

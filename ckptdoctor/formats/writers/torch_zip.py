@@ -26,6 +26,7 @@ from typing import Any
 
 from ckptdoctor.errors import CorruptCheckpoint, UnsupportedFormat
 from ckptdoctor.formats.magic import ZIP_LOCAL_HEADER
+from ckptdoctor.formats.pickle.allowance import current as current_allowance
 from ckptdoctor.formats.pickle.stand_ins import STORAGE_TYPES, TENSOR_LAYOUTS, DtypeRef, LayoutRef, StorageType
 from ckptdoctor.formats.tensor_bytes import iter_tensor_chunks
 from ckptdoctor.io.atomic import CHUNK, EarlyWriteback, SourceFiles, copy_range, progress_counter, write_all
@@ -256,6 +257,8 @@ class TreePickler:
         self.save_global(cls.module, cls.name)
         self.save_tuple(obj.args)
         self.out += REDUCE if obj.via == "reduce" else NEWOBJ
+        if obj.via == "reduce" and cls.dotted in (allowance := current_allowance()).names:
+            allowance.written.add(cls.dotted)  # the command tells the user the output needs it too
         self._memoize(obj)
         if obj.list_items:
             self._save_appends(obj.list_items)
