@@ -10,7 +10,7 @@ TORCH_PIN ?= torch==2.13.0
 # The report tests drive a real headless Chromium: Debian's package, installed when missing.
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: setup setup-browser demo test test-fast lint bench clean
+.PHONY: setup setup-browser demo test test-fast test-scale lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -57,11 +57,15 @@ demo: setup
 	@echo; echo "demo finished: the broken checkpoint was diagnosed, repaired, loads strictly and was converted to safetensors."
 	@echo "open the picture of the repaired checkpoint: $(abspath $(DEMO))/report.html"
 
+# The whole suite but the 200,000-entry scale tests (minutes each): those run with `make test-scale`.
 test: setup setup-browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not scale"
 
 test-fast: setup setup-browser
 	$(PY) -m pytest -q -m "not slow"
+
+test-scale: setup
+	$(PY) -m pytest -q -m scale
 
 lint: setup
 	$(VENV)/bin/ruff check ckptdoctor tests examples bench

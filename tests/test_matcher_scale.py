@@ -90,6 +90,7 @@ def test_leftovers_at_200k_keys_are_diagnosed() -> None:
     ]
 
 
+@pytest.mark.scale  # saves and loads 200,000 tensors with torch: minutes (`make test-scale`)
 def test_check_and_fix_a_renumbered_200k_key_file(tmp_path: Path) -> None:
     """Through the CLI with real torch files: the repaired file has the model's keys, values intact."""
     target = moe_keys()

@@ -15,7 +15,8 @@ from ckptdoctor.formats import open_checkpoint
 from ckptdoctor.formats.tensor_bytes import iter_tensor_chunks
 from tests.cli_helpers import run_cli
 
-pytestmark = pytest.mark.slow
+# 200,000-entry files through the real CLI and torch: minutes each, so `make test-scale`, not `make test`.
+pytestmark = [pytest.mark.slow, pytest.mark.scale]
 N = 200_000
 
 

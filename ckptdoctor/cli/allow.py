@@ -8,12 +8,16 @@ CI, the nearest ``pyproject.toml`` (the current directory, then its parents) may
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI
+    import tomli as tomllib
 import typer
 
 from ckptdoctor.errors import UsageError
