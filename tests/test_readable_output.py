@@ -91,3 +91,22 @@ def test_width_follows_columns(monkeypatch: pytest.MonkeyPatch) -> None:
     assert console.stdout_console().width == 63
     monkeypatch.delenv("COLUMNS")
     assert console.stdout_console().width == console.PIPE_WIDTH
+
+
+@pytest.mark.parametrize("flag", ["--json", "--keys"])
+def test_output_into_a_closed_pipe_is_not_an_error(tmp_path: Path, flag: str) -> None:
+    """`ckptdoctor inspect --json big.pt | head`: the reader leaves early; exit 0, nothing on stderr."""
+    import subprocess
+
+    ckpt = tmp_path / "many.pt"
+    torch.save({f"blocks.{i}.weight": torch.zeros(1) for i in range(4000)}, ckpt)
+    proc = subprocess.Popen([sys.executable, "-m", "ckptdoctor", "inspect", str(ckpt), flag],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.read(100)
+    proc.stdout.close()
+    code = proc.wait(timeout=60)
+    with proc.stderr:
+        stderr = proc.stderr.read()
+    assert code == 0, stderr
+    assert stderr == b""

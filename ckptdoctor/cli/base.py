@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -83,6 +84,10 @@ def handle_errors(func: F) -> F:
             raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
+        except BrokenPipeError:  # `ckptdoctor inspect --json x | head`: the reader left, nothing went wrong
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # Python's final flush of stdout must not fail again
+            raise typer.Exit(0) from None
         except KeyboardInterrupt:
             print_error("interrupted", None)
             raise typer.Exit(130) from None
