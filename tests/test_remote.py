@@ -281,9 +281,12 @@ def test_scan_remote_equals_local(zoo_root: Path, http: RangeServer, name: str) 
     assert got.exit_code == want.exit_code, got.stderr
 
     def files(doc: dict[str, Any]) -> list[dict[str, Any]]:
-        return [{k: v for k, v in f.items() if k != "path"} for f in doc["files"]]
+        return [{k: v for k, v in f.items() if k not in ("path", "notes")} for f in doc["files"]]
 
     assert files(got.json()) == files(want.json())
+    # the remote scan says what it did not fetch (tensor storages' CRC); every local note is there too
+    for remote_file, local_file in zip(got.json()["files"], want.json()["files"]):
+        assert set(local_file["notes"]) <= set(remote_file["notes"])
     # never the tensor bytes: what the server sent stays below the file's size for files with real tensors
     sent = sum(e.sent for e in http.gets())
     assert got.json()["io"]["bytes_read"] == sent
@@ -335,3 +338,19 @@ def test_fix_json_counts_local_writes(zoo_root: Path, tmp_path: Path) -> None:
     result = run_cli("fix", str(source), "--strip", "module.", "-o", str(out), "--json")
     assert result.exit_code == 0, result.stderr
     assert result.json()["io"]["bytes_written"] == out.stat().st_size
+
+
+def test_scan_of_a_big_remote_zip_fetches_the_directory_and_pickles_only(zoo_root: Path, http: RangeServer) -> None:
+    target = zoo_root / "big_scan"
+    target.mkdir(exist_ok=True)
+    torch.save(torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(16)]).state_dict(), target / "big.pt")
+    size = (target / "big.pt").stat().st_size
+    http.reset()
+    result = run_cli("scan", f"{http.url}/big_scan/big.pt", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = result.json()
+    assert doc["files"][0]["safe"] is True
+    assert any("CRC not checked" in n for n in doc["files"][0]["notes"])
+    sent = sum(e.sent for e in http.gets())
+    assert sent < size // 20, (sent, size)  # 16 MB of weights: only the directory and data.pkl travel
+    assert doc["io"]["bytes_read"] == sent

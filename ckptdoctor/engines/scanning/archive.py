@@ -108,6 +108,8 @@ def _zip64_extra(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int
 class ArchiveAudit:
     """Parse one zip archive and report every irregularity into *findings*."""
 
+    storage_crc = True  # False for remote files: tensor bytes are never fetched to check their CRC
+
     def __init__(self, f: IO[bytes], size: int, findings: Findings, eocd: int) -> None:
         self.f = f
         self.size = size
@@ -294,7 +296,7 @@ class ArchiveAudit:
         but a tool that walks the archive, or a user told to, may.
         """
         seen: dict[str, int] = {}
-        big = 0
+        big = unchecked = 0
         for m in self.members:
             if m.data_offset is None:
                 continue
@@ -303,7 +305,13 @@ class ArchiveAudit:
             is_storage = (
                 "/data/" in f"/{m.name}" or (self.torchscript and "/constants/" in f"/{m.name}")
             ) and not m.name.endswith(".pkl")
-            head = _read_at(self.f, m.data_offset, min(m.csize, HEAD)) if m.method == 0 else self._inflate(m, HEAD)
+            skip_bytes = is_storage and m.method == 0 and not self.storage_crc
+            if skip_bytes:  # remote: a stored tensor's bytes are never fetched (scanned as a pickle if it is one)
+                head = b""
+            elif m.method == 0:
+                head = _read_at(self.f, m.data_offset, min(m.csize, HEAD))
+            else:
+                head = self._inflate(m, HEAD)
             named_pickle = m.name.endswith((".pkl", ".debug_pkl")) or (m.local_name or "").endswith(".pkl")
             expected = self._in_layout(m.name)
             ts_code = self.torchscript and "/code/" in f"/{m.name}"
@@ -313,7 +321,9 @@ class ArchiveAudit:
                 and not ts_code
                 and (is_pickle_start(head) or self._member_is_pickle(m))
             )
-            if m.usize <= CRC_LIMIT or named_pickle or hidden:
+            if skip_bytes:
+                unchecked += 1
+            elif m.usize <= CRC_LIMIT or named_pickle or hidden:
                 self._check_crc(m, label)
             else:
                 big += 1
@@ -335,6 +345,9 @@ class ArchiveAudit:
                     self.anomaly("stray-code", f"member outside torch's layout holds {what}", label)
         if big:
             self.fd.note(f"CRC not checked for {big} member(s) larger than {CRC_LIMIT >> 20} MiB")
+        if unchecked:
+            self.fd.note(f"CRC not checked for {unchecked} tensor storage(s): a remote scan reads the archive's "
+                         "directory and pickles, not the weights")
 
     def _scan_npy_member(self, m: Member, label: str) -> None:
         """An .npy member (an .npz archive): an object array's data is a pickle np.load runs."""
@@ -437,9 +450,14 @@ def is_torchscript_member(name: str) -> bool:
     return "/code/" in f"/{name}" or name.endswith("constants.pkl")
 
 
-def audit_zip(f: IO[bytes], size: int, findings: Findings, eocd: int) -> tuple[str, ...]:
-    """Audit the archive whose end record is at *eocd*; return its member names."""
+def audit_zip(f: IO[bytes], size: int, findings: Findings, eocd: int, *, storage_crc: bool = True) -> tuple[str, ...]:
+    """Audit the archive whose end record is at *eocd*; return its member names.
+
+    ``storage_crc=False`` (a remote file) checks the CRC of pickles and of every other member but
+    not of tensor storages, so a scan fetches the directory and the pickles, never the weights.
+    """
     audit = ArchiveAudit(f, size, findings, eocd)
+    audit.storage_crc = storage_crc
     audit.read_directory()
     if not any(m.data_offset is not None for m in audit.members):
         raise CorruptCheckpoint("zip archive has no readable member")

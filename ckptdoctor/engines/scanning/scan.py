@@ -137,7 +137,7 @@ def _scan_remote_file(url: str) -> FileScan:
     size = store.size(url)
     f = io.BufferedReader(RangeFile(store, url, size, readahead=False), REMOTE_BUFFER)
     try:
-        return _scan_open(f, size, cast(Path, url))  # _result only needs str(path)
+        return _scan_open(f, size, cast(Path, url), remote=True)  # _result only needs str(path)
     except CkptDoctorError as e:
         if e.path is None:
             e.path = url
@@ -151,7 +151,7 @@ def _result(path: Path, fmt: str, fd: Findings) -> FileScan:
     return FileScan(str(path), fmt, safe, globals_, anomalies, tuple(fd.pickles), fd.finish_notes())
 
 
-def _scan_open(f: IO[bytes], size: int, path: Path) -> FileScan:
+def _scan_open(f: IO[bytes], size: int, path: Path, *, remote: bool = False) -> FileScan:
     if size == 0:
         raise UnsupportedFormat("empty file")
     head = f.read(HEAD_BYTES)
@@ -165,12 +165,12 @@ def _scan_open(f: IO[bytes], size: int, path: Path) -> FileScan:
     eocd = find_eocd(f, size)
     names: tuple[str, ...] | None = None
     if eocd is not None and head[:4] == ZIP_LOCAL_HEADER:
-        names = audit_zip(f, size, fd, eocd)
+        names = audit_zip(f, size, fd, eocd, storage_crc=not remote)
     elif eocd is not None:
         # An end record after other bytes: a polyglot, or tensor bytes that happen to contain
         # the signature. Only a directory whose members have real local headers counts.
         try:
-            names = audit_zip(f, size, fd, eocd)
+            names = audit_zip(f, size, fd, eocd, storage_crc=not remote)
         except CorruptCheckpoint:
             fd, names = Findings(), None
         if names is not None:
