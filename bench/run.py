@@ -193,6 +193,9 @@ def make_scale_inputs(workdir: Path, n: int) -> dict[str, Path]:
         if not path.exists():
             gen = torch.Generator().manual_seed(0)
             torch.save({names[kind](k): torch.rand(shape, generator=gen) for k, shape in keys}, path)
+    return paths
+
+
 def moe_keys(n: int) -> list[str]:
     """``n`` mixture-of-experts keys: layers of 128 experts x 3 projections."""
     names = ("gate_proj", "up_proj", "down_proj")
