@@ -191,24 +191,9 @@ class StrictReader(Reader):
     def read(self, n: int) -> int:
         if self.frame_end is not None:
             self._check(n)
-        start = self.pos
-        if start + n > self.src.length:
-            raise _truncated(f"{n} bytes wanted at offset {start}", start)
-        self.pos = start + n
-        return start
+        return super().read(n)
 
-    def take(self, n: int) -> bytes:
-        if self.frame_end is not None:
-            self._check(n)
-        start = self.pos
-        end = start + n
-        if end > self.src.length:
-            raise _truncated(f"{n} bytes wanted at offset {start}", start)
-        self.pos = end
-        return self.src.get(start, n)
-
-    def payload(self, n: int) -> int:
-        return self.read(n)
+    # take() and payload() are Reader's: both consume through read(), so every read is checked.
 
     def readline(self) -> tuple[int, int]:
         fe = self.frame_end
