@@ -60,13 +60,20 @@ def _root(
     """Checkpoint doctor for PyTorch."""
 
 
+def print_error(message: str, hint: str | None) -> None:
+    """The renderer's ``print_error``, imported when an error is printed: a command that succeeds (and
+    ``--help``) never loads Rich's console for it."""
+    from ckptdoctor.render.console import print_error as render_error  # noqa: PLC0415
+
+    render_error(message, hint)
+
+
 def handle_errors(func: F) -> F:
     """Turn ckptdoctor errors (and anything unexpected) into one Error line and an exit code."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from ckptdoctor.io.storage import reset_io  # noqa: PLC0415
-        from ckptdoctor.render.console import print_error  # noqa: PLC0415 - keep --help fast
 
         reset_io()  # each command's --json reports its own requests and bytes
         try:

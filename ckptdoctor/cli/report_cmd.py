@@ -54,6 +54,7 @@ def report_command(
     from ckptdoctor.render import report_html  # noqa: PLC0415
     from ckptdoctor.render.report_summary import print_summary  # noqa: PLC0415
 
+    # overview(tree=False) throughout: the page folds and lays out the key tree itself, in the browser
     inputs = [p for p in (source, against, diff_b) if p is not None]
     check_output(out, inputs, force=force)  # refuse early, before a long --values pass
     ckpt = open_checkpoint(source, entry)
@@ -64,7 +65,7 @@ def report_command(
 
         spec = load_spec(against)
         result = check_checkpoint(ckpt, spec, spec_arg=against)
-        html = report_html.check_report(result, overview(ckpt), spec)
+        html = report_html.check_report(result, overview(ckpt, tree=False), spec)
         kind, verdict = "check", result.ok
     elif diff_b is not None:
         from ckptdoctor.engines.diff import diff  # noqa: PLC0415
@@ -74,10 +75,10 @@ def report_command(
         compare = values or rtol is not None or atol is not None
         with byte_progress("comparing values", ckpt.total_bytes + ckpt_b.total_bytes if compare else 0) as progress:
             delta = diff(ckpt, ckpt_b, values=compare, rtol=rtol, atol=atol, progress=progress)
-        html = report_html.diff_report(delta, overview(ckpt), overview(ckpt_b))
+        html = report_html.diff_report(delta, overview(ckpt, tree=False), overview(ckpt_b, tree=False))
         kind, verdict = "diff", delta.identical
     else:
-        html = report_html.inspect_report(overview(ckpt))
+        html = report_html.inspect_report(overview(ckpt, tree=False))
         kind = "inspect"
     size = report_html.write_report(html, out, inputs, force=force)
     print_summary(out=out, kind=kind, size=size, tensors=len(ckpt.tensors), verdict=verdict, json_out=json_out)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
@@ -12,10 +10,11 @@ from rich.tree import Tree
 
 from ckptdoctor.engines.inspection.overview import Overview, human_bytes
 from ckptdoctor.engines.inspection.tree import TreeNode
-from ckptdoctor.io.storage import io_counters
-from ckptdoctor.model.checkpoint import TensorInfo
 from ckptdoctor.render.console import stdout_console
-from ckptdoctor.schema import SCHEMA_VERSION
+
+# The JSON document is built in inspect_json, which imports no Rich (`report` embeds it without the
+# terminal renderer); `inspect --json` reaches it through this module.
+from ckptdoctor.render.inspect_json import inspect_document, write_inspect_json  # noqa: F401
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -86,95 +85,7 @@ def render_inspect(ov: Overview, *, max_depth: int | None = None) -> None:
     console.print(root)
 
 
-def tensor_record(info: TensorInfo) -> dict[str, Any]:
-    """One entry of the document's ``tensors`` list."""
-    t = info.tensor
-    record: dict[str, Any] = {
-        "key": info.key, "shape": list(t.shape), "dtype": t.dtype, "numel": t.numel, "nbytes": t.nbytes,
-        "stride": list(t.stride), "storage_offset": t.storage_offset, "device": t.device,
-        "storage": info.storage_id, "parameter": t.is_parameter,
-    }
-    if t.storage is not None and t.storage.source is not None and not t.storage.source.deferred:
-        record["file_offset"] = t.storage.source.offset + t.byte_span()[0]
-    return record
-
-
-def inspect_document(ov: Overview) -> dict[str, Any]:
-    """The whole ``--json`` document as one dict (the API's view; the CLI streams it instead)."""
-    return {**_header(ov), "tensors": [tensor_record(info) for info in ov.selected]}
-
-
-def _header(ov: Overview) -> dict[str, Any]:
-    ckpt = ov.checkpoint
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "path": ckpt.path,
-        "format": ckpt.format,
-        "file_size": ckpt.file_size,
-        "state_dict_path": list(ckpt.state_dict_path),
-        "tensor_count": len(ckpt.tensors),
-        "parameters": ov.parameters,
-        "total_bytes": ov.total_bytes,
-        "storage_bytes": ov.storage_bytes,
-        "bytes_by_dtype": dict(ov.bytes_by_dtype),
-        "devices": list(ov.devices),
-        "shared_storages": [list(group) for group in ov.shared],
-        "entries": [{"name": e.name, "summary": e.summary, "value": e.value} for e in ov.entries],
-        "notes": list(ckpt.notes),
-        "extra": {k: v for k, v in ckpt.extra.items() if isinstance(v, (str, int, float, bool, list, dict))},
-    }
-
-
 _BATCH = 4096
-
-
-def _int_list(values: tuple[int, ...], cache: dict[tuple[int, ...], str]) -> str:
-    """``json.dumps(list(values), indent=2)`` at the depth of a tensor field (shapes repeat: cached)."""
-    text = cache.get(values)
-    if text is None:
-        text = "[]" if not values else "[\n" + ",\n".join(f"        {v}" for v in values) + "\n      ]"
-        cache[values] = text
-    return text
-
-
-def _record_text(info: TensorInfo, lists: dict[tuple[int, ...], str]) -> str:
-    """:func:`tensor_record` as ``json.dumps(..., indent=2)`` writes it inside the document."""
-    t = info.tensor
-    storage = t.storage
-    fields = [
-        f'      "key": {json.dumps(info.key, ensure_ascii=False)}',
-        f'      "shape": {_int_list(t.shape, lists)}',
-        f'      "dtype": {json.dumps(t.dtype, ensure_ascii=False)}',
-        f'      "numel": {t.numel}',
-        f'      "nbytes": {t.nbytes}',
-        f'      "stride": {_int_list(t.stride, lists)}',
-        f'      "storage_offset": {t.storage_offset}',
-        f'      "device": {json.dumps(t.device, ensure_ascii=False)}',
-        f'      "storage": {json.dumps(storage.id if storage is not None else None, ensure_ascii=False)}',
-        f'      "parameter": {"true" if t.is_parameter else "false"}',
-    ]
-    if storage is not None and storage.source is not None and not storage.source.deferred:
-        fields.append(f'      "file_offset": {storage.source.offset + t.byte_span()[0]}')
-    return "    {\n" + ",\n".join(fields) + "\n    }"
-
-
-def write_inspect_json(ov: Overview) -> None:
-    """Stream the ``--json`` document: byte for byte what ``print_json(inspect_document(ov))`` prints,
-    without holding a dict per tensor (200,000 tensors: 200,000 dicts) or the whole text."""
-    head = json.dumps({**_header(ov), "io": io_counters()}, indent=2, ensure_ascii=False)
-    out = sys.stdout
-    if not ov.selected:
-        out.write(head[:-2] + ',\n  "tensors": []\n}\n')
-        out.flush()
-        return
-    out.write(head[:-2] + ',\n  "tensors": [\n')
-    lists: dict[tuple[int, ...], str] = {}
-    selected = ov.selected
-    for start in range(0, len(selected), _BATCH):
-        batch = ",\n".join(_record_text(info, lists) for info in selected[start:start + _BATCH])
-        out.write(batch + (",\n" if start + _BATCH < len(selected) else "\n"))
-    out.write("  ]\n}\n")
-    out.flush()
 
 
 def render_keys(ov: Overview) -> None:

@@ -24,13 +24,14 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from ckptdoctor.io.atomic import atomic_output, write_all
 from ckptdoctor.io.storage import io_counters
 from ckptdoctor.model.checkpoint import DTYPE_BITS
-from ckptdoctor.render.inspect_view import inspect_document
+from ckptdoctor.render.inspect_json import compact_records, inspect_header
 
 if TYPE_CHECKING:  # check and diff pull in the matcher and numpy: imported only when their report is asked for
     from ckptdoctor.engines.diff import DiffResult
@@ -55,8 +56,7 @@ def _rows(ov: Overview) -> list[list[Any]]:
 
 def _source(ov: Overview, *, rows: bool = True) -> dict[str, Any]:
     """The checkpoint's header (the inspect document without its tensor list), plus compact rows."""
-    header = inspect_document(ov)
-    del header["tensors"]
+    header = inspect_header(ov)
     if rows:
         header["rows"] = _rows(ov)
     return header
@@ -105,21 +105,41 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def embed_json(document: dict[str, Any]) -> str:
-    """Compact JSON that is safe inside ``<script type="application/json">``.
+def _script_safe(text_of: Callable[[bool], str]) -> str:
+    """JSON text (``text_of(ascii_only)``) that is safe inside ``<script type="application/json">``.
 
     ``<``, ``>`` and ``&`` can only occur inside JSON strings, where ``\\u003c`` is the same
     character to a JSON parser; without them no key can write ``</script>`` or ``<!--`` and
     escape the element. Unpaired surrogates (possible in keys read from a pickle) cannot be
     written as UTF-8, so a document holding one is written with ASCII escapes throughout.
     """
-    clean = _finite(document)
-    text = json.dumps(clean, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = text_of(False)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        text = json.dumps(clean, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+        text = text_of(True)
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _compact(document: Any, ascii_only: bool) -> str:
+    return json.dumps(document, ensure_ascii=ascii_only, separators=(",", ":"), allow_nan=False)
+
+
+def embed_json(document: dict[str, Any]) -> str:
+    """Compact JSON of ``document`` (NaN and infinities as null) that is safe inside a script element."""
+    clean = _finite(document)
+    return _script_safe(lambda ascii_only: _compact(clean, ascii_only))
+
+
+def embed_inspect_json(ov: Overview) -> str:
+    """:func:`embed_json` of the ``inspect --json`` document, written record by record: a 20,000-tensor
+    page needs no dict per tensor, and only the header can hold a float to clean."""
+    header = _finite({**inspect_header(ov), "io": io_counters()})
+
+    def text_of(ascii_only: bool) -> str:
+        return _compact(header, ascii_only)[:-1] + ',"tensors":' + compact_records(ov, ascii_only=ascii_only) + "}"
+
+    return _script_safe(text_of)
 
 
 @functools.lru_cache(maxsize=1)
@@ -132,8 +152,9 @@ def _hash(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
 
 
-def build_html(document: dict[str, Any], view: dict[str, Any]) -> str:
-    """The page: the template with the style, scripts, CSP hashes and both JSON documents filled in."""
+def build_html(data: str, view: dict[str, Any]) -> str:
+    """The page: the template with the style, scripts, CSP hashes and both JSON documents filled in
+    (``data``: the embedded ``--json`` document, from :func:`embed_json` or :func:`embed_inspect_json`)."""
     assets = _assets()
     library, app_js, style = assets["d3-hierarchy.min.js"], assets["report.js"], assets["report.css"]
     for text in (library, app_js, style):
@@ -143,26 +164,26 @@ def build_html(document: dict[str, Any], view: dict[str, Any]) -> str:
            "img-src 'none'; connect-src 'none'; font-src 'none'; base-uri 'none'; form-action 'none'")
     licence = assets["d3-hierarchy.LICENSE"].replace("--", "- -").strip()
     slots = {"CSP": csp, "STYLE": style, "LIBRARY": library, "LIBRARY_LICENSE": licence, "APP": app_js,
-             "DATA_ID": DATA_ID, "VIEW_ID": VIEW_ID, "DATA": embed_json({**document, "io": io_counters()}),
+             "DATA_ID": DATA_ID, "VIEW_ID": VIEW_ID, "DATA": data,
              "VIEW": embed_json(view)}
     # One pass: text put into a slot is never scanned again, so data cannot name another slot.
     return _SLOT.sub(lambda m: slots[m.group(1)], assets["report.html"])
 
 
 def inspect_report(ov: Overview) -> str:
-    return build_html(inspect_document(ov), inspect_view())
+    return build_html(embed_inspect_json(ov), inspect_view())
 
 
 def check_report(result: CheckResult, ov: Overview, spec: ModelSpec) -> str:
     from ckptdoctor.render.doctor_view import check_document  # noqa: PLC0415
 
-    return build_html(check_document(result), check_view(result, ov, spec))
+    return build_html(embed_json({**check_document(result), "io": io_counters()}), check_view(result, ov, spec))
 
 
 def diff_report(result: DiffResult, ov_a: Overview, ov_b: Overview) -> str:
     from ckptdoctor.render.diff_view import diff_document  # noqa: PLC0415
 
-    return build_html(diff_document(result), diff_view(result, ov_a, ov_b))
+    return build_html(embed_json({**diff_document(result), "io": io_counters()}), diff_view(result, ov_a, ov_b))
 
 
 def write_report(html: str, out: str, inputs: list[str], *, force: bool) -> int:
