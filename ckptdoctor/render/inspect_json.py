@@ -22,6 +22,7 @@ Nothing here imports Rich: ``report`` writes its page without loading the termin
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import Any
 
 from ckptdoctor.engines.inspection.overview import Overview
 from ckptdoctor.io.storage import io_counters
-from ckptdoctor.model.checkpoint import TensorInfo
+from ckptdoctor.model.checkpoint import TensorInfo, itemsize
 from ckptdoctor.schema import SCHEMA_VERSION
 
 _BATCH = 4096
@@ -67,18 +68,24 @@ def record_context(ov: Overview) -> RecordContext:
 
 
 class _Extensions:
-    """The extension fields of one record, as (name, value) pairs; strides cached per shape."""
+    """Picks one record's extension fields, as (name, value) pairs. What depends only on a tensor's
+    shape and dtype (its row-major stride, item size) is worked out once per shape and dtype."""
 
     def __init__(self, ctx: RecordContext) -> None:
         self.ctx = ctx
-        self.strides: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self.kinds: dict[tuple[tuple[int, ...], str], tuple[tuple[int, ...], int]] = {}
+
+    def kind(self, shape: tuple[int, ...], dtype: str) -> tuple[tuple[int, ...], int]:
+        """(row-major stride, bytes per element) of tensors of this shape and dtype."""
+        kind = self.kinds.get((shape, dtype))
+        if kind is None:
+            kind = self.kinds[shape, dtype] = (row_major_stride(shape), itemsize(dtype))
+        return kind
 
     def __call__(self, info: TensorInfo) -> list[tuple[str, Any]]:
         t, ctx = info.tensor, self.ctx
+        usual, size = self.kind(t.shape, t.dtype)
         fields: list[tuple[str, Any]] = []
-        usual = self.strides.get(t.shape)
-        if usual is None:
-            usual = self.strides[t.shape] = row_major_stride(t.shape)
         if t.stride != usual:
             fields.append(("stride", list(t.stride)))
         if t.storage_offset:
@@ -92,7 +99,7 @@ class _Extensions:
             fields.append(("parameter", True))
         source = storage.source if storage is not None else None
         if source is not None and not source.deferred and source.path == ctx.path:
-            fields.append(("file_offset", source.offset + t.byte_span()[0]))
+            fields.append(("file_offset", source.offset + t.storage_offset * size))  # = t.byte_span()[0]
         return fields
 
 
@@ -149,20 +156,16 @@ def _compact_list(values: tuple[int, ...]) -> str:
 
 class _RecordWriter:
     """:func:`tensor_record` as text: indented as ``json.dumps(doc, indent=2)`` nests it, or compact
-    as ``separators=(",", ":")`` writes it. Shapes repeat, so their text is cached."""
+    as ``separators=(",", ":")`` writes it. Tensors of one shape and dtype share the text of their
+    ``shape``, ``dtype``, ``numel`` and ``nbytes`` fields (a 200,000-tensor file has a few dozen kinds)."""
 
     def __init__(self, ov: Overview, *, indent: bool, ascii_only: bool = False) -> None:
-        self.extensions = record_fields(ov)
+        self.extensions = _Extensions(record_context(ov))
         self.indent = indent
         self.string = encode_basestring_ascii if ascii_only else encode_basestring
         self.as_list = _indented_list if indent else _compact_list
-        self.lists: dict[tuple[int, ...], str] = {}
-
-    def _list(self, values: tuple[int, ...]) -> str:
-        text = self.lists.get(values)
-        if text is None:
-            text = self.lists[values] = self.as_list(values)
-        return text
+        self.field = ',\n      "{}": {}' if indent else ',"{}":{}'
+        self.middles: dict[tuple[tuple[int, ...], str], str] = {}
 
     def _value(self, value: Any) -> str:
         if value is True:
@@ -170,17 +173,25 @@ class _RecordWriter:
         if isinstance(value, str):
             return self.string(value)
         if isinstance(value, list):
-            return self._list(tuple(value))
+            return self.as_list(tuple(value))
         return str(value)
 
+    def _middle(self, shape: tuple[int, ...], dtype: str) -> str:
+        """The fields after ``key``: shape, dtype, numel, nbytes."""
+        numel = math.prod(shape)
+        pairs = (("shape", self.as_list(shape)), ("dtype", self.string(dtype)), ("numel", str(numel)),
+                 ("nbytes", str(numel * itemsize(dtype))))
+        return "".join(self.field.format(name, text) for name, text in pairs)
+
     def __call__(self, info: TensorInfo) -> str:
-        string = self.string
-        fields = [("key", string(info.key)), ("shape", self._list(info.shape)), ("dtype", string(info.dtype)),
-                  ("numel", str(info.numel)), ("nbytes", str(info.nbytes))]
-        fields += [(name, self._value(value)) for name, value in self.extensions(info)]
+        t = info.tensor
+        middle = self.middles.get((t.shape, t.dtype))
+        if middle is None:
+            middle = self.middles[t.shape, t.dtype] = self._middle(t.shape, t.dtype)
+        extra = "".join([self.field.format(name, self._value(value)) for name, value in self.extensions(info)])
         if self.indent:
-            return "    {\n" + ",\n".join(f'      "{name}": {text}' for name, text in fields) + "\n    }"
-        return "{" + ",".join(f'"{name}":{text}' for name, text in fields) + "}"
+            return '    {\n      "key": ' + self.string(info.key) + middle + extra + "\n    }"
+        return '{"key":' + self.string(info.key) + middle + extra + "}"
 
 
 def compact_records(ov: Overview, *, ascii_only: bool = False) -> str:
