@@ -268,12 +268,13 @@ class FaultProxy:
 
     Every request is read whole, forwarded to ``upstream`` over a fresh connection and its response relayed,
     unless a :class:`Fault` matches it. The log holds ``(method, path, outcome)`` for every request, so a test
-    can see that the fault fired and what the client did next (retries, an aborted multipart upload).
+    can see that the fault fired and what the client did next (retries, an aborted multipart upload), and the
+    response bytes it relayed (a server-side count for stores whose own server keeps no log).
     """
 
     upstream: str  # host:port
     faults: list[Fault] = field(default_factory=list)
-    log: list[tuple[str, str, str]] = field(default_factory=list)
+    log: list[tuple[str, str, str, int]] = field(default_factory=list)  # method, path, outcome, body bytes sent
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -306,9 +307,9 @@ class FaultProxy:
                                 return fault
                 return None
 
-            def _note(self, outcome: str) -> None:
+            def _note(self, outcome: str, sent: int = 0) -> None:
                 with proxy._lock:
-                    proxy.log.append((self.command, self.path, outcome))
+                    proxy.log.append((self.command, self.path, outcome, sent))
 
             def _handle(self) -> None:
                 fault = self._fault()
@@ -339,7 +340,7 @@ class FaultProxy:
                     conn.request(self.command, self.path, body=body, headers=headers)
                     response = conn.getresponse()
                     payload = response.read()
-                    self._note(str(response.status))
+                    self._note(str(response.status), 0 if self.command == "HEAD" else len(payload))
                     self.send_response(response.status)
                     for key, value in response.getheaders():
                         if key.lower() not in ("transfer-encoding", "connection", "content-length", "server",
@@ -367,7 +368,7 @@ class FaultProxy:
 
     def outcomes(self, method: str, match: str) -> list[str]:
         with self._lock:
-            return [outcome for m, path, outcome in self.log if m == method and match in path]
+            return [outcome for m, path, outcome, _sent in self.log if m == method and match in path]
 
     def stop(self) -> None:
         self.httpd.shutdown()

@@ -145,7 +145,7 @@ def test_convert_to_s3_directory_publishes_shards_then_index(dataparallel: Path,
     assert run_cli("convert", str(dataparallel), f"{local}/", "--max-shard-size", "100KB",
                    "--strip", "module.").exit_code == 0
     assert _shards("hf-ok/", moto_port) == sorted(os.listdir(local))
-    puts = [path for method, path, outcome in proxy.log if method == "PUT" and outcome == "200"]
+    puts = [path for method, path, outcome, _sent in proxy.log if method == "PUT" and outcome == "200"]
     assert puts[-1].endswith(".index.json")  # named last: never an index whose shards are missing
     for name in os.listdir(local):
         body = direct(moto_port).get_object(Bucket=BUCKET, Key=f"hf-ok/{name}")["Body"].read()

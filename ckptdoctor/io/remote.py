@@ -92,6 +92,8 @@ def _status(exc: BaseException) -> int | None:
         meta = response.get("ResponseMetadata", {})
         if isinstance(meta.get("HTTPStatusCode"), int):
             return int(meta["HTTPStatusCode"])
+    if type(exc) is OSError and str(exc).startswith("Forbidden: "):  # gcsfs's 403 carries no status
+        return 403
     return None
 
 
