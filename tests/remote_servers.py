@@ -236,6 +236,22 @@ def s3_environment(port: int) -> dict[str, str]:
             "AWS_EC2_METADATA_DISABLED": "true"}
 
 
+def build_zoo(root: Path, names: list[str]) -> Path:
+    """Each named zoo fixture in its own folder under ``root`` (``root/name/<its file or directory>``)."""
+    from tests import zoo
+
+    for name in names:
+        (root / name).mkdir()
+        zoo.build(name, root / name)
+    return root
+
+
+def fixture_path(root: Path, name: str) -> Path:
+    """The file or directory the zoo fixture ``name`` wrote under ``root``."""
+    (only,) = list((root / name).iterdir())
+    return only
+
+
 def upload_tree(fs: Any, local: Path, url: str) -> None:
     """Copy a file or a directory's files to ``url`` with the given fsspec filesystem."""
     if local.is_dir():

@@ -19,9 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests import zoo
 from tests.cli_helpers import run_cli
-from tests.remote_servers import Fault, FaultProxy, free_port
+from tests.remote_servers import Fault, FaultProxy, build_zoo, fixture_path, free_port
 
 # gcsfs is imported only once the fixture has set its environment (it reads GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT
 # at import), so the packages are looked up here without importing them.
@@ -44,16 +43,7 @@ def _forget_gcs_clients() -> None:
 
 @pytest.fixture(scope="module")
 def zoo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("gcs-zoo")
-    for name in FIXTURES:
-        (root / name).mkdir()
-        zoo.build(name, root / name)
-    return root
-
-
-def fixture_path(root: Path, name: str) -> Path:
-    (only,) = list((root / name).iterdir())
-    return only
+    return build_zoo(tmp_path_factory.mktemp("gcs-zoo"), FIXTURES)
 
 
 @pytest.fixture(scope="module")
