@@ -18,6 +18,7 @@ import re
 import socket
 import struct
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -291,6 +292,7 @@ class FaultProxy:
     upstream: str  # host:port
     faults: list[Fault] = field(default_factory=list)
     log: list[tuple[str, str, str, int]] = field(default_factory=list)  # method, path, outcome, body bytes sent
+    spans: list[tuple[str, float, float]] = field(default_factory=list)  # path, start, end of each relayed request
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -352,6 +354,7 @@ class FaultProxy:
                 headers["Content-Length"] = str(len(body))
                 host, port = proxy.upstream.rsplit(":", 1)
                 conn = http.client.HTTPConnection(host, int(port), timeout=60)
+                start = time.perf_counter()
                 try:
                     conn.request(self.command, self.path, body=body, headers=headers)
                     response = conn.getresponse()
@@ -370,6 +373,8 @@ class FaultProxy:
                         self.wfile.write(payload)
                 finally:
                     conn.close()
+                    with proxy._lock:
+                        proxy.spans.append((self.path, start, time.perf_counter()))
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
@@ -385,6 +390,17 @@ class FaultProxy:
     def outcomes(self, method: str, match: str) -> list[str]:
         with self._lock:
             return [outcome for m, path, outcome, _sent in self.log if m == method and match in path]
+
+    def most_in_flight(self, match: str) -> int:
+        """The most requests whose path contains ``match`` that were being served at one moment."""
+        with self._lock:
+            events = sorted([(start, 1) for path, start, _end in self.spans if match in path]
+                            + [(end, -1) for path, _start, end in self.spans if match in path])
+        most = current = 0
+        for _when, step in events:
+            current += step
+            most = max(most, current)
+        return most
 
     def stop(self) -> None:
         self.httpd.shutdown()
