@@ -21,6 +21,9 @@ Cases (targets from the issues):
   convert-bf16    convert of the 2.4 GB torch zip to bf16 safetensors vs `cp && sync` of the source: <= 1.5x, <= 300 MB
   s3-inspect      inspect of the 2.4 GB file on a loopback S3 endpoint (moto's server): <= 4 range requests
                   besides one size lookup, <= the pickle + 128 KiB transferred (from --json's io counters)
+  s3-hf-16        inspect of a 16-shard Hugging Face directory (2.4 GB of safetensors shards + index) on loopback S3
+                  (moto behind the tests' logging proxy) vs inspect of one of its shards: the index plus one range
+                  request per shard, issued concurrently (most in flight, from the proxy's log): <= 3x
   http-diff-values  diff --values of the two 2.4 GB files over HTTP (the tests' Range server on 127.0.0.1) vs
                   fsspec `get` of both: <= 1.2x, <= 300 MB. (moto's S3 server reads a whole object for every
                   range request, ~3 s per GET of a 2.4 GB object here, so on moto this would time moto.)
@@ -304,6 +307,82 @@ def s3_rows(p: dict[str, Path], repeat: int, want: Callable[[str], bool]) -> lis
     return rows
 
 
+def make_hf16_inputs(workdir: Path, big: Path) -> Path:
+    """The 2.4 GB file's 384 tensors as 16 safetensors shards of 24 tensors and their index."""
+    import json  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    root = workdir / "hf16-2.4GB"
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        return root
+    root.mkdir(exist_ok=True)
+    sd = torch.load(big, mmap=True, weights_only=True)
+    keys = sorted(sd, key=lambda k: int(k.split(".")[2]))
+    weight_map, total = {}, 0
+    for shard in range(16):
+        name = f"model-{shard + 1:05d}-of-00016.safetensors"
+        part = {k.removeprefix("module."): sd[k] for k in keys[shard * 24:(shard + 1) * 24]}
+        save_file(part, root / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+        total += sum(t.numel() * t.element_size() for t in part.values())
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return root
+
+
+def s3_hf16_row(workdir: Path, big: Path, repeat: int) -> str:
+    """inspect of a 16-shard directory on moto's S3, counted by the tests' logging proxy in front of it."""
+    import json  # noqa: PLC0415
+    import logging  # noqa: PLC0415
+
+    import s3fs  # noqa: PLC0415 - only the remote cases need the test dependencies
+    from moto.server import ThreadedMotoServer  # noqa: PLC0415
+
+    sys.path.insert(0, str(HERE.parent))
+    from tests.remote_servers import FaultProxy, free_port  # noqa: PLC0415 - the tests' proxy, bench only
+
+    root = make_hf16_inputs(workdir, big)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    proxy = FaultProxy(f"127.0.0.1:{port}")
+    saved = dict(os.environ)
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+    try:
+        fs = s3fs.S3FileSystem(skip_instance_cache=True,
+                               config_kwargs={"read_timeout": 1800, "retries": {"max_attempts": 1}})
+        fs.mkdir("bench")
+        for item in sorted(root.iterdir()):
+            fs.put_file(str(item), f"bench/hf16/{item.name}")
+        os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{proxy.port}"  # ckptdoctor goes through the proxy
+        url, shard = "s3://bench/hf16/", "s3://bench/hf16/model-00001-of-00016.safetensors"
+        ours = measure([CKPT, "inspect", url], repeat)
+        one = measure([CKPT, "inspect", shard], repeat)
+        proxy.log.clear()
+        proxy.spans.clear()
+        doc = json.loads(subprocess.run([CKPT, "inspect", url, "--json"], capture_output=True, text=True,
+                                        check=True).stdout)
+        gets = [(path, sent) for method, path, _outcome, sent in proxy.log if method == "GET"]
+        shard_gets = [path for path, _sent in gets if ".safetensors?" not in path and path.endswith(".safetensors")]
+        index_gets = [path for path, _sent in gets if path.endswith(".index.json")]
+        others = len(proxy.log) - len(shard_gets) - len(index_gets)
+        io = doc["io"]
+        target = (f"server: {len(index_gets)} index GET + {len(shard_gets)} shard GETs "
+                  f"({len(set(shard_gets))} shards, {proxy.most_in_flight('.safetensors')} in flight at once) "
+                  f"+ {others} lookups/listings; io: {io['requests']} requests, {io['bytes_read']} bytes "
+                  f"(server sent {sum(sent for _p, sent in gets)}); <= 3x of one shard")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        proxy.stop()
+        server.stop()
+    return row("s3-hf-16", ours, one, target)
+
+
 def http_diff_row(p: dict[str, Path], repeat: int) -> str:
     """diff --values over HTTP range requests against the tests' loopback Range server."""
     sys.path.insert(0, str(HERE.parent))
@@ -385,6 +464,8 @@ def main() -> None:
     results += convert_rows(p, out_dir, args.repeat, want)
     if want("s3-inspect"):
         results.extend(s3_rows(p, args.repeat, want))
+    if want("s3-hf-16"):
+        results.append(s3_hf16_row(workdir, p["big"], args.repeat))
     if want("http-diff-values"):
         results.append(http_diff_row(p, args.repeat))
     for n in SCALES:

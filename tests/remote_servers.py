@@ -11,12 +11,14 @@ reset mid-body.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import re
 import socket
 import struct
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -235,6 +237,22 @@ def s3_environment(port: int) -> dict[str, str]:
             "AWS_EC2_METADATA_DISABLED": "true"}
 
 
+def build_zoo(root: Path, names: list[str]) -> Path:
+    """Each named zoo fixture in its own folder under ``root`` (``root/name/<its file or directory>``)."""
+    from tests import zoo
+
+    for name in names:
+        (root / name).mkdir()
+        zoo.build(name, root / name)
+    return root
+
+
+def fixture_path(root: Path, name: str) -> Path:
+    """The file or directory the zoo fixture ``name`` wrote under ``root``."""
+    (only,) = list((root / name).iterdir())
+    return only
+
+
 def upload_tree(fs: Any, local: Path, url: str) -> None:
     """Copy a file or a directory's files to ``url`` with the given fsspec filesystem."""
     if local.is_dir():
@@ -243,3 +261,148 @@ def upload_tree(fs: Any, local: Path, url: str) -> None:
                 fs.put_file(str(local / name), f"{url}/{name}")
     else:
         fs.put_file(str(local), url)
+
+
+@dataclass
+class Fault:
+    """What :class:`FaultProxy` does to a request whose method is ``method`` and whose path contains ``match``.
+
+    ``action`` is ``"reset"`` (read half the body, then close the connection with a TCP reset: the client
+    sees the connection die mid-upload) or an HTTP status the proxy answers itself (the store refusing).
+    ``after`` lets that many matching requests through first, so a fault can start mid-way through a run.
+    """
+
+    method: str
+    match: str
+    action: str | int
+    after: int = 0
+    seen: int = 0
+
+
+@dataclass
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 in front of a real server (moto's S3), failing chosen requests.
+
+    Every request is read whole, forwarded to ``upstream`` over a fresh connection and its response relayed,
+    unless a :class:`Fault` matches it. The log holds ``(method, path, outcome)`` for every request, so a test
+    can see that the fault fired and what the client did next (retries, an aborted multipart upload), and the
+    response bytes it relayed (a server-side count for stores whose own server keeps no log).
+    """
+
+    upstream: str  # host:port
+    faults: list[Fault] = field(default_factory=list)
+    log: list[tuple[str, str, str, int]] = field(default_factory=list)  # method, path, outcome, body bytes sent
+    spans: list[tuple[str, float, float]] = field(default_factory=list)  # path, start, end of each relayed request
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    parts = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            return b"".join(parts)
+                        parts.append(self.rfile.read(size))
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _fault(self) -> Fault | None:
+                with proxy._lock:
+                    for fault in proxy.faults:
+                        if fault.method == self.command and fault.match in self.path:
+                            fault.seen += 1
+                            if fault.seen > fault.after:
+                                return fault
+                return None
+
+            def _note(self, outcome: str, sent: int = 0) -> None:
+                with proxy._lock:
+                    proxy.log.append((self.command, self.path, outcome, sent))
+
+            def _handle(self) -> None:
+                fault = self._fault()
+                if fault is not None and fault.action == "reset":
+                    self.rfile.read(int(self.headers.get("Content-Length") or 0) // 2)
+                    self._note("reset")
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    return
+                body = self._body()
+                if fault is not None:
+                    status = int(fault.action)
+                    reply = (f"<Error><Code>InternalError</Code><Message>injected {status}</Message></Error>"
+                             if status >= 500 else "<Error><Code>AccessDenied</Code></Error>").encode()
+                    self._note(str(status))
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(reply)))
+                    self.end_headers()
+                    self.wfile.write(reply)
+                    return
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("transfer-encoding", "connection", "content-length")}
+                headers["Content-Length"] = str(len(body))
+                host, port = proxy.upstream.rsplit(":", 1)
+                conn = http.client.HTTPConnection(host, int(port), timeout=60)
+                start = time.perf_counter()
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    response = conn.getresponse()
+                    payload = response.read()
+                    self._note(str(response.status), 0 if self.command == "HEAD" else len(payload))
+                    self.send_response(response.status)
+                    for key, value in response.getheaders():
+                        if key.lower() not in ("transfer-encoding", "connection", "content-length", "server",
+                                               "date"):
+                            self.send_header(key, value)
+                    # a HEAD's Content-Length is the object's size, not this (empty) body's
+                    length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                    self.send_header("Content-Length", length or str(len(payload)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(payload)
+                finally:
+                    conn.close()
+                    with proxy._lock:
+                        proxy.spans.append((self.path, start, time.perf_counter()))
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    def outcomes(self, method: str, match: str) -> list[str]:
+        with self._lock:
+            return [outcome for m, path, outcome, _sent in self.log if m == method and match in path]
+
+    def most_in_flight(self, match: str) -> int:
+        """The most requests whose path contains ``match`` that were being served at one moment."""
+        with self._lock:
+            events = sorted([(start, 1) for path, start, _end in self.spans if match in path]
+                            + [(end, -1) for path, _start, end in self.spans if match in path])
+        most = current = 0
+        for _when, step in events:
+            current += step
+            most = max(most, current)
+        return most
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=10)

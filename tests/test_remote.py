@@ -20,7 +20,7 @@ import torch
 
 from tests import zoo
 from tests.cli_helpers import run_cli
-from tests.remote_servers import RangeServer, free_port, s3_environment, upload_tree
+from tests.remote_servers import RangeServer, build_zoo, fixture_path, free_port, s3_environment, upload_tree
 
 BUCKET = "ckpts"
 FIXTURES = sorted(zoo.BUILDERS)
@@ -28,16 +28,7 @@ FIXTURES = sorted(zoo.BUILDERS)
 
 @pytest.fixture(scope="module")
 def zoo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("remote-zoo")
-    for name in FIXTURES:
-        (root / name).mkdir()
-        zoo.build(name, root / name)
-    return root
-
-
-def fixture_path(root: Path, name: str) -> Path:
-    (only,) = list((root / name).iterdir())
-    return only
+    return build_zoo(tmp_path_factory.mktemp("remote-zoo"), FIXTURES)
 
 
 @pytest.fixture(scope="module")

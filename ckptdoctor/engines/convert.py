@@ -216,11 +216,16 @@ def plan_conversion(source: str, out: str, keys: KeyEdits, options: ConvertOptio
 # -- the output path -------------------------------------------------------------------------
 
 def _input_paths(ckpt: Checkpoint) -> set[str]:
-    paths = {os.path.realpath(ckpt.path)}
+    from ckptdoctor.io.storage import is_url  # noqa: PLC0415
+
+    def where(path: str) -> str:
+        return path if is_url(path) else os.path.realpath(path)
+
+    paths = {where(ckpt.path)}
     for info in ckpt.tensors:
         storage = info.tensor.storage
         if storage is not None and storage.source is not None:
-            paths.add(os.path.realpath(storage.source.path))
+            paths.add(where(storage.source.path))
     return paths
 
 
@@ -485,8 +490,42 @@ def verify_output(plan: ConversionPlan, target: str) -> None:
 
 # -- the entry point -------------------------------------------------------------------------
 
+def _run_remote(plan: ConversionPlan, progress: Progress | None) -> ConvertResult:
+    """A URL as OUT: build and verify the output in a local scratch directory, then publish it.
+
+    The store sees nothing until the whole output was written and verified; a failed upload
+    leaves nothing at OUT (:mod:`ckptdoctor.io.publish`).
+    """
+    from ckptdoctor.io.publish import check_remote_output, publish_file, publish_tree, staged_writes  # noqa: PLC0415
+    from ckptdoctor.io.storage import display_name  # noqa: PLC0415
+
+    replacing = check_remote_output(plan.out, _input_paths(plan.checkpoint), force=plan.options.force)
+    scratch = tempfile.mkdtemp(prefix=TEMP_PREFIX)
+    try:
+        target = os.path.join(scratch, display_name(plan.out) or "out")
+        with staged_writes():
+            written, more = _write(plan, target, progress)
+            if plan.options.verify:
+                verify_output(plan, target)
+        size = sum(os.path.getsize(p) for p in written)
+        if os.path.isdir(target):
+            final = publish_tree(target, plan.out, replacing=replacing)
+        else:
+            publish_file(target, plan.out)
+            final = [plan.out]
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(scratch)
+    return ConvertResult(plan=plan, outputs=tuple(final), bytes_written=size, verified=plan.options.verify,
+                         notes=(*plan.notes, *more))
+
+
 def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> ConvertResult:
     """Write ``plan`` into a temporary directory beside OUT, verify if asked, rename into place."""
+    from ckptdoctor.io.storage import is_url  # noqa: PLC0415
+
+    if is_url(plan.out):
+        return _run_remote(plan, progress)
     parent = _check_out(plan)
     try:
         scratch = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=parent)

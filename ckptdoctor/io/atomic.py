@@ -21,7 +21,6 @@ import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from ckptdoctor.errors import CorruptCheckpoint, OutputError
 from ckptdoctor.io.storage import COUNTERS
@@ -84,31 +83,22 @@ def _default_mode() -> int:
 
 @contextlib.contextmanager
 def _remote_output(out: str, inputs: Iterable[str], *, force: bool) -> Iterator[tuple[int, str]]:
-    """A remote OUT: write and verify a local temp file, then upload it whole.
+    """A remote OUT: write and verify a local temp file, then upload it whole (:mod:`.publish`).
 
-    The store publishes the object only when the upload completes (S3/GCS uploads are atomic;
-    an aborted multipart upload leaves nothing), so OUT is never partial; the temp file is
-    always removed.
+    The store publishes the object only when the upload completes, so OUT is never partial; the
+    temp file is always removed.
     """
-    from ckptdoctor.io.storage import storage_for  # noqa: PLC0415
+    from ckptdoctor.io.publish import check_remote_output, publish_file, staged_writes  # noqa: PLC0415
 
-    if any(out == source for source in inputs):
-        raise OutputError("the output is the input file; ckptdoctor never modifies its input", path=out,
-                          hint="Write the repaired checkpoint to a new path.")
-    store: Any = storage_for(out)
-    if not force and store.exists(out):
-        raise OutputError("the output file already exists", path=out)
+    check_remote_output(out, inputs, force=force)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX)
     closed = False
-    before = COUNTERS.document()
     try:
-        yield fd, tmp
+        with staged_writes():
+            yield fd, tmp
         os.close(fd)
         closed = True
-        # The local temp file is a staging copy: io reports what reached the store, not both.
-        after = COUNTERS.document()
-        COUNTERS.wrote(before["bytes_written"] - after["bytes_written"], 0)
-        store.upload(tmp, out, os.path.getsize(tmp))
+        publish_file(tmp, out)
     finally:
         if not closed:
             os.close(fd)

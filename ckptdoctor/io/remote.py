@@ -9,6 +9,8 @@ backoff; what is left becomes one typed error naming the URL, never a credential
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +22,9 @@ from ckptdoctor.io.storage import COUNTERS
 T = TypeVar("T")
 ATTEMPTS = 4
 BACKOFF = 0.25  # seconds, doubled after every failed attempt
+# An upload is retried once as a whole: the backends already retry each request (s3fs five times per
+# part), and sending gigabytes again and again only delays the error.
+UPLOAD_ATTEMPTS = 2
 TIMEOUT = 60.0  # seconds per request, where the backend takes one
 HEAD_KEPT = 1 << 20  # a first range of an object up to this size is kept for later reads inside it
 MAX_HEADS = 4096
@@ -87,6 +92,8 @@ def _status(exc: BaseException) -> int | None:
         meta = response.get("ResponseMetadata", {})
         if isinstance(meta.get("HTTPStatusCode"), int):
             return int(meta["HTTPStatusCode"])
+    if type(exc) is OSError and str(exc).startswith("Forbidden: "):  # gcsfs's 403 carries no status
+        return 403
     return None
 
 
@@ -138,16 +145,16 @@ class FsspecStorage:
             invalidate()
 
     # -- plumbing -----------------------------------------------------------------------------
-    def _call(self, url: str, action: str, fn: Callable[[], T]) -> T:
+    def _call(self, url: str, action: str, fn: Callable[[], T], attempts: int = ATTEMPTS) -> T:
         delay = BACKOFF
-        for attempt in range(ATTEMPTS):
+        for attempt in range(attempts):
             try:
                 return fn()
             except CkptDoctorError:
                 raise
             except Exception as exc:
                 error, transient = _classify(exc, url, action)
-                if not transient or attempt == ATTEMPTS - 1:
+                if not transient or attempt == attempts - 1:
                     raise error from None
                 time.sleep(delay)
                 delay *= 2
@@ -299,8 +306,34 @@ class FsspecStorage:
             self.fs.put_file(local_file, url)
 
         try:
-            self._call(url, "write it", put)
-        except InputNotFound as exc:
-            raise OutputError(f"cannot write the output ({exc.message})", path=url, hint=exc.hint) from None
+            self._call(url, "upload it", put, attempts=UPLOAD_ATTEMPTS)
+        except InputNotFound as exc:  # 404: no such bucket; 401/403: these credentials may not write there
+            missing = exc.message == "no such object"
+            raise OutputError("cannot upload it (no such bucket)" if missing else f"cannot upload it ({exc.message})",
+                              path=url, hint="Create the bucket first, or choose another output path." if missing
+                              else "Check the store's credentials and that they may write there.") from None
         with self._lock:
             self._info.pop(url.rstrip("/"), None)
+
+    def remove(self, urls: Sequence[str]) -> tuple[str, ...]:
+        """Delete objects (a failed or replaced output's); return those that could not be deleted.
+
+        Never raises for a store error: it runs while another error is on its way to the user, and
+        the URLs it returns are what that error must name.
+        """
+        def delete(url: str) -> None:
+            COUNTERS.request()
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(url)
+
+        left: tuple[str, ...] = ()
+        for url in urls:
+            try:
+                self._call(url, "delete it", functools.partial(delete, url))
+            except CkptDoctorError:
+                left += (url,)
+            with self._lock:
+                self._info.pop(url.rstrip("/"), None)
+        with self._lock:
+            self._listings.clear()
+        return left
