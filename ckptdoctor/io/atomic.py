@@ -235,7 +235,7 @@ def read_into(sources: SourceFiles, path: str, offset: int, view: memoryview) ->
         COUNTERS.read(got)
 
 
-def _check_source_length(sources: SourceFiles, path: str, offset: int, length: int) -> None:
+def check_source_length(sources: SourceFiles, path: str, offset: int, length: int) -> None:
     if offset < 0 or offset + length > os.fstat(sources.fd(path)).st_size:
         raise _truncated(path, offset, length)
 
@@ -287,7 +287,7 @@ def copy_range(sources: SourceFiles, path: str, offset: int, length: int, out_fd
 
     if is_url(path):
         return _remote_copy(path, offset, length, out_fd, with_crc=with_crc, progress=progress)
-    _check_source_length(sources, path, offset, length)
+    check_source_length(sources, path, offset, length)
     src_fd = sources.fd(path)
     if with_crc and pool is not None:
         future = pool.submit(_crc_of, sources, path, offset, length, sources.crc_buffer)
