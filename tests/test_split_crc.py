@@ -54,7 +54,7 @@ def test_split_crc_joins_front_and_back_windows(tmp_path: Path, monkeypatch: pyt
         for _ in range(front_first):  # the pool thread got this far before the copy finished
             index = split._claim(front=True)
             assert index is not None
-            split._front = split._window(index, split._front, bytearray(4096))
-        split.run_back(bytearray(4096))
-        split.run_front(bytearray(4096))  # nothing left to claim
+            split._front = split._window(index, split._front)
+        split.run_back()
+        split.run_front()  # nothing left to claim
         assert split.value() == zlib.crc32(data[10:])

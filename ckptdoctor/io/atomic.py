@@ -218,8 +218,15 @@ class SourceFiles:
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
-        self.buffer = bytearray(CHUNK)
-        self.crc_buffer = bytearray(CHUNK)  # used by the CRC thread while the kernel copies
+        self._buffer: bytearray | None = None
+
+    @property
+    def buffer(self) -> bytearray:
+        """The read/write copy's chunk, made on first use: kernel copies never need it, and
+        a bytearray's pages are resident (zero-filled) from the start."""
+        if self._buffer is None:
+            self._buffer = bytearray(CHUNK)
+        return self._buffer
 
     def fd(self, path: str) -> int:
         if path not in self._fds:
@@ -283,7 +290,7 @@ def copy_range(sources: SourceFiles, path: str, offset: int, length: int, out_fd
     src_fd = sources.fd(path)
     if with_crc and pool is not None:
         split = SplitCrc(sources, path, offset, length)
-        future = pool.submit(split.run_front, sources.crc_buffer)
+        future = pool.submit(split.run_front)
         try:
             copied = _kernel_copy(src_fd, offset, length, out_fd, progress)
         except BaseException:
@@ -292,7 +299,7 @@ def copy_range(sources: SourceFiles, path: str, offset: int, length: int, out_fd
                 future.result()  # at most the window it is on: then the sources may close
             raise
         if copied:
-            split.run_back(sources.buffer)  # the CRC is the slower half: help from the other end
+            split.run_back()  # the CRC is the slower half: help from the other end
             future.result()
             return split.value()
         split.stop()

@@ -104,7 +104,7 @@ class SplitCrc:
             self._end -= 1
             return self._end
 
-    def _window(self, index: int, crc: int, buffer: bytearray) -> int:
+    def _window(self, index: int, crc: int) -> int:
         start = index * WINDOW
         n = min(WINDOW, self.length - start)
         try:
@@ -112,17 +112,17 @@ class SplitCrc:
         except (OSError, ValueError):  # no mapping: read the window instead
             from ckptdoctor.io.atomic import read_into  # noqa: PLC0415 - atomic imports this module
 
-            view = memoryview(buffer)[:n]
+            view = memoryview(bytearray(n))
             read_into(self.sources, self.path, self.offset + start, view)
             return zlib.crc32(view, crc)
 
-    def run_front(self, buffer: bytearray) -> None:
+    def run_front(self) -> None:
         while (index := self._claim(front=True)) is not None:
-            self._front = self._window(index, self._front, buffer)
+            self._front = self._window(index, self._front)
 
-    def run_back(self, buffer: bytearray) -> None:
+    def run_back(self) -> None:
         while (index := self._claim(front=False)) is not None:
-            self._back[index] = self._window(index, 0, buffer)
+            self._back[index] = self._window(index, 0)
 
     def value(self) -> int:
         """The whole range's CRC, once both runs have returned."""

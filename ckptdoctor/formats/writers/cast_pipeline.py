@@ -77,7 +77,7 @@ class _Scratch(threading.local):
     """Each worker's buffers and kernels, made once and reused for every piece it casts."""
 
     def __init__(self) -> None:
-        self.input = bytearray(PIECE)
+        self.input = bytearray(0)  # only where a piece cannot be mapped
         self.output = bytearray(0)
         self.kernels: dict[tuple[str, str], CastKernel] = {}
 
@@ -110,6 +110,8 @@ def _cast_piece(sources: SourceFiles, scratch: _Scratch, piece: CastPiece, fd: i
     except (OSError, ValueError):
         window = None
     if window is None:
+        if len(scratch.input) < piece.nbytes:
+            scratch.input = bytearray(PIECE)
         data = memoryview(scratch.input)[:piece.nbytes]
         read_into(sources, piece.path, piece.offset, data)
         kernel.cast_into(data, out)
