@@ -1,14 +1,18 @@
-"""Casts written by two threads at once, each reading, casting and writing its own pieces.
+"""Casts written by several threads at once, each reading, casting and writing its own pieces.
 
 ``convert --dtype`` on a safetensors or Hugging Face output is CPU-bound: the cast makes several
 passes over every element. A tensor stored contiguous and little-endian in a local file is cut
 into :data:`PIECE`-byte pieces whose place in the output is known in advance (the safetensors
-layout is fixed by the header), so each worker thread does a whole piece on its own: ``preadv``
-into its reused input buffer, :class:`~ckptdoctor.formats.writers.cast.CastKernel` into its
-reused output buffer, ``pwrite`` at the piece's offset. numpy and the I/O calls release the GIL,
-so the two cores work in parallel without handing buffers between threads; memory is two
-pieces per thread, however large the tensors. The main thread only waits for pieces in file
-order, reports progress and starts the early writeback of what is complete.
+layout is fixed by the header), so each worker thread does a whole piece on its own: maps the
+piece (or ``preadv``s it into a reused buffer where mapping fails), casts it with its own
+:class:`~ckptdoctor.formats.writers.cast.CastKernel` into its reused output buffer and
+``pwrite``s that at the piece's offset. numpy and the I/O calls release the GIL, so the cores
+work in parallel without handing buffers between threads; memory is one piece and its cast per
+thread, however large the tensors. The main thread only waits for pieces in file order,
+reports progress and starts the early writeback of what is complete.
+
+Measured on the 2.4 GB float32 bench file (2 cores): 2.2x ``cp && sync`` before (one thread
+pool per tensor, new arrays for every 1 MiB chunk), about 1.3x with this.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ if TYPE_CHECKING:
 
 Progress = Callable[[int], None]
 PIECE = 8 << 20  # source bytes per piece: large enough that the per-piece calls cost nothing
-THREADS = max(1, min(2, os.cpu_count() or 1))
+# One worker per core, up to 4: each holds one mapped piece and its cast (~13 MiB); past a few
+# workers their pwrites queue on the output file's lock.
+THREADS = max(1, min(4, os.cpu_count() or 1))
 AHEAD = 4 * THREADS  # pieces submitted ahead of the one waited for
 
 
