@@ -350,8 +350,11 @@ def _write_hf(plan: ConversionPlan, target: str, progress: Progress | None) -> l
                 if progress is not None:
                     progress(sum(item.nbytes for item in shard))
     else:
+        from ckptdoctor.io.storage import is_url  # noqa: PLC0415
+
+        side_by_side = not plan.dtype_changed and not is_url(plan.source)  # remote reads stay one at a time
         _write_shards_on_threads(list(zip(paths, plan.shards)), metadata, progress,
-                                 1 if plan.dtype_changed else hf_shards.SHARD_THREADS)
+                                 hf_shards.SHARD_THREADS if side_by_side else 1)
     written = list(paths)
     if len(names) > 1:
         index = os.path.join(target, hf_shards.INDEX_NAME)
