@@ -60,3 +60,48 @@ def test_large_cast_streams_across_chunks(tmp_path: Path) -> None:
     assert torch.equal(got["big"], big.to(torch.bfloat16))
     assert torch.equal(got["t"], sd["t"].to(torch.bfloat16))
     assert torch.equal(got["ids"], sd["ids"])
+
+
+def test_bf16_nan_alone_in_a_long_tensor() -> None:
+    """One NaN (either sign) anywhere in a long float32 tensor, and +inf beside -inf, cast as torch does.
+
+    The float32 → bfloat16 kernel looks for NaNs once per block of elements; a NaN at a block's
+    first or last element, or in the short tail, must still be found."""
+    x = torch.randn(3 * 131072 + 5, generator=torch.Generator().manual_seed(3))
+    for i, value in [(0, float("nan")), (131071, -float("nan")), (131072 * 3 + 4, float("nan")),
+                     (200000, float("inf")), (200001, -float("inf"))]:
+        x[i] = value
+    x.view(torch.int32)[300000] = 0x7F800001  # the smallest NaN payload: rounds to inf without the fix
+    want = x.to(torch.bfloat16)
+    got = torch.frombuffer(bytearray(cast_bytes(raw_bytes(x), "float32", "bfloat16")), dtype=torch.bfloat16)
+    nan = torch.isnan(want)
+    assert int(nan.sum()) == 4
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_cast_pieces_by_position(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mapped: bool) -> None:
+    """Tensors cut into several pieces, cast by two threads and written by position, read from a
+    mapping or (where mapping fails) through the read buffer: every tensor as torch's ``.to``."""
+    from ckptdoctor.formats.writers import cast_pipeline
+
+    monkeypatch.setattr(cast_pipeline, "PIECE", 64 << 10)
+    if not mapped:
+        def refuse(*_args: object) -> None:
+            raise OSError("no mapping here")
+        monkeypatch.setattr(cast_pipeline, "_map", refuse)
+    gen = torch.Generator().manual_seed(5)
+    sd = {"a": torch.randn(300, 257, generator=gen), "ids": torch.arange(1000), "b": torch.randn(70_001, generator=gen),
+          "h": torch.randn(999, generator=gen).half(), "d": torch.randn(40_000, generator=gen, dtype=torch.float64)}
+    sd["b"][12345] = float("nan")
+    torch.save(sd, tmp_path / "src.pt")
+    result = run_cli("convert", tmp_path / "src.pt", tmp_path / "o.safetensors", "--dtype", "bf16", "--verify")
+    assert result.exit_code == 0, result.stderr
+    got = safetensors.torch.load_file(tmp_path / "o.safetensors")
+    assert torch.equal(got["ids"], sd["ids"])
+    for key in ("a", "b", "h", "d"):
+        want = sd[key].to(torch.bfloat16)
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(got[key]), nan), key
+        assert torch.equal(got[key].view(torch.int16)[~nan], want.view(torch.int16)[~nan]), key

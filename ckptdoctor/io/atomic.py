@@ -9,20 +9,21 @@ Two jobs every writer shares:
 * :class:`SourceFiles` / :func:`copy_range` copy storage bytes from a checkpoint into the
   output in fixed-size chunks (kernel copies, or one reused buffer), so memory stays flat
   however large the storages are. The source is never mapped whole: pages touched through a
-  map count as resident memory; only the CRC pass maps one 16 MiB window at a time.
+  map count as resident memory; only the CRC pass maps one 4 MiB window per thread at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import tempfile
+import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from ckptdoctor.errors import CorruptCheckpoint, OutputError
+from ckptdoctor.io.crc import SplitCrc
 from ckptdoctor.io.storage import COUNTERS
 
 CHUNK = 16 << 20  # bytes per read/write; the only buffer the copy allocates
@@ -145,7 +146,7 @@ def atomic_output(out: str, inputs: Iterable[str], *, force: bool) -> Iterator[t
 
 
 class EarlyWriteback:
-    """Start writing dirty output pages to disk every WRITEBACK_STEP bytes instead of at fsync.
+    """Start writing dirty output pages to disk every STEP bytes instead of at fsync.
 
     Linux's background writeback waits until dirty pages reach a share of RAM (gigabytes on
     a big machine), so a plain copy + fsync copies first and then waits for the disk. Asking
@@ -153,6 +154,11 @@ class EarlyWriteback:
     (mm/fadvise.c calls ``filemap_fdatawrite_range``), so the disk works while we copy and the
     final fsync has little left to do; the written pages also leave the page cache instead
     of evicting the user's.
+
+    Submitting that writeback blocks for as long as the disk queue is full (milliseconds per
+    64 MiB), so it runs on a short-lived thread with its own duplicate of the descriptor
+    (closing the writer's ``fd`` cannot pull it away); while one is running, later ranges
+    wait and go with the next request. The writer keeps copying meanwhile.
     """
 
     STEP = 64 << 20
@@ -160,13 +166,30 @@ class EarlyWriteback:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.done = 0
+        self._running: threading.Thread | None = None
 
     def advance(self, position: int) -> None:
         if position - self.done < self.STEP or not hasattr(os, "posix_fadvise"):
             return
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(self.fd, self.done, position - self.done, os.POSIX_FADV_DONTNEED)
+        if self._running is not None and self._running.is_alive():
+            return  # this range goes with the next request
+        try:
+            fd = os.dup(self.fd)
+        except OSError:
+            return
+        start, length = self.done, position - self.done
+        self._running = threading.Thread(target=_drop_written, args=(fd, start, length), daemon=True,
+                                         name="ckptdoctor-writeback")
+        self._running.start()
         self.done = position
+
+
+def _drop_written(fd: int, start: int, length: int) -> None:
+    try:
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -185,8 +208,15 @@ class SourceFiles:
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
-        self.buffer = bytearray(CHUNK)
-        self.crc_buffer = bytearray(CHUNK)  # used by the CRC thread while the kernel copies
+        self._buffer: bytearray | None = None
+
+    @property
+    def buffer(self) -> bytearray:
+        """The read/write copy's chunk, made on first use: kernel copies never need it, and
+        a bytearray's pages are resident (zero-filled) from the start."""
+        if self._buffer is None:
+            self._buffer = bytearray(CHUNK)
+        return self._buffer
 
     def fd(self, path: str) -> int:
         if path not in self._fds:
@@ -225,41 +255,9 @@ def read_into(sources: SourceFiles, path: str, offset: int, view: memoryview) ->
         COUNTERS.read(got)
 
 
-def _check_source_length(sources: SourceFiles, path: str, offset: int, length: int) -> None:
+def check_source_length(sources: SourceFiles, path: str, offset: int, length: int) -> None:
     if offset < 0 or offset + length > os.fstat(sources.fd(path)).st_size:
         raise _truncated(path, offset, length)
-
-
-def _window_crc(fd: int, offset: int, length: int, crc: int) -> int:
-    """CRC-32 of one window read through a temporary mapping of just that window.
-
-    zlib.crc32 over a mapping runs about twice as fast as over a ``pread`` copy (no memcpy
-    out of the page cache). At most one CHUNK is mapped at a time and it is unmapped at once,
-    so the resident memory it adds stays bounded, unlike mapping the whole source.
-    """
-    delta = offset % mmap.ALLOCATIONGRANULARITY
-    mapping = mmap.mmap(fd, length + delta, offset=offset - delta, access=mmap.ACCESS_READ)
-    try:
-        with memoryview(mapping) as view, view[delta:] as window:
-            return zlib.crc32(window, crc)
-    finally:
-        mapping.close()
-
-
-def _crc_of(sources: SourceFiles, path: str, offset: int, length: int, buffer: bytearray) -> int:
-    """CRC-32 of ``length`` source bytes, window by window (read into ``buffer`` if mapping fails)."""
-    fd = sources.fd(path)
-    crc = 0
-    view = memoryview(buffer)
-    for done in range(0, length, CHUNK):
-        n = min(CHUNK, length - done)
-        try:
-            crc = _window_crc(fd, offset + done, n, crc)
-        except (OSError, ValueError):
-            chunk = view[:n]
-            read_into(sources, path, offset + done, chunk)
-            crc = zlib.crc32(chunk, crc)
-    return crc
 
 
 def copy_range(sources: SourceFiles, path: str, offset: int, length: int, out_fd: int, *,
@@ -268,8 +266,9 @@ def copy_range(sources: SourceFiles, path: str, offset: int, length: int, out_fd
     """Append ``length`` bytes from ``offset`` of ``path`` to ``out_fd``; return their CRC-32 (or 0).
 
     The kernel copies (``os.copy_file_range``: no user-space buffer, no GIL). A CRC, when asked
-    for, is computed on ``pool`` from the source bytes at the same time, so on two cores the
-    copy costs about as much as the CRC alone (``zlib.crc32`` releases the GIL). Without
+    for, is computed on ``pool`` from the source bytes at the same time, and this thread joins
+    in from the other end once its copy is done (:class:`~ckptdoctor.io.crc.SplitCrc`), so on
+    two cores copy and CRC cost about half their sum (``zlib.crc32`` releases the GIL). Without
     ``copy_file_range`` (or on a filesystem pair that refuses it) each chunk is read into the
     reused buffer, checksummed and written.
     """
@@ -277,18 +276,24 @@ def copy_range(sources: SourceFiles, path: str, offset: int, length: int, out_fd
 
     if is_url(path):
         return _remote_copy(path, offset, length, out_fd, with_crc=with_crc, progress=progress)
-    _check_source_length(sources, path, offset, length)
+    check_source_length(sources, path, offset, length)
     src_fd = sources.fd(path)
     if with_crc and pool is not None:
-        future = pool.submit(_crc_of, sources, path, offset, length, sources.crc_buffer)
+        split = SplitCrc(sources, path, offset, length)
+        future = pool.submit(split.run_front)
         try:
             copied = _kernel_copy(src_fd, offset, length, out_fd, progress)
         except BaseException:
-            future.cancel()
+            split.stop()
+            with contextlib.suppress(Exception):
+                future.result()  # at most the window it is on: then the sources may close
             raise
         if copied:
-            return future.result()
-        future.cancel()
+            split.run_back()  # the CRC is the slower half: help from the other end
+            future.result()
+            return split.value()
+        split.stop()
+        future.result()
     elif not with_crc and _kernel_copy(src_fd, offset, length, out_fd, progress):
         return 0
     crc = 0

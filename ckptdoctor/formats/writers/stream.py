@@ -114,7 +114,13 @@ def stream_item(sources: SourceFiles, item: Item, fd: int, *, with_crc: bool = F
 
 def write_safetensors_items(fd: int, items: Sequence[Item], metadata: Mapping[str, str], *,
                             progress: Progress | None = None) -> int:
-    """Write ``items`` as one safetensors file (the layout of :mod:`.safetensors`); return its size."""
+    """Write ``items`` as one safetensors file (the layout of :mod:`.safetensors`); return its size.
+
+    Every tensor's place is known from the header, so casts of contiguous tensors are written
+    by position on two threads (:mod:`.cast_pipeline`); the rest is streamed in order.
+    """
+    from ckptdoctor.formats.writers.cast_pipeline import cast_pieces, parallel_castable, write_cast_pieces  # noqa: PLC0415
+
     for item in items:
         check_tensor(item.key, item.tensor)
         if item.dtype not in TORCH_TO_SAFETENSORS:
@@ -124,8 +130,20 @@ def write_safetensors_items(fd: int, items: Sequence[Item], metadata: Mapping[st
     header = build_header(layout, metadata)
     write_all(fd, header)
     writeback = EarlyWriteback(fd)
+    base = len(header)
+    size = base + sum(item.nbytes for item in items)
     with SourceFiles() as sources:
-        for key, _record, _begin, end in sorted(layout, key=lambda entry: entry[2]):
-            stream_item(sources, by_key[key], fd, progress=progress)
-            writeback.advance(len(header) + end)
-    return len(header) + sum(item.nbytes for item in items)
+        pieces = []
+        for key, _record, begin, end in sorted(layout, key=lambda entry: entry[2]):
+            item = by_key[key]
+            if parallel_castable(item):
+                pieces += cast_pieces(item, base + begin)
+                continue
+            write_cast_pieces(sources, pieces, fd, writeback=writeback, progress=progress)
+            pieces = []
+            os.lseek(fd, base + begin, os.SEEK_SET)
+            stream_item(sources, item, fd, progress=progress)
+            writeback.advance(base + end)
+        write_cast_pieces(sources, pieces, fd, writeback=writeback, progress=progress)
+    os.lseek(fd, size, os.SEEK_SET)
+    return size
