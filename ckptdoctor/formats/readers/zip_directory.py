@@ -30,7 +30,8 @@ ZIP64_LOCATOR = struct.Struct("<4sLQL")
 ZIP64_LOCATOR_SIG = b"PK\x06\x07"
 ZIP64_END = struct.Struct("<4sQ2H2L4Q")
 ZIP64_END_SIG = b"PK\x06\x06"
-CENTRAL = struct.Struct("<4s4B4HL2L5H2L")
+# A central-directory entry, unpacking only what is used (versions, time, disk and attributes skipped).
+CENTRAL = struct.Struct("<4s4x2H4x3L3H8xL")
 CENTRAL_SIG = b"PK\x01\x02"
 LOCAL = struct.Struct("<4s2B4HL2L2H")
 LOCAL_SIG = b"PK\x03\x04"
@@ -150,8 +151,7 @@ class ZipDirectory:
         while at < size:
             if at + CENTRAL.size > size:
                 raise BadZip("Truncated central directory")
-            (sig, _made, _system, _needed, _reserved, flags, method, _time, _date, crc, csize, usize,
-             name_len, extra_len, comment_len, _disk, _internal, _external, offset) = unpack(data, at)
+            sig, flags, method, crc, csize, usize, name_len, extra_len, comment_len, offset = unpack(data, at)
             if sig != CENTRAL_SIG:
                 raise BadZip("Bad magic number for central directory")
             if len(members) >= max_members:
