@@ -18,18 +18,19 @@ from ckptdoctor.model.checkpoint import TensorInfo
 class _Trie:
     """A node of the key tree, split lazily.
 
-    ``pending`` holds the (rest of the key below this node, tensor) pairs not yet split into
-    children: a node is split only when the tree shows it. A numbered sibling folded into
-    another is never split, and its signature is read off ``pending`` directly (the rests *are*
-    the relative keys), so a 200,000-key MoE checkpoint splits a few thousand keys, not
-    200,000 keys into 1.5 million nodes.
+    ``pending`` holds the tensors below this node not yet split into children; the rest of each
+    one's key below this node starts at ``offset`` (the node's path and a dot). A node is split
+    only when the tree shows it: a numbered sibling folded into another is never split, and its
+    signature is read off ``pending`` directly, so a 200,000-key MoE checkpoint splits a few
+    thousand keys at depth, not 200,000 keys into 1.5 million nodes.
     """
 
-    __slots__ = ("_children", "pending", "tensor")
+    __slots__ = ("_children", "offset", "pending", "tensor")
 
-    def __init__(self) -> None:
+    def __init__(self, offset: int = 0) -> None:
         self._children: dict[str, _Trie] | None = None
-        self.pending: list[tuple[str, TensorInfo]] = []
+        self.offset = offset
+        self.pending: list[TensorInfo] = []
         self.tensor: TensorInfo | None = None
 
     @property
@@ -37,13 +38,16 @@ class _Trie:
         """The child nodes by name, in key order (split on first use)."""
         if self._children is None:
             children: dict[str, _Trie] = {}
-            for rest, info in self.pending:
-                head, dot, tail = rest.partition(".")
+            offset = self.offset
+            for info in self.pending:
+                key = info.key
+                dot = key.find(".", offset)
+                head = key[offset:dot] if dot >= 0 else key[offset:]
                 child = children.get(head)
                 if child is None:
-                    child = children[head] = _Trie()
-                if dot:
-                    child.pending.append((tail, info))
+                    child = children[head] = _Trie(offset + len(head) + 1)
+                if dot >= 0:
+                    child.pending.append(info)
                 elif child.tensor is None:  # the same key twice cannot come from a dict; keep the first
                     child.tensor = info
             self._children, self.pending = children, []
@@ -77,14 +81,16 @@ class TreeNode:
 
 def _signature(node: _Trie) -> tuple[tuple[str, tuple[int, ...], str], ...]:
     """(relative key, shape, dtype) of every tensor below ``node``: equal signatures fold."""
-    out = [(rest, info.tensor.shape, info.tensor.dtype) for rest, info in node.pending]
+    offset = node.offset
+    out = [(info.key[offset:], info.tensor.shape, info.tensor.dtype) for info in node.pending]
     if node.tensor is not None:
         out.append(("", node.tensor.shape, node.tensor.dtype))
     if node._children is not None:  # already split (not on the fold path): walk the split part
         stack: list[tuple[str, _Trie]] = [(name, sub) for name, sub in node._children.items()]
         while stack:
             path, current = stack.pop()
-            out.extend((f"{path}.{rest}", info.tensor.shape, info.tensor.dtype) for rest, info in current.pending)
+            out.extend((f"{path}.{info.key[current.offset:]}", info.tensor.shape, info.tensor.dtype)
+                       for info in current.pending)
             if current.tensor is not None:
                 out.append((path, current.tensor.shape, current.tensor.dtype))
             if current._children is not None:
@@ -144,5 +150,5 @@ def build_tree(tensors: tuple[TensorInfo, ...] | list[TensorInfo], *, fold: bool
     for info in tensors:
         if (pattern is None or fnmatch.fnmatchcase(info.key, pattern)) and info.key not in seen:
             seen.add(info.key)  # the same key twice cannot come from a dict; keep the first
-            root.pending.append((info.key, info))
+            root.pending.append(info)
     return _build("", "", root, fold)

@@ -148,6 +148,7 @@ class ZipDirectory:
     def _parse(data: bytes, concat: int, max_members: int) -> list[Member]:
         members: list[Member] = []
         at, size, unpack = 0, len(data), CENTRAL.unpack_from
+        make = tuple.__new__  # Member(...) without its Python-level __new__: one entry per storage
         while at < size:
             if at + CENTRAL.size > size:
                 raise BadZip("Truncated central directory")
@@ -164,8 +165,8 @@ class ZipDirectory:
                 usize, csize, offset = _zip64_extra(data[at:at + extra_len], usize, csize, offset)
             at += extra_len + comment_len
             cut = raw_name.find("\x00")
-            members.append(Member(raw_name if cut < 0 else raw_name[:cut], raw_name, offset + concat, method,
-                                  flags, crc, csize, usize))
+            members.append(make(Member, (raw_name if cut < 0 else raw_name[:cut], raw_name, offset + concat, method,
+                                         flags, crc, csize, usize)))
         return members
 
     def read(self, member: Member) -> bytes:
