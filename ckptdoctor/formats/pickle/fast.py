@@ -192,7 +192,13 @@ class _Loader(pickle.Unpickler):
         (a hostile ``keys`` attribute shadowing the method...) sends the load to the interpreter.
         Calls made meanwhile through such attributes could only reach stand-ins.
         """
+        referents = gc.get_referents
         for made in self.ordered:
+            # An empty OrderedDict (torch pickles one per tensor, its backward hooks) refers to
+            # nothing unless it has an instance dict: asking `made.__dict__` would create one
+            # (200,000 dicts); the collector's view of its references creates none.
+            if not made and not referents(made):
+                continue
             attributes = made.__dict__
             if attributes and (len(attributes) != 1 or attributes.get("_metadata") is None):
                 return False

@@ -10,7 +10,6 @@ to storages by persistent id ``('storage', StorageType, key, location, numel)``.
 from __future__ import annotations
 
 import bisect
-import itertools
 import struct
 from collections import Counter
 from typing import Any
@@ -74,7 +73,6 @@ class TorchZipArchive:
         # Where each member's record ends: the next record's start (members are contiguous).
         starts = sorted({m.header_offset for m in listed} | {self.zip.start_dir})
         self._starts = starts
-        self._next = dict(itertools.pairwise(starts))
         self._window_start = 0
         self._window = b""
         if self.storage.remote:
@@ -158,9 +156,10 @@ class TorchZipArchive:
         writer (miniz) writes a 16-byte descriptor, 24 bytes for members of 4 GiB or more. None when
         the layout does not fit (then the header is read).
         """
-        end = self._next.get(info.header_offset)
-        if end is None:
+        k = bisect.bisect_right(self._starts, info.header_offset)
+        if k == 0 or k >= len(self._starts) or self._starts[k - 1] != info.header_offset:
             return None
+        end = self._starts[k]
         descriptor = (24 if info.file_size >= 0xFFFFFFFF else 16) if info.flag_bits & 0x8 else 0
         start = end - descriptor - info.file_size
         header_end = info.header_offset + LOCAL_HEADER.size + len(info.raw_name.encode("utf-8"))
@@ -211,7 +210,7 @@ def read_torch_zip(path: str, entry: str | None = None) -> Checkpoint:
             device = _location(location)
             crc = record.crc if nbytes == length else None
             info = StorageInfo(id=key, dtype=storage_type.dtype, nbytes=nbytes, device=device,
-                               source=ByteRange(path, offset, nbytes), name=member, crc32=crc)
+                               source=ByteRange(path, offset, nbytes), name=record.name, crc32=crc)
             storages[key] = info
             return info
 
