@@ -214,10 +214,16 @@ class _Loader(pickle.Unpickler):
         def construct(args: tuple[Any, ...]) -> Any:
             return make_ordered(*args) if real is OrderedDict else real(*args)  # type: ignore[misc]
 
+        ordered = self.ordered
+
         class StandInMeta(_StandInType):
             def __call__(cls, *args: Any, **kwargs: Any) -> Any:  # REDUCE, OBJ with arguments
                 if kwargs:
                     raise _Fallback
+                if real is OrderedDict:  # once per tensor (its backward hooks): no further call
+                    made: OrderedDict[Any, Any] = OrderedDict(*args)
+                    ordered.append(made)  # its attributes are checked after the load (ordered_dicts_ok)
+                    return made
                 if real is not None:
                     return construct(args)
                 if recorded and args:
