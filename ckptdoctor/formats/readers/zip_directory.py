@@ -91,7 +91,9 @@ def _zip64_end(file: RangeFile, location: int, fields: list[int]) -> bool:
     if disk != 0 or disks > 1:
         raise BadZip("zipfiles that span multiple disks are not supported")
     at -= ZIP64_END.size
-    record = file.read_at(at, ZIP64_END.size) if at >= 0 else b""
+    if at < 0:  # zipfile's seek before the start fails here: not a zip
+        raise BadZip("File is not a zip file")
+    record = file.read_at(at, ZIP64_END.size)
     if len(record) != ZIP64_END.size:
         return False
     sig, _sz, _made, _needed, disk_num, dir_disk, here, total, dir_size, dir_offset = ZIP64_END.unpack(record)
