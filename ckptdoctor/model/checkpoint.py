@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, cast
 
 # Element sizes in bits for every dtype torch knows, by torch's name without the `torch.` prefix.
@@ -55,7 +55,7 @@ class ByteRange:
     deferred: ClassVar[bool] = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class StorageInfo:
     """One storage (a flat buffer several tensors may view).
 
@@ -71,6 +71,17 @@ class StorageInfo:
     name: str = ""  # the name the format gives it (zip record key, safetensors tensor name...)
     crc32: int | None = None  # the archive's CRC-32 of exactly these bytes, when the format records one
 
+    def __init__(self, id: str, dtype: str, nbytes: int, device: str = "cpu",
+                 source: ByteRange | None = None, name: str = "", crc32: int | None = None) -> None:
+        # Slots set directly: the generated frozen __init__ costs twice as much (see _slot_setters).
+        _s_id(self, id)
+        _s_dtype(self, dtype)
+        _s_nbytes(self, nbytes)
+        _s_device(self, device)
+        _s_source(self, source)
+        _s_name(self, name)
+        _s_crc32(self, crc32)
+
     # Like TensorRecord: a pickle's BUILD must never rewrite it.
     def __setstate__(self, state: Any) -> None:
         raise TypeError("a StorageInfo takes no pickled state")
@@ -79,7 +90,7 @@ class StorageInfo:
         return (StorageInfo, (self.id, self.dtype, self.nbytes, self.device, self.source, self.name, self.crc32))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class TensorRecord:
     """A tensor as metadata: everything ``torch.load`` would know about it except the values.
 
@@ -94,6 +105,18 @@ class TensorRecord:
     is_parameter: bool = False
     requires_grad: bool = False
     layout: str = "strided"  # "strided", "sparse_coo", "quantized", "meta", "nested", ...
+
+    def __init__(self, dtype: str, shape: tuple[int, ...], stride: tuple[int, ...], storage_offset: int = 0,
+                 storage: StorageInfo | None = None, is_parameter: bool = False, requires_grad: bool = False,
+                 layout: str = "strided") -> None:
+        _r_dtype(self, dtype)
+        _r_shape(self, shape)
+        _r_stride(self, stride)
+        _r_storage_offset(self, storage_offset)
+        _r_storage(self, storage)
+        _r_is_parameter(self, is_parameter)
+        _r_requires_grad(self, requires_grad)
+        _r_layout(self, layout)
 
     @property
     def numel(self) -> int:
@@ -135,12 +158,16 @@ class TensorRecord:
         return (self.storage_offset * size, (last + 1) * size)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class TensorInfo:
     """A state-dict entry: its key plus the tensor record."""
 
     key: str
     tensor: TensorRecord
+
+    def __init__(self, key: str, tensor: TensorRecord) -> None:
+        _i_key(self, key)
+        _i_tensor(self, tensor)
 
     # Convenience views so engines can treat TensorInfo like the record.
     @property
@@ -162,6 +189,22 @@ class TensorInfo:
     @property
     def storage_id(self) -> str | None:
         return self.tensor.storage.id if self.tensor.storage else None
+
+
+def _slot_setters(cls: type) -> tuple[Any, ...]:
+    """The slot descriptors' setters of a frozen slotted dataclass, in field order.
+
+    A reader makes three records per tensor (200,000 tensors: 600,000 records). The ``__init__``
+    dataclasses generate for frozen classes goes through ``object.__setattr__`` by name for every
+    field, twice the cost of these setters; the records stay frozen (assignment still raises).
+    """
+    return tuple(cls.__dict__[f.name].__set__ for f in fields(cls))
+
+
+(_s_id, _s_dtype, _s_nbytes, _s_device, _s_source, _s_name, _s_crc32) = _slot_setters(StorageInfo)
+(_r_dtype, _r_shape, _r_stride, _r_storage_offset, _r_storage, _r_is_parameter, _r_requires_grad,
+ _r_layout) = _slot_setters(TensorRecord)
+(_i_key, _i_tensor) = _slot_setters(TensorInfo)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ the same for every format.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -128,8 +129,15 @@ def tensor_entries(node: Any) -> list[tuple[str, TensorRecord]] | None:
         node = node.items
     if not isinstance(node, Mapping) or not node:
         return None
-    tensors = [(k, v) for k, v in node.items() if isinstance(k, str) and isinstance(v, TensorRecord)]
-    tensorish = sum(1 for v in node.values() if _tensor_like(v))
+    tensors: list[tuple[str, TensorRecord]] = []
+    tensorish = 0
+    for k, v in node.items():  # one pass: 200,000 entries in a large MoE state dict
+        if isinstance(v, TensorRecord):
+            tensorish += 1
+            if isinstance(k, str):
+                tensors.append((k, v))
+        elif _tensor_like(v):
+            tensorish += 1
     if not tensorish or tensorish * 2 < len(node):
         return None
     return tensors
@@ -207,7 +215,7 @@ def resolve_entry(root: Any, entry: str) -> tuple[tuple[str, ...], list[tuple[st
 def check_tensor(key: str, tensor: TensorRecord, path: str) -> None:
     """Refuse a view that reaches beyond its storage (a corrupt or hostile file)."""
     storage = tensor.storage
-    if storage is None or tensor.numel == 0:
+    if storage is None or 0 in tensor.shape:  # no storage, or no element: nothing to read
         return
     start, end = tensor.byte_span()
     if end > storage.nbytes or start < 0:
@@ -224,10 +232,9 @@ def build_checkpoint(path: str, fmt: str, file_size: int, root: Any, *, entry: s
     except EntryNotFound as exc:
         exc.path = path
         raise
-    tensors = []
     for key, tensor in entries:
         check_tensor(key, tensor, path)
-        tensors.append(TensorInfo(key, tensor))
+    tensors = list(itertools.starmap(TensorInfo, entries))
     notes_out = list(notes)
     target = node_at(root, sd_path)
     extra_keys: tuple[str, ...] = ()

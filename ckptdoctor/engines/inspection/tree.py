@@ -10,15 +10,51 @@ relative keys, shapes and dtypes, so a block that differs is always shown on its
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ckptdoctor.model.checkpoint import TensorInfo
 
 
-@dataclass(slots=True)
 class _Trie:
-    children: dict[str, _Trie] = field(default_factory=dict)
-    tensor: TensorInfo | None = None
+    """A node of the key tree, split lazily.
+
+    ``pending`` holds the tensors below this node not yet split into children; the rest of each
+    one's key below this node starts at ``offset`` (the node's path and a dot). A node is split
+    only when the tree shows it: a numbered sibling folded into another is never split, and its
+    signature is read off ``pending`` directly, so a 200,000-key MoE checkpoint splits a few
+    thousand keys at depth, not 200,000 keys into 1.5 million nodes.
+    """
+
+    __slots__ = ("_children", "offset", "pending", "tensor")
+
+    def __init__(self, offset: int = 0) -> None:
+        self._children: dict[str, _Trie] | None = None
+        self.offset = offset
+        self.pending: list[TensorInfo] = []
+        self.tensor: TensorInfo | None = None
+
+    @property
+    def children(self) -> dict[str, _Trie]:
+        """The child nodes by name, in key order (split on first use)."""
+        if self._children is None:
+            children: dict[str, _Trie] = {}
+            offset = self.offset
+            for info in self.pending:
+                key = info.key
+                dot = key.find(".", offset)
+                head = key[offset:dot] if dot >= 0 else key[offset:]
+                child = children.get(head)
+                if child is None:
+                    child = children[head] = _Trie(offset + len(head) + 1)
+                if dot >= 0:
+                    child.pending.append(info)
+                elif child.tensor is None:  # the same key twice cannot come from a dict; keep the first
+                    child.tensor = info
+            self._children, self.pending = children, []
+        return self._children
+
+    def has_children(self) -> bool:
+        return bool(self._children) if self._children is not None else bool(self.pending)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,28 +79,22 @@ class TreeNode:
         return len(self.indices) if self.indices else 1
 
 
-def _insert(root: _Trie, info: TensorInfo) -> None:
-    node = root
-    for part in info.key.split("."):
-        child = node.children.get(part)
-        if child is None:  # not setdefault: that would build a _Trie per key part (1.8M for 200k keys)
-            child = node.children[part] = _Trie()
-        node = child
-    if node.tensor is not None:  # the same key twice cannot come from a dict; keep the first
-        return
-    node.tensor = info
-
-
-def _signature(node: _Trie, prefix: str = "") -> tuple[tuple[str, tuple[int, ...], str], ...]:
+def _signature(node: _Trie) -> tuple[tuple[str, tuple[int, ...], str], ...]:
     """(relative key, shape, dtype) of every tensor below ``node``: equal signatures fold."""
-    out: list[tuple[str, tuple[int, ...], str]] = []
-    stack: list[tuple[str, _Trie]] = [(prefix, node)]
-    while stack:
-        path, current = stack.pop()
-        if current.tensor is not None:
-            out.append((path, current.tensor.shape, current.tensor.dtype))
-        for name, sub in current.children.items():
-            stack.append((f"{path}.{name}" if path else name, sub))
+    offset = node.offset
+    out = [(info.key[offset:], info.tensor.shape, info.tensor.dtype) for info in node.pending]
+    if node.tensor is not None:
+        out.append(("", node.tensor.shape, node.tensor.dtype))
+    if node._children is not None:  # already split (not on the fold path): walk the split part
+        stack: list[tuple[str, _Trie]] = [(name, sub) for name, sub in node._children.items()]
+        while stack:
+            path, current = stack.pop()
+            out.extend((f"{path}.{info.key[current.offset:]}", info.tensor.shape, info.tensor.dtype)
+                       for info in current.pending)
+            if current.tensor is not None:
+                out.append((path, current.tensor.shape, current.tensor.dtype))
+            if current._children is not None:
+                stack.extend((f"{path}.{name}", sub) for name, sub in current._children.items())
     return tuple(sorted(out))
 
 
@@ -86,7 +116,7 @@ def _build(name: str, path: str, node: _Trie, fold: bool) -> TreeNode:
     groups: list[tuple[str, list[tuple[str, _Trie]]]] = []
     by_signature: dict[tuple[object, ...], int] = {}
     for child_name, child in node.children.items():
-        if fold and child_name.isdigit() and child.children:
+        if fold and child_name.isdigit() and child.has_children():
             signature = _signature(child)
             if signature in by_signature:
                 groups[by_signature[signature]][1].append((child_name, child))
@@ -116,7 +146,9 @@ def build_tree(tensors: tuple[TensorInfo, ...] | list[TensorInfo], *, fold: bool
                pattern: str | None = None) -> TreeNode:
     """The key tree of ``tensors`` (optionally only keys matching the glob ``pattern``)."""
     root = _Trie()
+    seen: set[str] = set()
     for info in tensors:
-        if pattern is None or fnmatch.fnmatchcase(info.key, pattern):
-            _insert(root, info)
+        if (pattern is None or fnmatch.fnmatchcase(info.key, pattern)) and info.key not in seen:
+            seen.add(info.key)  # the same key twice cannot come from a dict; keep the first
+            root.pending.append(info)
     return _build("", "", root, fold)

@@ -192,7 +192,13 @@ class _Loader(pickle.Unpickler):
         (a hostile ``keys`` attribute shadowing the method...) sends the load to the interpreter.
         Calls made meanwhile through such attributes could only reach stand-ins.
         """
+        referents = gc.get_referents
         for made in self.ordered:
+            # An empty OrderedDict (torch pickles one per tensor, its backward hooks) refers to
+            # nothing unless it has an instance dict: asking `made.__dict__` would create one
+            # (200,000 dicts); the collector's view of its references creates none.
+            if not made and not referents(made):
+                continue
             attributes = made.__dict__
             if attributes and (len(attributes) != 1 or attributes.get("_metadata") is None):
                 return False
@@ -208,10 +214,16 @@ class _Loader(pickle.Unpickler):
         def construct(args: tuple[Any, ...]) -> Any:
             return make_ordered(*args) if real is OrderedDict else real(*args)  # type: ignore[misc]
 
+        ordered = self.ordered
+
         class StandInMeta(_StandInType):
             def __call__(cls, *args: Any, **kwargs: Any) -> Any:  # REDUCE, OBJ with arguments
                 if kwargs:
                     raise _Fallback
+                if real is OrderedDict:  # once per tensor (its backward hooks): no further call
+                    made: OrderedDict[Any, Any] = OrderedDict(*args)
+                    ordered.append(made)  # its attributes are checked after the load (ordered_dicts_ok)
+                    return made
                 if real is not None:
                     return construct(args)
                 if recorded and args:

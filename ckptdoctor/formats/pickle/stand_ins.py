@@ -116,15 +116,17 @@ def _storage_parts(storage: Any) -> tuple[Any, str]:
 
 def _make_tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None = None,
                  requires_grad: Any = False) -> TensorRecord:
-    info, storage_dtype = _storage_parts(storage)
+    if type(storage) is StorageInfo:  # the common case, without a call: once per tensor
+        info, storage_dtype = storage, storage.dtype
+    else:
+        info, storage_dtype = _storage_parts(storage)
     if type(offset) is not int or offset < 0:
         raise CorruptCheckpoint(f"tensor storage offset is invalid: {offset!r:.40}")
     shape = _check_dims(size, "shape")
     strides = _check_dims(stride, "stride")
     if len(shape) != len(strides):
         raise CorruptCheckpoint(f"tensor shape {shape} and stride {strides} differ in length")
-    return TensorRecord(dtype=dtype or storage_dtype, shape=shape, stride=strides, storage_offset=offset,
-                        storage=info, requires_grad=bool(requires_grad))
+    return TensorRecord(dtype or storage_dtype, shape, strides, offset, info, False, bool(requires_grad))
 
 
 def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -9,9 +9,8 @@ to storages by persistent id ``('storage', StorageType, key, location, numel)``.
 
 from __future__ import annotations
 
+import bisect
 import struct
-import threading
-import zipfile
 from collections import Counter
 from typing import Any
 
@@ -19,6 +18,14 @@ from ckptdoctor.errors import CorruptCheckpoint, LimitExceeded, UnsafeContent, U
 from ckptdoctor.formats.magic import ZIP_LOCAL_HEADER
 from ckptdoctor.formats.pickle.stand_ins import StorageType
 from ckptdoctor.formats.pickle.unpickler import load_pickle
+from ckptdoctor.formats.readers.zip_directory import (
+    FLAG_ENCRYPTED,
+    STORED,
+    BadZip,
+    Member,
+    TooManyMembers,
+    ZipDirectory,
+)
 from ckptdoctor.formats.registry import FileFormat, Head
 from ckptdoctor.io.rangefile import RangeFile
 from ckptdoctor.io.storage import storage_for
@@ -29,6 +36,7 @@ from ckptdoctor.model.locate import build_checkpoint
 MAX_PICKLE_MEMBER = MAX_PICKLE_BYTES
 LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 SUFFIX_GUESS = 48 << 10  # remote: the end records and (usually) the whole central directory in one range
+HEADER_WINDOW = 256 << 10  # local headers read together: a range spans the records starting this close
 
 
 class TorchZipArchive:
@@ -42,17 +50,17 @@ class TorchZipArchive:
         if self.storage.remote:
             self.file.prefetch(self.file_size - SUFFIX_GUESS, SUFFIX_GUESS)
         try:
-            self.zip = _open_zip(self.file)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
+            self.zip = ZipDirectory(self.file, MAX_MEMBERS)
+        except TooManyMembers as exc:
+            raise LimitExceeded(str(exc), path=path) from None
+        except (BadZip, UnicodeDecodeError, OSError) as exc:
             raise CorruptCheckpoint(f"not a readable zip archive ({exc})", path=path) from None
-        infos = self.zip.infolist()
-        if len(infos) > MAX_MEMBERS:
-            raise LimitExceeded(f"archive lists {len(infos)} members", path=path)
-        dupes = [name for name, n in Counter(i.filename for i in infos).items() if n > 1]
-        if dupes:
+        listed = self.zip.members
+        self.members = {m.name: m for m in listed}
+        if len(self.members) != len(listed):
+            dupes = [name for name, n in Counter(m.name for m in listed).items() if n > 1]
             raise UnsafeContent(f"the archive holds member {dupes[0]!r} more than once, so readers disagree on "
                                 "its contents", path=path)
-        self.members = {i.filename: i for i in infos}
         pickles = [n for n in self.members if n.endswith("/data.pkl") or n == "data.pkl"]
         if not pickles:
             if any(n.endswith(("archive_format", "serialized_exported_program.json")) or "/models/" in n
@@ -63,18 +71,19 @@ class TorchZipArchive:
         self.pickle_name = min(pickles, key=len)
         self.prefix = self.pickle_name[: -len("data.pkl")]
         # Where each member's record ends: the next record's start (members are contiguous).
-        starts = sorted({i.header_offset for i in infos} | {self.zip.start_dir})
-        self._next = {s: starts[k + 1] for k, s in enumerate(starts[:-1])}
+        starts = sorted({m.header_offset for m in listed} | {self.zip.start_dir})
+        self._starts = starts
+        self._window_start = 0
+        self._window = b""
         if self.storage.remote:
             # data.pkl and the small members torch writes beside it (byteorder, versions) in one range:
             # from data.pkl's record up to the first storage's (or the central directory).
             first = self.members[self.pickle_name].header_offset
-            storages = [i.header_offset for n, i in self.members.items()
-                        if n.startswith(self.prefix + "data/") and i.header_offset > first]
+            storages = [m.header_offset for n, m in self.members.items()
+                        if n.startswith(self.prefix + "data/") and m.header_offset > first]
             self.file.prefetch(first, min([*storages, self.zip.start_dir]) - first)
 
     def close(self) -> None:
-        self.zip.close()
         self.file.close()
 
     def has(self, name: str) -> bool:
@@ -82,30 +91,39 @@ class TorchZipArchive:
 
     def read_member(self, name: str, limit: int = MAX_PICKLE_MEMBER) -> bytes:
         info = self.members[self.prefix + name]
-        if info.file_size > limit:
-            raise LimitExceeded(f"member {info.filename} declares {info.file_size} bytes", path=self.path)
-        if info.flag_bits & 0x1:
-            raise CorruptCheckpoint(f"member {info.filename} is flagged as encrypted; torch.save never encrypts",
+        if info.file_size > limit or info.compress_size > limit:
+            raise LimitExceeded(f"member {info.name} declares {max(info.file_size, info.compress_size)} bytes",
+                                path=self.path)
+        if info.flag_bits & FLAG_ENCRYPTED:
+            raise CorruptCheckpoint(f"member {info.name} is flagged as encrypted; torch.save never encrypts",
                                     path=self.path, hint="Run `ckptdoctor scan PATH` to see the archive's anomalies.")
         try:
             return self.zip.read(info)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
-            raise CorruptCheckpoint(f"member {info.filename} cannot be read ({exc})", path=self.path) from None
+        except (BadZip, UnicodeDecodeError, OSError) as exc:
+            raise CorruptCheckpoint(f"member {info.name} cannot be read ({exc})", path=self.path) from None
 
     def data_offset(self, name: str) -> tuple[int, int]:
         """(offset of the first data byte, stored length) of an uncompressed member."""
-        info = self.members[name]
-        if info.compress_type != zipfile.ZIP_STORED:
+        return self.stored_range(self.members[name])
+
+    def stored_range(self, info: Member) -> tuple[int, int]:
+        """:meth:`data_offset` of a member already looked up."""
+        name = info.name
+        if info.compress_type != STORED:
             raise UnsupportedFormat(f"member {name} is compressed; torch.save writes storages uncompressed",
                                     path=self.path)
         if self.storage.remote:
             inferred = self._inferred_start(info)
             if inferred is not None:
                 return inferred, info.file_size
-        header = self.file.read_at(info.header_offset, LOCAL_HEADER.size)
-        if len(header) != LOCAL_HEADER.size or header[:4] != ZIP_LOCAL_HEADER:
+        at = info.header_offset - self._window_start
+        if not 0 <= at <= len(self._window) - LOCAL_HEADER.size:
+            self._read_window(info.header_offset)
+            at = info.header_offset - self._window_start
+        window = self._window
+        if len(window) - at < LOCAL_HEADER.size or window[at:at + 4] != ZIP_LOCAL_HEADER:
             raise CorruptCheckpoint(f"member {name} has no valid local header", path=self.path)
-        fields = LOCAL_HEADER.unpack(header)
+        fields = LOCAL_HEADER.unpack_from(window, at)
         name_len, extra_len = fields[9], fields[10]
         start = info.header_offset + LOCAL_HEADER.size + name_len + extra_len
         if start + info.file_size > self.file_size:
@@ -113,7 +131,24 @@ class TorchZipArchive:
         return start, info.file_size
 
 
-    def _inferred_start(self, info: zipfile.ZipInfo) -> int | None:
+    def _read_window(self, offset: int) -> None:
+        """Read the local headers of the records from ``offset`` on in one range.
+
+        A 200,000-tensor archive would otherwise cost 200,000 reads of 30 bytes. The range ends
+        with the header of the last record starting within :data:`HEADER_WINDOW` bytes, so an
+        archive of large storages still reads only its headers (never the tensor bytes between).
+        Only a forward move opens a wide range (an archive whose records are named out of order
+        gets one 30-byte read per header), so the ranges never overlap and never add up to more
+        than the file.
+        """
+        last = offset
+        if offset >= self._window_start + len(self._window):
+            k = bisect.bisect_right(self._starts, offset + HEADER_WINDOW) - 1
+            last = max(offset, self._starts[k]) if k >= 0 else offset
+        self._window_start = offset
+        self._window = self.file.read_at(offset, last - offset + LOCAL_HEADER.size)
+
+    def _inferred_start(self, info: Member) -> int | None:
         """A stored member's data offset from the layout alone, without fetching its local header.
 
         A record is local header + data + (flag bit 3) a data descriptor, and the next record starts
@@ -121,34 +156,16 @@ class TorchZipArchive:
         writer (miniz) writes a 16-byte descriptor, 24 bytes for members of 4 GiB or more. None when
         the layout does not fit (then the header is read).
         """
-        end = self._next.get(info.header_offset)
-        if end is None:
+        k = bisect.bisect_right(self._starts, info.header_offset)
+        if k == 0 or k >= len(self._starts) or self._starts[k - 1] != info.header_offset:
             return None
+        end = self._starts[k]
         descriptor = (24 if info.file_size >= 0xFFFFFFFF else 16) if info.flag_bits & 0x8 else 0
         start = end - descriptor - info.file_size
-        header_end = info.header_offset + LOCAL_HEADER.size + len(info.orig_filename.encode("utf-8"))
+        header_end = info.header_offset + LOCAL_HEADER.size + len(info.raw_name.encode("utf-8"))
         if not header_end <= start <= header_end + 0xFFFF or start + info.file_size > self.file_size:
             return None
         return start
-
-
-_ZIP_VERSION_LOCK = threading.Lock()
-
-
-def _open_zip(path: Any) -> zipfile.ZipFile:
-    """Open the archive as torch does: ignoring the "version needed to extract" field.
-
-    torch's reader (miniz, caffe2/serialize/inline_container.cc) never checks it, so a file
-    claiming version 12.7 loads with torch.load; Python's zipfile refuses anything above 6.3.
-    The field says nothing about stored members, so it is lifted while the directory is read.
-    """
-    with _ZIP_VERSION_LOCK:
-        saved = getattr(zipfile, "MAX_EXTRACT_VERSION", 63)
-        setattr(zipfile, "MAX_EXTRACT_VERSION", 0xFFFF)  # noqa: B010 - the name is not in typeshed
-        try:
-            return zipfile.ZipFile(path)
-        finally:
-            setattr(zipfile, "MAX_EXTRACT_VERSION", saved)  # noqa: B010
 
 
 _LOCATIONS: dict[str, str] = {}
@@ -170,26 +187,30 @@ def read_torch_zip(path: str, entry: str | None = None) -> Checkpoint:
     archive = TorchZipArchive(path)
     try:
         storages: dict[str, StorageInfo] = {}
+        members, data_prefix = archive.members, archive.prefix + "data/"
 
         def persistent_load(pid: Any) -> StorageInfo:
+            # Called once per tensor (200,000 times for a large MoE file): one lookup per fact.
             if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage":
                 raise CorruptCheckpoint(f"unexpected persistent id {pid!r:.80}", path=path)
             _, storage_type, key, location, numel = pid
             if not isinstance(storage_type, StorageType) or not isinstance(key, str) or type(numel) is not int:
                 raise CorruptCheckpoint(f"malformed storage reference {pid!r:.80}", path=path)
-            if key in storages:
-                return storages[key]
-            member = f"{archive.prefix}data/{key}"
-            if member not in archive.members:
+            known = storages.get(key)
+            if known is not None:
+                return known
+            member = data_prefix + key
+            record = members.get(member)
+            if record is None:
                 raise CorruptCheckpoint(f"the pickle refers to storage {key!r}, which the archive lacks", path=path)
-            offset, length = archive.data_offset(member)
+            offset, length = archive.stored_range(record)
             nbytes = numel * itemsize(storage_type.dtype)
             if numel < 0 or nbytes > length:
                 raise CorruptCheckpoint(f"storage {key!r} declares {nbytes} bytes but holds {length}", path=path)
             device = _location(location)
-            crc = archive.members[member].CRC if nbytes == length else None
+            crc = record.crc if nbytes == length else None
             info = StorageInfo(id=key, dtype=storage_type.dtype, nbytes=nbytes, device=device,
-                               source=ByteRange(path, offset, nbytes), name=member, crc32=crc)
+                               source=ByteRange(path, offset, nbytes), name=record.name, crc32=crc)
             storages[key] = info
             return info
 

@@ -1,0 +1,211 @@
+"""A lean reader of a zip's central directory and of single members, for torch.save archives.
+
+Why not ``zipfile``: it builds a ``ZipInfo`` object per member (date, attributes, extra...), a
+second or more for the 200,000 storages of a large mixture-of-experts checkpoint, of which the
+torch reader needs five numbers. This module keeps exactly those, as tuples, and reads like
+``zipfile`` in every respect a torch.save file can exercise (so results and errors do not
+change): the end record is found the same way (at the end, else searched in the last 64 KiB),
+zip64 end records and extra fields are honoured, archives appended to other bytes (``cat``)
+are shifted by the same ``concat`` amount, the "version needed to extract" field is ignored as
+torch's miniz ignores it (zipfile refuses above 6.3), names are decoded as UTF-8 or cp437 by flag bit 11
+and cut at a NUL, and a member read checks the local header's magic and name and the CRC-32.
+
+Bounded and hostile-safe: every offset and size is checked against the file before it is used,
+the directory is read in one range no larger than the file, and every failure raises
+:class:`BadZip` with a plain message (the reader turns it into a ``CorruptCheckpoint``).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import NamedTuple
+
+from ckptdoctor.io.rangefile import RangeFile
+
+STORED, DEFLATED = 0, 8
+END_RECORD = struct.Struct("<4s4H2LH")  # signature, disk, disk of dir, entries here, entries, size, offset, comment
+END_SIG = b"PK\x05\x06"
+ZIP64_LOCATOR = struct.Struct("<4sLQL")
+ZIP64_LOCATOR_SIG = b"PK\x06\x07"
+ZIP64_END = struct.Struct("<4sQ2H2L4Q")
+ZIP64_END_SIG = b"PK\x06\x06"
+# A central-directory entry, unpacking only what is used (versions, time, disk and attributes skipped).
+CENTRAL = struct.Struct("<4s4x2H4x3L3H8xL")
+CENTRAL_SIG = b"PK\x01\x02"
+LOCAL = struct.Struct("<4s2B4HL2L2H")
+LOCAL_SIG = b"PK\x03\x04"
+MAX_COMMENT = 0xFFFF
+FLAG_ENCRYPTED, FLAG_UTF8 = 0x1, 0x800
+FLAG_UNSUPPORTED = 0x20 | 0x40  # compressed patched data, strong encryption (zipfile refuses both)
+
+
+class BadZip(Exception):
+    """The archive's structure is broken; the message says where."""
+
+
+class TooManyMembers(BadZip):
+    """The directory lists more members than the reader accepts."""
+
+
+class Member(NamedTuple):
+    """What a reader needs of one central-directory entry (offsets already shifted by ``concat``)."""
+
+    name: str  # as zipfile names it: cut at the first NUL
+    raw_name: str  # as stored, compared with the local header's name
+    header_offset: int
+    compress_type: int
+    flag_bits: int
+    crc: int
+    compress_size: int
+    file_size: int
+
+
+def _end_record(file: RangeFile) -> tuple[list[int], int, bool]:
+    """(disk, dir disk, entries here, entries, dir size, dir offset), where the end record starts, zip64."""
+    size = file.size
+    last = file.read_at(max(0, size - END_RECORD.size), END_RECORD.size)
+    if len(last) == END_RECORD.size and last[:4] == END_SIG and last[-2:] == b"\x00\x00":
+        tail, where = last, 0  # no comment: the common case, one small read
+    else:  # a comment follows: search the last 64 KiB for the signature
+        tail = file.read_at(max(0, size - END_RECORD.size - MAX_COMMENT), END_RECORD.size + MAX_COMMENT)
+        where = tail.rfind(END_SIG)
+        if where < 0 or len(tail) - where < END_RECORD.size:
+            raise BadZip("File is not a zip file")
+    fields = list(END_RECORD.unpack_from(tail, where)[1:7])
+    location = size - len(tail) + where
+    return fields, location, _zip64_end(file, location, fields)
+
+
+def _zip64_end(file: RangeFile, location: int, fields: list[int]) -> bool:
+    """Replace ``fields`` by the zip64 end record's when a locator precedes the end record."""
+    at = location - ZIP64_LOCATOR.size
+    if at < 0:
+        return False
+    locator = file.read_at(at, ZIP64_LOCATOR.size)
+    if len(locator) != ZIP64_LOCATOR.size:
+        return False
+    sig, disk, _offset, disks = ZIP64_LOCATOR.unpack(locator)
+    if sig != ZIP64_LOCATOR_SIG:
+        return False
+    if disk != 0 or disks > 1:
+        raise BadZip("zipfiles that span multiple disks are not supported")
+    at -= ZIP64_END.size
+    if at < 0:  # zipfile's seek before the start fails here: not a zip
+        raise BadZip("File is not a zip file")
+    record = file.read_at(at, ZIP64_END.size)
+    if len(record) != ZIP64_END.size:
+        return False
+    sig, _sz, _made, _needed, disk_num, dir_disk, here, total, dir_size, dir_offset = ZIP64_END.unpack(record)
+    if sig != ZIP64_END_SIG:
+        return False
+    fields[:] = [disk_num, dir_disk, here, total, dir_size, dir_offset]
+    return True
+
+
+def _zip64_extra(extra: bytes, file_size: int, compress_size: int, header_offset: int) -> tuple[int, int, int]:
+    """The sizes and offset an extra field's zip64 record (id 1) replaces (as ``ZipInfo._decodeExtra``)."""
+    while len(extra) >= 4:
+        kind, length = struct.unpack_from("<HH", extra)
+        if length + 4 > len(extra):
+            raise BadZip(f"Corrupt extra field {kind:04x} (size={length})")
+        if kind == 1:
+            data = extra[4:length + 4]
+            field = "File size"
+            try:
+                if file_size in (0xFFFF_FFFF_FFFF_FFFF, 0xFFFF_FFFF):
+                    (file_size,), data = struct.unpack("<Q", data[:8]), data[8:]
+                field = "Compress size"
+                if compress_size == 0xFFFF_FFFF:
+                    (compress_size,), data = struct.unpack("<Q", data[:8]), data[8:]
+                field = "Header offset"
+                if header_offset == 0xFFFF_FFFF:
+                    (header_offset,) = struct.unpack("<Q", data[:8])
+            except struct.error:
+                raise BadZip(f"Corrupt zip64 extra field. {field} not found.") from None
+        extra = extra[length + 4:]
+    return file_size, compress_size, header_offset
+
+
+class ZipDirectory:
+    """The members of an archive and where its central directory starts."""
+
+    def __init__(self, file: RangeFile, max_members: int) -> None:
+        self.file = file
+        fields, location, zip64 = _end_record(file)
+        dir_size, dir_offset = fields[4], fields[5]
+        # Bytes before the archive proper (a zip appended to other data): zipfile's `concat`.
+        concat = location - dir_size - dir_offset
+        if zip64:
+            concat -= ZIP64_END.size + ZIP64_LOCATOR.size
+        self.start_dir = dir_offset + concat
+        if self.start_dir < 0:
+            raise BadZip("Bad offset for central directory")
+        if self.start_dir + dir_size > file.size:
+            raise BadZip("Truncated central directory")
+        self.concat = concat
+        self.members = self._parse(file.read_at(self.start_dir, dir_size), concat, max_members)
+
+    @staticmethod
+    def _parse(data: bytes, concat: int, max_members: int) -> list[Member]:
+        members: list[Member] = []
+        at, size, unpack = 0, len(data), CENTRAL.unpack_from
+        make = tuple.__new__  # Member(...) without its Python-level __new__: one entry per storage
+        while at < size:
+            if at + CENTRAL.size > size:
+                raise BadZip("Truncated central directory")
+            sig, flags, method, crc, csize, usize, name_len, extra_len, comment_len, offset = unpack(data, at)
+            if sig != CENTRAL_SIG:
+                raise BadZip("Bad magic number for central directory")
+            if len(members) >= max_members:
+                raise TooManyMembers(f"archive lists more than {max_members} members")
+            at += CENTRAL.size
+            raw = data[at:at + name_len]
+            raw_name = raw.decode("utf-8") if flags & FLAG_UTF8 else raw.decode("cp437")
+            at += name_len
+            if extra_len:
+                usize, csize, offset = _zip64_extra(data[at:at + extra_len], usize, csize, offset)
+            at += extra_len + comment_len
+            cut = raw_name.find("\x00")
+            members.append(make(Member, (raw_name if cut < 0 else raw_name[:cut], raw_name, offset + concat, method,
+                                         flags, crc, csize, usize)))
+        return members
+
+    def read(self, member: Member) -> bytes:
+        """The member's bytes, checked as ``zipfile`` checks them (local header, name, CRC-32)."""
+        if member.flag_bits & FLAG_UNSUPPORTED:
+            raise BadZip("compressed patched data or strong encryption (flag bit 5 or 6)")
+        if member.compress_type not in (STORED, DEFLATED):
+            raise BadZip("That compression method is not supported")
+        start = self.data_start(member)
+        if start + member.compress_size > self.file.size:
+            raise BadZip(f"member {member.raw_name!r} extends past the end of the file")
+        raw = self.file.read_at(start, member.compress_size)
+        if member.compress_type == DEFLATED:
+            inflater = zlib.decompressobj(-15)
+            try:
+                data = inflater.decompress(raw, member.file_size + 1)
+            except zlib.error as exc:
+                raise BadZip(f"Error -3 while decompressing data ({exc})") from None
+        else:
+            data = raw
+        if len(data) != member.file_size:
+            raise BadZip(f"member {member.raw_name!r} holds {len(data)} bytes, its entry says {member.file_size}")
+        if zlib.crc32(data) != member.crc:
+            raise BadZip(f"Bad CRC-32 for file {member.raw_name!r}")
+        return data
+
+    def data_start(self, member: Member) -> int:
+        """Where the member's stored bytes start, after its local header (whose magic and name are checked)."""
+        header = self.file.read_at(member.header_offset, LOCAL.size)
+        if len(header) != LOCAL.size:
+            raise BadZip("Truncated file header")
+        fields = LOCAL.unpack(header)
+        if fields[0] != LOCAL_SIG:
+            raise BadZip("Bad magic number for file header")
+        name_len, extra_len = fields[-2], fields[-1]
+        raw = self.file.read_at(member.header_offset + LOCAL.size, name_len)
+        name = raw.decode("utf-8") if fields[3] & FLAG_UTF8 else raw.decode("cp437")
+        if name != member.raw_name:
+            raise BadZip(f"File name in directory {member.raw_name!r} and header {raw!r} differ.")
+        return member.header_offset + LOCAL.size + name_len + extra_len
