@@ -22,6 +22,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from ckptdoctor.errors import CorruptCheckpoint, UnsupportedFormat
@@ -717,11 +718,31 @@ class _SourceWindow:
         return memoryview(self.data)[at:at + length]
 
 
+@dataclass(frozen=True)
+class WrittenArchive:
+    """What :func:`write_torch_archive` wrote: enough to read the archive back and check it."""
+
+    size: int  # bytes of the archive
+    storages: list[StorageInfo]  # the storages written, in key order
+    prefix: str  # the archive's top-level folder
+    base: int  # where the archive starts in the file
+    entries: list[tuple[bytes, int, int, int]]  # (name, crc, size, header offset) of every record
+
+
 def write_torch_zip(fd: int, out: str, root: Any, *, byteorder: str = "little",
                     progress: Callable[[int, int], None] | None = None,
                     storage_copy: Callable[[StorageInfo], StorageCopy | None] | None = None
                     ) -> tuple[int, list[StorageInfo]]:
-    """Write ``root`` as a torch.save archive to ``fd``; return (file size, storages written).
+    """Write ``root`` as a torch.save archive to ``fd``; return (file size, storages written)."""
+    written = write_torch_archive(fd, out, root, byteorder=byteorder, progress=progress, storage_copy=storage_copy)
+    return written.size, written.storages
+
+
+def write_torch_archive(fd: int, out: str, root: Any, *, byteorder: str = "little",
+                        progress: Callable[[int, int], None] | None = None,
+                        storage_copy: Callable[[StorageInfo], StorageCopy | None] | None = None
+                        ) -> WrittenArchive:
+    """Write ``root`` as a torch.save archive to ``fd``.
 
     Records in ``_save``'s order: ``data.pkl``, ``.format_version``, ``.storage_alignment``,
     ``byteorder``, ``data/<key>`` per storage, then ``version`` and ``.data/serialization_id``
@@ -736,8 +757,7 @@ def write_torch_zip(fd: int, out: str, root: Any, *, byteorder: str = "little",
 
 
 def _write_torch_zip(fd: int, out: str, root: Any, byteorder: str, progress: Callable[[int, int], None] | None,
-                     storage_copy: Callable[[StorageInfo], StorageCopy | None] | None
-                     ) -> tuple[int, list[StorageInfo]]:
+                     storage_copy: Callable[[StorageInfo], StorageCopy | None] | None) -> WrittenArchive:
     table = StorageTable()
     pickle_bytes = TreePickler(table).dump(root)
     step = progress_counter(progress, sum(s.nbytes for s in table.order))
@@ -770,4 +790,5 @@ def _write_torch_zip(fd: int, out: str, root: Any, byteorder: str, progress: Cal
             archive.add_copy(f"data/{key}", sources, storage, copy)
     archive.add_bytes("version", b"3\n")
     archive.add_bytes(".data/serialization_id", archive.serialization_id().encode())
-    return archive.finish(), table.order
+    size = archive.finish()
+    return WrittenArchive(size, table.order, archive.prefix, archive.base, archive.entries)
