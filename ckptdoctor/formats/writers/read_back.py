@@ -18,6 +18,7 @@ checkpoint holds 200,000 tensors, so the torch zip output is re-read here, from 
 from __future__ import annotations
 
 import os
+import struct
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -163,6 +164,8 @@ def read_back_torch_zip(path: str, prefix: str, base: int, size: int, entries: S
     """
     fd = os.open(path, os.O_RDONLY)
     try:
+        if os.fstat(fd).st_size < base + size:
+            raise ReadBackError(f"the file holds {os.fstat(fd).st_size - base} of the {size} bytes written")
         directory, _ = _directory(fd, base, size, len(entries))
         _check_directory(directory, entries)
         members = _check_local_headers(fd, base, entries)
@@ -174,6 +177,8 @@ def read_back_torch_zip(path: str, prefix: str, base: int, size: int, entries: S
         crc = next(c for n, c, _, _ in entries if n == name.encode())
         if len(data) != length or zlib.crc32(data) != crc:
             raise ReadBackError("data.pkl reads back with other bytes than were written")
+    except (struct.error, ValueError) as exc:  # a record cut short or a length field gone wrong
+        raise ReadBackError(f"the archive does not decode ({exc})") from None
     finally:
         os.close(fd)
     storages: dict[str, StorageInfo] = {}
