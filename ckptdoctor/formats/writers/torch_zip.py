@@ -41,7 +41,7 @@ from ckptdoctor.io.atomic import (
     write_all,
 )
 from ckptdoctor.io.storage import COUNTERS, is_url
-from ckptdoctor.model.checkpoint import GlobalRef, OpaqueObject, StorageInfo, TensorRecord, itemsize
+from ckptdoctor.model.checkpoint import ByteRange, GlobalRef, OpaqueObject, StorageInfo, TensorRecord, itemsize
 
 # dtype -> typed storage class name (torch/storage.py `_dtype_to_storage_type_map`). Every other
 # dtype (float8_*, uint16/32/64, bits*, complex32, int1..7 ...) has no typed storage and is saved
@@ -696,7 +696,11 @@ def _swapping_copy(dtype: str, progress: Callable[[int], None] | None) -> Storag
 
 class _SourceWindow:
     """Small storages read from their source through one window: a torch zip lays its records
-    out one after the other, so 200,000 small storages cost a few dozen reads, not 200,000."""
+    out one after the other, so 200,000 small storages cost a few dozen reads, not 200,000.
+
+    A window spans only the run of small storages that follow one another in the source
+    (``read``'s ``end``), so a small bias between two large weights costs its own bytes only.
+    """
 
     SIZE = 4 << 20
 
@@ -704,18 +708,43 @@ class _SourceWindow:
         self.sources = sources
         self.path, self.start, self.data = "", 0, b""
 
-    def read(self, path: str, offset: int, length: int) -> bytes | memoryview:
-        at = offset - self.start
-        if path != self.path or at < 0 or at + length > len(self.data):
+    def covers(self, path: str, offset: int, length: int) -> bool:
+        return path == self.path and self.start <= offset and offset + length <= self.start + len(self.data)
+
+    def read(self, path: str, offset: int, length: int, end: int) -> bytes | memoryview:
+        """``length`` bytes at ``offset``; on a miss the window is refilled with ``offset..end``."""
+        if not self.covers(path, offset, length):
             self.path, self.start = path, offset
-            self.data = os.pread(self.sources.fd(path), max(length, self.SIZE), offset)
+            self.data = os.pread(self.sources.fd(path), max(length, end - offset), offset)
             COUNTERS.read(len(self.data))
-            at = 0
             if len(self.data) < length:  # truncated source: the exact read says where
                 buffer = bytearray(length)
                 read_into(self.sources, path, offset, memoryview(buffer))
                 self.data = bytes(buffer)
+        at = offset - self.start
         return memoryview(self.data)[at:at + length]
+
+
+def _small_source(storage: StorageInfo) -> ByteRange | None:
+    """Where a storage small enough to be read into memory lies, or None (copied by the kernel)."""
+    source = storage.source
+    if source is None or not 0 < storage.nbytes <= SMALL_STORAGE or is_url(source.path):
+        return None
+    return source
+
+
+def _run_end(storages: Sequence[StorageInfo], first: int) -> int:
+    """Where the run of small storages from ``storages[first]`` ends in its source file: the
+    storages that follow it, in order, in the same file, within one window."""
+    source = _small_source(storages[first])
+    assert source is not None
+    end = source.offset + storages[first].nbytes
+    for storage in storages[first + 1:first + 4096]:
+        after = _small_source(storage)
+        if after is None or after.path != source.path or not end <= after.offset <= source.offset + _SourceWindow.SIZE:
+            break
+        end = max(end, after.offset + storage.nbytes)
+    return end
 
 
 @dataclass(frozen=True)
@@ -777,12 +806,12 @@ def _write_torch_zip(fd: int, out: str, root: Any, byteorder: str, progress: Cal
             return storage.crc32 if known and storage.crc32 is not None else crc
 
         window = _SourceWindow(sources)
-        for storage, key, dtype in zip(table.order, table.keys, table.dtypes):
+        for index, (storage, key, dtype) in enumerate(zip(table.order, table.keys, table.dtypes)):
             own = storage_copy(storage) if storage_copy is not None else None
-            source = storage.source
-            if (own is None and byteorder != "big" and source is not None and 0 < storage.nbytes <= SMALL_STORAGE
-                    and not is_url(source.path)):
-                archive.add_bytes(f"data/{key}", window.read(source.path, source.offset, storage.nbytes))
+            source = _small_source(storage)
+            if own is None and byteorder != "big" and source is not None:
+                end = 0 if window.covers(source.path, source.offset, storage.nbytes) else _run_end(table.order, index)
+                archive.add_bytes(f"data/{key}", window.read(source.path, source.offset, storage.nbytes, end))
                 if step:
                     step(storage.nbytes)
                 continue
