@@ -657,6 +657,9 @@ class ZipArchiveWriter:
         return str(int.from_bytes(digest.digest(), "little")).zfill(40)
 
     def _central_entry(self, name: bytes, crc: int, size: int, offset: int) -> bytes:
+        if size < U32_MAX and offset < U32_MAX:  # no zip64 field: nearly every entry, so packed directly
+            return CENTRAL.pack(b"PK\x01\x02", 20, 20, UTF8_FLAG, 0, 0, 0, crc, size, size, len(name), 0, 0, 0, 0, 0,
+                                offset) + name
         fields = [v for v in (size, size) if v >= U32_MAX] + ([offset] if offset >= U32_MAX else [])
         extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
         version = 45 if fields else 20
