@@ -44,6 +44,14 @@ def checkpoint_keys(ckpt: Checkpoint) -> list[KeyShape]:
     return sorted(keys, key=lambda ks: position.get(ks.key, len(position)))
 
 
+def _key_names(ckpt: Checkpoint) -> list[str]:
+    """The keys of :func:`checkpoint_keys`, in the same order, without building a record per key."""
+    keys = [t.key for t in ckpt.tensors]
+    if not ckpt.extra_keys:
+        return keys
+    return [ks.key for ks in checkpoint_keys(ckpt)]
+
+
 def implicit_counters(ckpt: Checkpoint) -> dict[str, str]:
     """BatchNorm ``num_batches_tracked`` keys torch itself fills in when loading this file.
 
@@ -306,11 +314,11 @@ def plan_repair(ckpt: Checkpoint, *, edits: Sequence[Edit] = (), spec: ModelSpec
     Raises :class:`FixRefused` (exit 1) when the result would not load strictly into the spec
     and the flags do not allow the leftovers, so nothing is written.
     """
-    own = checkpoint_keys(ckpt)  # tensors and non-tensor entries (renamed alike)
-    keys = [ks.key for ks in own]
-    if spec is None:
+    if spec is None:  # the keys alone (no shapes to match): tensors and other entries, renamed alike
+        keys = _key_names(ckpt)
         edited = apply_edits(keys, list(edits)) if edits else [(k, k) for k in keys]
         return RepairPlan(tuple(edited), (), (), None, tuple(edits))
+    own = checkpoint_keys(ckpt)  # tensors and non-tensor entries (renamed alike)
     # Counters torch fills in on load take part in the matching (so renames move them), but
     # they have no tensor to write: they are left out of the mapping below.
     def edit(counters: Mapping[str, str]) -> tuple[list[tuple[str, str]], list[KeyShape]]:
@@ -424,7 +432,16 @@ def group_mapping(pairs: Sequence[tuple[str, str]]) -> list[MappingGroup]:
     First-seen order.
     """
     groups: dict[tuple[bool, tuple[str, ...], tuple[str, ...], bool], list[tuple[str, str, str]]] = {}
+    stripped: dict[str, tuple[bool, tuple[str, ...], tuple[str, ...], bool]] = {}
     for old_key, new_key in pairs:
+        cut = len(old_key) - len(new_key) - 1
+        if new_key and cut > 0 and old_key[cut] == "." and old_key.endswith(new_key):
+            # A stripped prefix (most of a --strip over 200,000 keys): every segment of the new
+            # key is the old key's tail, so the middle is the prefix's segments: no split needed.
+            stem = old_key[:cut]
+            shape = stripped.get(stem) or stripped.setdefault(stem, (False, tuple(stem.split(".")), (), True))
+            groups.setdefault(shape, []).append(("", old_key, new_key))
+            continue
         head, old_mid, new_mid, tail = _changed_middle(old_key, new_key)
         shape = (bool(head), tuple(old_mid), tuple(new_mid), bool(tail))
         groups.setdefault(shape, []).append((".".join(head), old_key, new_key))

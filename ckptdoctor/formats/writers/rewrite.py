@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint, LimitExceeded, UsageError
+from ckptdoctor.formats.pickle.fast import gc_paused
 from ckptdoctor.io.atomic import atomic_output, progress_counter
 from ckptdoctor.model.checkpoint import Checkpoint, OpaqueObject, StorageInfo, TensorRecord
 from ckptdoctor.model.locate import children, is_module_object, node_at, state_dict_metadata
@@ -242,15 +243,25 @@ def _sharing(tensors: Sequence[TensorRecord]) -> list[int]:
     return out
 
 
+def _mismatch(message: str, out: str) -> CorruptCheckpoint:
+    return CorruptCheckpoint(f"the written file does not match what was meant to be written: {message}",
+                             path=out, hint="This is a ckptdoctor bug; nothing was written. Please report it.")
+
+
 def _expect(condition: bool, message: str, out: str) -> None:
     if not condition:
-        raise CorruptCheckpoint(f"the written file does not match what was meant to be written: {message}",
-                                path=out, hint="This is a ckptdoctor bug; nothing was written. Please report it.")
+        raise _mismatch(message, out)
 
 
-def _verify_torch(written: Checkpoint, expected: Sequence[tuple[str, TensorRecord]], storages: int,
-                  out: str) -> None:
-    got = [(t.key, t.tensor) for t in written.tensors]
+def _verify_torch(root: Any, path: Sequence[str] | None, expected: Sequence[tuple[str, TensorRecord]],
+                  storages: int, referenced: int, out: str) -> None:
+    """The state dict read back (at ``path`` in ``root``, or ``root``) against what was written."""
+    try:
+        node = root if path is None else node_at(root, path)
+    except KeyError:
+        node = None
+    _expect(isinstance(node, Mapping), "the state dict is not where it was written", out)
+    got = [(k, v) for k, v in node.items() if isinstance(v, TensorRecord)]
     _expect([k for k, _ in got] == [k for k, _ in expected], "the state-dict keys differ", out)
     for (key, a), (_, b) in zip(got, expected):
         same = (a.dtype, a.shape, a.stride, a.storage_offset, a.device, a.is_parameter) == (
@@ -258,8 +269,7 @@ def _verify_torch(written: Checkpoint, expected: Sequence[tuple[str, TensorRecor
         _expect(same, f"tensor {key!r} reads back as {a.dtype}{list(a.shape)} on {a.device}", out)
     _expect(_sharing([a for _, a in got]) == _sharing([b for _, b in expected]),
             "the storage-sharing pattern differs", out)
-    found = {t.storage.id for t in _walk_tensors(written.root) if t.storage is not None}
-    _expect(len(found) == storages, f"{len(found)} storages read back, {storages} were written", out)
+    _expect(referenced == storages, f"{referenced} storages read back, {storages} were written", out)
 
 
 def _verify_safetensors(written: Checkpoint, expected: Sequence[tuple[str, TensorRecord]], out: str) -> None:
@@ -278,12 +288,6 @@ def _reread(tmp: str, out: str, entry: str | None) -> Checkpoint:
     except CkptDoctorError as exc:
         raise CorruptCheckpoint(f"the written file does not read back ({exc.message})", path=out,
                                 hint="This is a ckptdoctor bug; nothing was written. Please report it.") from None
-
-
-def _reread_entry(root: Any, state_dict: Any, path: Sequence[str]) -> str | None:
-    if root is state_dict or not path or any("/" in name for name in path):
-        return None
-    return "/".join(path)
 
 
 # -- the entry point -------------------------------------------------------------------------
@@ -319,7 +323,9 @@ def write_checkpoint(ckpt: Checkpoint, entries: Sequence[tuple[str, TensorRecord
     notes = _dropped_non_tensors(ckpt, list(entries))
     if byteorder == "big":
         notes.append("the source is big-endian; tensor data was converted to little-endian")
-    with atomic_output(out, _input_paths(ckpt), force=force) as (fd, tmp):
+    # gc_paused: the tree, the pickle and the read-back allocate millions of objects and none is
+    # garbage; the collector would walk them all again and again (a third of a 200,000-tensor write).
+    with atomic_output(out, _input_paths(ckpt), force=force) as (fd, tmp), gc_paused():
         try:
             if kind == SAFETENSORS:
                 size, storages, written, more = _write_safetensors(fd, tmp, out, ckpt, state_dict, byteorder,
@@ -341,15 +347,29 @@ def write_checkpoint(ckpt: Checkpoint, entries: Sequence[tuple[str, TensorRecord
 def _write_torch(fd: int, tmp: str, out: str, ckpt: Checkpoint, state_dict: OrderedDict[str, Any],
                  extract: bool, byteorder: str, progress: Callable[[int, int], None] | None,
                  storage_copy: Callable[[StorageInfo], Any] | None = None) -> tuple[int, int, int, list[str]]:
-    from ckptdoctor.formats.writers.torch_zip import write_torch_zip  # noqa: PLC0415 - import only the writer needed
+    from ckptdoctor.formats.writers.torch_zip import write_torch_archive  # noqa: PLC0415 - only the writer needed
 
     root, notes = _torch_root(ckpt, state_dict, extract)
-    size, storages = write_torch_zip(fd, out, root, byteorder=byteorder, progress=progress,
-                                     storage_copy=storage_copy)
+    archive = write_torch_archive(fd, out, root, byteorder=byteorder, progress=progress, storage_copy=storage_copy)
     tensors = [(k, v) for k, v in state_dict.items() if isinstance(v, TensorRecord)]
-    written = _reread(tmp, out, _reread_entry(root, state_dict, ckpt.state_dict_path))
-    _verify_torch(written, tensors, len(storages), out)
-    return size, len(storages), len(tensors), notes
+    written, referenced = _read_back_torch(tmp, out, archive)
+    path = None if root is state_dict else ckpt.state_dict_path
+    _verify_torch(written, path, tensors, len(archive.storages), referenced, out)
+    return archive.size, len(archive.storages), len(tensors), notes
+
+
+def _read_back_torch(tmp: str, out: str, archive: Any) -> tuple[Any, int]:
+    """The torch zip just written, re-read from the file by :mod:`.read_back` (cheaper than the
+    general reader at 200,000 records, and it also holds the file to the records written)."""
+    from ckptdoctor.formats.writers.read_back import ReadBackError, read_back_torch_zip  # noqa: PLC0415
+
+    try:
+        return read_back_torch_zip(tmp, archive.prefix, archive.base, archive.size, archive.entries)
+    except ReadBackError as exc:
+        raise _mismatch(str(exc), out) from None
+    except CkptDoctorError as exc:
+        raise CorruptCheckpoint(f"the written file does not read back ({exc.message})", path=out,
+                                hint="This is a ckptdoctor bug; nothing was written. Please report it.") from None
 
 
 def _write_safetensors(fd: int, tmp: str, out: str, ckpt: Checkpoint, state_dict: OrderedDict[str, Any],
