@@ -37,6 +37,7 @@ from typing import IO, Any
 
 from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint, LimitExceeded, UnsupportedFormat
 from ckptdoctor.formats.magic import ZIP_LOCAL_HEADER
+from ckptdoctor.formats.pickle.fast import gc_paused
 from ckptdoctor.formats.pickle.stand_ins import StorageType, contiguous_stride
 from ckptdoctor.formats.pickle.unpickler import load_pickle
 from ckptdoctor.formats.readers.dcp_metadata import (
@@ -581,14 +582,15 @@ def read_dcp(directory: str, entry: str | None = None) -> Checkpoint:
     size = store.size(meta_path)
     if size > MAX_METADATA_BYTES:
         raise LimitExceeded(f".metadata is {size} bytes (limit {MAX_METADATA_BYTES})", path=directory)
-    metadata = fast_metadata(store.read_range(meta_path, 0, size), directory)
-    if metadata is not None:
-        try:
-            return _checkpoint(directory, metadata, size, entry)
-        except Fallback:
-            pass
-    root = load_pickle(store.read_range(meta_path, 0, size), None, where=".metadata", path=directory)
-    return _checkpoint(directory, generic_metadata(root, directory), size, entry)
+    with gc_paused():  # millions of objects, none of them garbage: the collector would rescan them all
+        metadata = fast_metadata(store.read_range(meta_path, 0, size), directory)
+        if metadata is not None:
+            try:
+                return _checkpoint(directory, metadata, size, entry)
+            except Fallback:
+                pass
+        root = load_pickle(store.read_range(meta_path, 0, size), None, where=".metadata", path=directory)
+        return _checkpoint(directory, generic_metadata(root, directory), size, entry)
 
 
 def _checkpoint(directory: str, metadata: Metadata, size: int, entry: str | None) -> Checkpoint:

@@ -6,10 +6,10 @@ stand-ins every dataclass becomes an :class:`OpaqueObject` holding a state dict;
 the same pickle into slotted stand-ins for exactly the classes DCP pickles
 (torch/distributed/checkpoint/metadata.py, filesystem.py) and nothing else:
 
-* the bounded pre-pass of :mod:`ckptdoctor.formats.pickle.fast` runs first (no memo bomb, no
-  ``EXT``, bounded nesting), then CPython's C unpickler with a ``find_class`` that knows a fixed
-  table: the DCP dataclasses, dtypes, ``torch.Size``, ``_get_layout``, the memory-format enum and
-  the ``pathlib`` paths of ``StorageMeta``;
+* a pre-pass (:mod:`.dcp_prepass`) admits only the opcodes DCP writes (the memo filled by
+  ``MEMOIZE`` alone: no memo bomb; no ``EXT``; bounded nesting), then CPython's C unpickler runs
+  with a ``find_class`` that knows a fixed table: the DCP dataclasses, dtypes, ``torch.Size``,
+  ``_get_layout``, the memory-format enum and the ``pathlib`` paths of ``StorageMeta``;
 * ``NEWOBJ`` makes a slotted instance in C; ``BUILD`` calls its ``__setstate__``, which checks the
   state's fields (exact types, known keys), keeps the ones the reader uses and empties the state
   dict: the unpickler's memo keeps every dict alive until the load ends, and emptied they cost 64
@@ -34,13 +34,15 @@ from collections.abc import Callable
 from typing import Any
 
 from ckptdoctor.errors import CorruptCheckpoint
-from ckptdoctor.formats.pickle.fast import _harmless, gc_paused
+from ckptdoctor.formats.pickle.fast import gc_paused
 from ckptdoctor.formats.pickle.stand_ins import SHARED_DIMS, resolve_global
+from ckptdoctor.formats.readers.dcp_prepass import admitted
 from ckptdoctor.model.checkpoint import DTYPE_ALIASES, DTYPE_BITS, OpaqueObject
 
 DCP_MODULE = "torch.distributed.checkpoint.metadata"
 DCP_MODULES = frozenset({DCP_MODULE, "torch.distributed.checkpoint.filesystem"})  # _StorageInfo lives in the latter
 MAX_DIMS = 64
+MAX_KNOWN_PROPERTIES = 1024  # distinct TensorProperties states remembered (dtypes x requires_grad in practice)
 
 
 class Fallback(Exception):
@@ -179,8 +181,18 @@ class _Uncallable(type):
         raise Fallback
 
 
-class _Properties:
-    __slots__ = ("dtype", "requires_grad")
+def _refuse_change(*args: Any) -> None:
+    raise Fallback
+
+
+class _Properties(list):
+    """``TensorProperties``: its BUILD only appends the state tuple, in C (a million-entry file
+    builds one per tensor); :func:`fast_metadata`'s ``entry`` checks it. ``APPEND``/``SETITEM``
+    from the pickle would change what the generic path keeps apart, so they refuse."""
+
+    __slots__ = ()
+    __setstate__ = list.append
+    append = extend = __setitem__ = _refuse_change
 
 
 class _Tensor:
@@ -192,7 +204,11 @@ class _Bytes:
 
 
 class _Chunk:
+    """``ChunkStorageMetadata``: the reader uses only how many a tensor has (as the generic path
+    does), so BUILD does nothing, in C; its sizes were checked when ``torch.Size`` built them."""
+
     __slots__ = ()
+    __setstate__ = staticmethod(id)
 
 
 class _Index:
@@ -213,20 +229,8 @@ class _Ignored:
 
 
 _ROOT_KEYS = frozenset({"state_dict_metadata", "planner_data", "storage_data", "storage_meta", "version"})
-_TENSOR_KEYS = frozenset({"properties", "size", "chunks"})
-_CHUNK_KEYS = frozenset({"offsets", "sizes"})
 _INDEX_KEYS = frozenset({"fqn", "offset", "index"})
 _INFO_KEYS = frozenset({"relative_path", "offset", "length", "transform_descriptors"})
-_STATE_TYPES = (dict, tuple)
-
-
-def _is_size(value: Any) -> bool:
-    """A ``torch.Size`` as its stand-in made it (checked, shared); anything else is the generic
-    path's to judge (and the stand-in's cache is bounded, so a rare real one goes there too)."""
-    return type(value) is tuple and _SHARED_GET(value) is value
-
-
-_SHARED_GET = SHARED_DIMS.get
 
 
 def _refuse(state: Any) -> None:
@@ -258,29 +262,29 @@ del _function
 def _stand_ins(emptied: list[dict[str, Any]]) -> dict[tuple[str, str], Any]:
     """``find_class``'s table for one load; ``emptied`` collects the state dicts BUILD emptied."""
     keep = emptied.append
-    shape = resolve_global("torch", "Size")  # checks and shares, raises on anything else
+    check_size = resolve_global("torch", "Size")  # the generic stand-in: checks, shares, raises on anything else
+    shared_get = SHARED_DIMS.get
 
-    def properties_state(self: Any, state: Any) -> None:
-        # (dtype, layout, requires_grad, memory format, pin_memory): TensorProperties.__getstate__
-        if type(state) is not tuple or len(state) != 5 or type(state[0]) is not str or state[0] not in DTYPE_BITS \
-                or type(state[2]) is not bool:
-            raise Fallback
-        self.dtype, self.requires_grad = state[0], state[2]
+    def shape(dims: Any = ()) -> tuple[int, ...]:
+        # torch.Size(dims): the stand-in's answer, with its common case (a shape seen before) inline
+        if type(dims) is tuple and len(dims) <= MAX_DIMS:
+            shared = shared_get(dims)
+            if shared is not None:
+                for value in dims:  # 1 == 1.0 == True: the types are checked (a loop is the cheapest way)
+                    if type(value) is not int:
+                        break
+                else:
+                    return shared
+        return check_size(dims)
 
     def tensor_state(self: Any, state: Any) -> None:
-        if type(state) is not dict or state.keys() != _TENSOR_KEYS:
+        if type(state) is not dict or len(state) != 3:
             raise Fallback
-        properties, size, chunks = state["properties"], state["size"], state["chunks"]
-        if type(properties) is not properties_cls or type(chunks) is not list or not _is_size(size):
+        properties, size, chunks = state["properties"], state["size"], state["chunks"]  # KeyError: fallback too
+        if type(properties) is not properties_cls or type(chunks) is not list or type(size) is not tuple \
+                or shared_get(size) is not size:
             raise Fallback
         self.properties, self.size, self.chunks = properties, size, chunks
-        keep(state)
-        state.clear()
-
-    def chunk_state(self: Any, state: Any) -> None:
-        if type(state) is not dict or state.keys() != _CHUNK_KEYS or not _is_size(state["offsets"]) \
-                or not _is_size(state["sizes"]):
-            raise Fallback
         keep(state)
         state.clear()
 
@@ -290,7 +294,7 @@ def _stand_ins(emptied: list[dict[str, Any]]) -> dict[tuple[str, str], Any]:
         offset = state.get("offset")
         if offset is None:
             offset = ()
-        elif not _is_size(offset):
+        elif type(offset) is not tuple or shared_get(offset) is not offset:
             raise Fallback
         self.fqn, self.chunk = state["fqn"], offset
         keep(state)
@@ -319,12 +323,12 @@ def _stand_ins(emptied: list[dict[str, Any]]) -> dict[tuple[str, str], Any]:
             namespace["__setstate__"] = setstate
         return _Uncallable(name, (base,), namespace)
 
-    properties_cls = make("TensorProperties", _Properties, properties_state)
+    properties_cls = make("TensorProperties", _Properties, None)
     classes = {
         "Metadata": make("Metadata", _Root, root_state),
         "TensorStorageMetadata": make("TensorStorageMetadata", _Tensor, tensor_state),
         "TensorProperties": properties_cls,
-        "ChunkStorageMetadata": make("ChunkStorageMetadata", _Chunk, chunk_state),
+        "ChunkStorageMetadata": make("ChunkStorageMetadata", _Chunk, None),
         "BytesStorageMetadata": make("BytesStorageMetadata", _Bytes, None),
         "MetadataIndex": make("MetadataIndex", _Index, index_state),
         "_StorageInfo": make("_StorageInfo", Item, info_state),
@@ -357,7 +361,7 @@ class _Loader(pickle.Unpickler):
 
 def fast_metadata(data: bytes, directory: str) -> Metadata | None:
     """``Metadata`` at C speed, or ``None`` when the generic unpickler must decide."""
-    if not _harmless(data):
+    if not admitted(data):
         return None
     emptied: list[dict[str, Any]] = []
     table = _stand_ins(emptied)
@@ -393,20 +397,38 @@ def fast_metadata(data: bytes, directory: str) -> Metadata | None:
         return None
     tensor_cls = table[(DCP_MODULE, "TensorStorageMetadata")]
     bytes_cls = table[(DCP_MODULE, "BytesStorageMetadata")]
+    known: dict[tuple[Any, ...], tuple[str, bool]] = {}  # TensorProperties states checked, by value
 
     def entry(md: Any, fqn: str) -> tuple[str, tuple[int, ...], bool, int] | None:
         kind = type(md)
         if kind is tensor_cls:
             try:
                 properties = md.properties
-                return properties.dtype, md.size, properties.requires_grad, len(md.chunks)
-            except AttributeError:  # never built
+                if len(properties) != 1:  # never built, or built twice: the generic path decides
+                    raise Fallback
+                found = known.get(properties[0])
+                if found is None:
+                    found = _properties_state(properties[0])
+                    if len(known) < MAX_KNOWN_PROPERTIES:
+                        known[properties[0]] = found
+                return found[0], md.size, found[1], len(md.chunks)
+            except (AttributeError, TypeError):  # never built; an unhashable state
                 raise Fallback from None
         if kind is bytes_cls:
             return None
         raise Fallback
 
     return Metadata(entries, storage, root.planner_data, root.version, entry, fast=True)
+
+
+def _properties_state(state: Any) -> tuple[str, bool]:
+    """(dtype, requires_grad) of a ``TensorProperties`` state: ``(dtype, layout, requires_grad,
+    memory format, pin_memory)`` (``TensorProperties.__getstate__``). Equal states give equal
+    answers here and on the generic path (``bool(requires_grad)``), so they are checked once."""
+    if type(state) is not tuple or len(state) != 5 or type(state[0]) is not str or state[0] not in DTYPE_BITS \
+            or type(state[2]) is not bool:
+        raise Fallback
+    return state[0], state[2]
 
 
 def _fast_index(storage_data: dict[Any, Any], index_cls: Any, info_cls: Any) -> StorageIndex | None:
