@@ -499,16 +499,15 @@ def _describe(record: Any) -> str:
     return f"a {type(record).__name__}"
 
 
-_KEY_TYPES = frozenset({str, int})
-
-
 def _key_path(fqn: str, planner_data: Any) -> tuple[Any, ...]:
     """The nested key path of ``fqn`` (``planner_data``), or the flat key when it does not match."""
     path = planner_data.get(fqn) if isinstance(planner_data, dict) else None
-    if (isinstance(path, tuple) and path and len(path) <= MAX_TREE_DEPTH
-            and ({*map(type, path)} <= _KEY_TYPES or all(isinstance(p, (str, int)) for p in path))
-            and ".".join(map(str, path)) == fqn):
-        return path
+    if isinstance(path, tuple) and path and len(path) <= MAX_TREE_DEPTH:
+        for part in path:  # a plain loop: the cheapest check for a few parts
+            if not isinstance(part, (str, int)):
+                return (fqn,)
+        if ".".join(map(str, path)) == fqn:
+            return path
     return (fqn,)
 
 
