@@ -31,14 +31,24 @@ import io
 import math
 import struct
 import zipfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
 from typing import IO, Any
 
 from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint, LimitExceeded, UnsupportedFormat
 from ckptdoctor.formats.magic import ZIP_LOCAL_HEADER
-from ckptdoctor.formats.pickle.stand_ins import SHARED_DIMS, StorageType, contiguous_stride
+from ckptdoctor.formats.pickle.fast import gc_paused
+from ckptdoctor.formats.pickle.stand_ins import StorageType, contiguous_stride
 from ckptdoctor.formats.pickle.unpickler import load_pickle
+from ckptdoctor.formats.readers.dcp_metadata import (
+    DCP_MODULE,
+    Fallback,
+    Item,
+    Metadata,
+    StorageIndex,
+    fast_metadata,
+    generic_metadata,
+)
 from ckptdoctor.formats.readers.members import member_path
 from ckptdoctor.formats.readers.torch_zip import LOCAL_HEADER
 from ckptdoctor.formats.registry import DirectoryLayout
@@ -55,8 +65,6 @@ from ckptdoctor.model.checkpoint import (
 )
 from ckptdoctor.model.locate import build_checkpoint
 
-DCP_MODULE = "torch.distributed.checkpoint.metadata"
-DCP_MODULES = frozenset({DCP_MODULE, "torch.distributed.checkpoint.filesystem"})  # _StorageInfo lives in the latter
 MAX_METADATA_BYTES = 1 << 30
 MAX_EMBEDDED_PICKLE = 16 << 20
 MAX_BYTES_ITEM = 1 << 20  # non-tensor values larger than this are kept opaque, not read
@@ -92,16 +100,6 @@ class FileSlice(io.RawIOBase):
         view[: len(data)] = data
         self._pos += len(data)
         return len(data)
-
-
-@dataclass(frozen=True)
-class Item:
-    """Where one DCP item's bytes lie: ``length`` bytes at ``offset`` of ``relative_path``."""
-
-    relative_path: str
-    offset: int
-    length: int
-    transformed: bool
 
 
 class DcpFiles:
@@ -220,20 +218,36 @@ class DeferredRange(ByteRange):
     """A tensor's bytes inside a ``.distcp`` item: the file and length are known from
     ``.metadata``; the offset needs the item's archive, so it is found on first use, for every
     tensor of that file in one pass (:meth:`ItemResolver.resolve_file`). Metadata commands never
-    ask for it and so never read a ``.distcp`` byte."""
+    ask for it and so never read a ``.distcp`` byte. Slotted: a large checkpoint holds one per tensor."""
 
+    __slots__ = ("_dtype", "_fqn", "_item", "_resolver", "_shape")
     deferred = True
+    _resolver: ItemResolver
+    _item: Item
+    _fqn: str
+    _dtype: str
+    _shape: tuple[int, ...]
 
-    def __init__(self, resolver: ItemResolver, item: Item, fqn: str, path: str, length: int) -> None:
-        object.__setattr__(self, "path", path)
-        object.__setattr__(self, "length", length)
-        object.__setattr__(self, "_resolver", resolver)
-        object.__setattr__(self, "_item", item)
-        object.__setattr__(self, "_fqn", fqn)
+    def __init__(self, resolver: ItemResolver, item: Item, fqn: str, path: str, length: int, dtype: str,
+                 shape: tuple[int, ...]) -> None:
+        # frozen: the slots are set through their descriptors (as object.__setattr__ would, faster)
+        _SET_PATH(self, path)
+        _SET_LENGTH(self, length)
+        _SET_RESOLVER(self, resolver)
+        _SET_ITEM(self, item)
+        _SET_FQN(self, fqn)
+        _SET_DTYPE(self, dtype)
+        _SET_SHAPE(self, shape)
+        resolver.pending.setdefault(item.relative_path, []).append(self)
 
-    @property
+    @property  # ByteRange.offset is a field; here it is found on first use
     def offset(self) -> int:
-        return self._resolver.offset(self._item, self._fqn)  # type: ignore[attr-defined]
+        return self._resolver.offset(self._item)
+
+
+_SET_PATH, _SET_LENGTH = vars(ByteRange)["path"].__set__, vars(ByteRange)["length"].__set__
+_SET_RESOLVER, _SET_ITEM, _SET_FQN, _SET_DTYPE, _SET_SHAPE = (
+    vars(DeferredRange)[name].__set__ for name in ("_resolver", "_item", "_fqn", "_dtype", "_shape"))
 
 
 class ItemResolver:
@@ -241,13 +255,10 @@ class ItemResolver:
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        self.pending: dict[str, list[tuple[Item, str, str, tuple[int, ...]]]] = {}
+        self.pending: dict[str, list[DeferredRange]] = {}
         self.found: dict[tuple[str, int], int] = {}
 
-    def add(self, item: Item, fqn: str, dtype: str, shape: tuple[int, ...]) -> None:
-        self.pending.setdefault(item.relative_path, []).append((item, fqn, dtype, shape))
-
-    def offset(self, item: Item, fqn: str) -> int:
+    def offset(self, item: Item) -> int:
         key = (item.relative_path, item.offset)
         if key not in self.found:
             self.resolve_file(item.relative_path)
@@ -256,10 +267,11 @@ class ItemResolver:
     def resolve_file(self, relative_path: str) -> None:
         """Read every pending item of one file in offset order, with a few small reads each."""
         path = member_path(self.directory, relative_path, ".metadata")
-        items = sorted(self.pending.pop(relative_path, []), key=lambda entry: entry[0].offset)
+        ranges = sorted(self.pending.pop(relative_path, []), key=lambda r: r._item.offset)
         source = _Source(storage_for(path), path)
-        for item, fqn, dtype, shape in items:
-            self.found[(relative_path, item.offset)] = _tensor_start(source, item, fqn, dtype, shape, self.directory)
+        for r in ranges:
+            self.found[(relative_path, r._item.offset)] = _tensor_start(source, r._item, r._fqn, r._dtype, r._shape,
+                                                                        self.directory)
 
 
 @dataclass(frozen=True)
@@ -381,105 +393,101 @@ def _tensor_start(fd: _Source, item: Item, fqn: str, dtype: str, shape: tuple[in
     return item.offset + first + begin
 
 
-# ---- the Metadata object tree -----------------------------------------------------------------
+# ---- the checkpoint tree ----------------------------------------------------------------------
 
-def _fields(node: Any, cls: str, what: str, directory: str) -> dict[str, Any]:
-    """The dataclass fields of a pickled DCP object of class ``cls``."""
-    if not (isinstance(node, OpaqueObject) and node.cls.module in DCP_MODULES and node.cls.name == cls):
-        found = node.cls.dotted if isinstance(node, OpaqueObject) else type(node).__name__
-        raise CorruptCheckpoint(f".metadata: {what} is a {found}, expected {cls}", path=directory)
-    return dict(node.state_dict_view())
+def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[Any, Any], None], ...] | None:
+    """Setters of a frozen slotted dataclass's fields, when ``names`` are exactly its fields.
 
-
-def _properties(node: Any, fqn: str, directory: str) -> tuple[str, bool]:
-    """(dtype, requires_grad) of a ``TensorProperties`` (tuple state since torch 2.2, dict before)."""
-    if isinstance(node, OpaqueObject) and isinstance(node.state, tuple) and len(node.state) == 5:
-        dtype, requires_grad = node.state[0], node.state[2]
-    else:
-        fields = _fields(node, "TensorProperties", f"the properties of {fqn!r}", directory)
-        dtype, requires_grad = fields.get("dtype"), fields.get("requires_grad", False)
-    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-        raise CorruptCheckpoint(f".metadata: {fqn!r} has an invalid dtype {dtype!r:.40}", path=directory)
-    return str(dtype), bool(requires_grad)
+    A 200,000-entry ``.metadata`` makes 200,000 records and storages: the dataclass ``__init__``
+    (one ``object.__setattr__`` lookup and call per field) costs 2.5 times setting the slots
+    directly. Should the model gain a field, the plain constructors are used instead.
+    """
+    if tuple(f.name for f in fields(cls)) != names:
+        return None
+    return tuple(vars(cls)[name].__set__ for name in names)
 
 
-def _dims(value: Any, what: str, directory: str) -> tuple[int, ...]:
-    if type(value) is tuple and SHARED_DIMS.get(value) is value:
-        return value  # a torch.Size the unpickler already checked (pickle_globals._check_dims)
-    if not isinstance(value, (tuple, list)) or len(value) > 64 or not all(
-            type(v) is int and 0 <= v < 1 << 62 for v in value):
-        raise CorruptCheckpoint(f".metadata: {what} is not a list of sizes: {value!r:.60}", path=directory)
-    return tuple(value)
+_RECORD_SETTERS = _slot_setters(TensorRecord, ("dtype", "shape", "stride", "storage_offset", "storage",
+                                               "is_parameter", "requires_grad", "layout"))
+_STORAGE_SETTERS = _slot_setters(StorageInfo, ("id", "dtype", "nbytes", "device", "source", "name", "crc32"))
 
 
-def _storage_index(storage_data: Any, directory: str) -> dict[str, list[tuple[tuple[int, ...], Item]]]:
-    """fqn -> [(chunk offset, item)] from ``storage_data``."""
-    if not isinstance(storage_data, dict):
-        raise CorruptCheckpoint(".metadata has no storage_data mapping", path=directory)
-    out: dict[str, list[tuple[tuple[int, ...], Item]]] = {}
-    for key, value in storage_data.items():
-        index = _fields(key, "MetadataIndex", "a storage_data key", directory)
-        info = _fields(value, "_StorageInfo", "a storage_data value", directory)
-        fqn, rel, offset, length = index.get("fqn"), info.get("relative_path"), info.get("offset"), info.get("length")
-        if not isinstance(fqn, str) or not isinstance(rel, str) or type(offset) is not int or type(length) is not int:
-            raise CorruptCheckpoint(f".metadata: malformed storage entry for {fqn!r:.80}", path=directory)
-        chunk = _dims(index.get("offset") or (), f"the chunk offset of {fqn!r}", directory)
-        item = Item(rel, offset, length, bool(info.get("transform_descriptors")))
-        out.setdefault(fqn, []).append((chunk, item))
-    return out
+def _record(dtype: str, shape: tuple[int, ...], stride: tuple[int, ...], storage: StorageInfo,
+            requires_grad: bool) -> TensorRecord:
+    """``TensorRecord(dtype, shape, stride, 0, storage, False, requires_grad)``, made quickly."""
+    if _RECORD_SETTERS is None:
+        return TensorRecord(dtype, shape, stride, 0, storage, False, requires_grad)
+    record = object.__new__(TensorRecord)
+    set_dtype, set_shape, set_stride, set_offset, set_storage, set_parameter, set_grad, set_layout = _RECORD_SETTERS
+    set_dtype(record, dtype)
+    set_shape(record, shape)
+    set_stride(record, stride)
+    set_offset(record, 0)
+    set_storage(record, storage)
+    set_parameter(record, False)
+    set_grad(record, requires_grad)
+    set_layout(record, "strided")
+    return record
 
 
-@dataclass
+def _storage(key: str, dtype: str, nbytes: int, source: ByteRange | None, name: str) -> StorageInfo:
+    """``StorageInfo(key, dtype, nbytes, "cpu", source, name)``, made quickly."""
+    if _STORAGE_SETTERS is None:
+        return StorageInfo(key, dtype, nbytes, "cpu", source, name)
+    storage = object.__new__(StorageInfo)
+    set_id, set_dtype, set_nbytes, set_device, set_source, set_name, set_crc = _STORAGE_SETTERS
+    set_id(storage, key)
+    set_dtype(storage, dtype)
+    set_nbytes(storage, nbytes)
+    set_device(storage, "cpu")
+    set_source(storage, source)
+    set_name(storage, name)
+    set_crc(storage, None)
+    return storage
+
+
 class DcpReader:
-    """Turns the pickled ``Metadata`` into an object tree of records and values."""
+    """Turns ``.metadata``'s entries into records and values."""
 
-    directory: str
-    files: DcpFiles
-    storage: dict[str, list[tuple[tuple[int, ...], Item]]]
-    notes: list[str]
-    resolver: ItemResolver
-    torch_save: bool | None = None  # items are torch.save archives (not SerializationFormat.SAFETENSORS)
+    def __init__(self, directory: str, files: DcpFiles, storage: StorageIndex) -> None:
+        self.directory, self.files, self.storage = directory, files, storage
+        self.notes: list[str] = []
+        self.resolver = ItemResolver(directory)
+        self.torch_save: bool | None = None  # items are torch.save archives (not SerializationFormat.SAFETENSORS)
+        self.unmapped_count = 0
+        self._strides: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self._numels: dict[tuple[int, ...], int] = {}
 
-    def tensor(self, fqn: str, fields: dict[str, Any]) -> TensorRecord:
+    def tensor(self, fqn: str, dtype: str, shape: tuple[int, ...], requires_grad: bool, chunks: int) -> TensorRecord:
         """The record from ``.metadata`` alone; its byte range is resolved on first use."""
-        dtype, requires_grad = _properties(fields.get("properties"), fqn, self.directory)
-        shape = _dims(fields.get("size"), f"the size of {fqn!r}", self.directory)
-        chunks = fields.get("chunks")
-        items = self.storage.get(fqn, [])
-        whole = (isinstance(chunks, list) and len(chunks) == 1 and len(items) == 1
-                 and not any(items[0][0]) and not items[0][1].transformed)
-        if not whole:
-            return self.unmapped(fqn, dtype, shape, requires_grad)
-        item = items[0][1]
-        path = self.files.check(item)
-        if self.torch_save is None:
-            self.torch_save = self.files.starts_archive(item)
-        if not self.torch_save:
-            return self.unmapped(fqn, dtype, shape, requires_grad)
-        nbytes = math.prod(shape) * DTYPE_BITS[dtype] // 8
-        self.resolver.add(item, fqn, dtype, shape)
-        where = f"{item.relative_path}@{item.offset}"
-        source = DeferredRange(self.resolver, item, fqn, path, nbytes)
-        storage = StorageInfo(id=f"{fqn}@0", dtype=dtype, nbytes=nbytes, source=source, name=f"{where}/0")
-        return TensorRecord(dtype=dtype, shape=shape, stride=contiguous_stride(shape), storage=storage,
-                            requires_grad=requires_grad)
-
-    @staticmethod
-    def unmapped(fqn: str, dtype: str, shape: tuple[int, ...], requires_grad: bool) -> TensorRecord:
-        """A tensor whose bytes are not one plain run in a file: metadata only (``source=None``)."""
-        nbytes = math.prod(shape) * DTYPE_BITS[dtype] // 8
-        storage = StorageInfo(id=f"{fqn}@", dtype=dtype, nbytes=nbytes, source=None, name=fqn)
-        return TensorRecord(dtype=dtype, shape=shape, stride=contiguous_stride(shape), storage=storage,
-                            requires_grad=requires_grad)
+        stride = self._strides.get(shape)
+        if stride is None:
+            stride = self._strides[shape] = contiguous_stride(shape)
+            self._numels[shape] = math.prod(shape)
+        nbytes = self._numels[shape] * DTYPE_BITS[dtype] // 8
+        found = self.storage.get(fqn)
+        # one chunk, saved whole, without a transform: one run of bytes in one file
+        if chunks == 1 and type(found) is tuple and not any(found[0]) and not found[1].transformed:
+            item = found[1]
+            path = self.files.check(item)
+            if self.torch_save is None:
+                self.torch_save = self.files.starts_archive(item)
+            if self.torch_save:
+                source = DeferredRange(self.resolver, item, fqn, path, nbytes, dtype, shape)
+                storage = _storage(f"{fqn}@0", dtype, nbytes, source, f"{item.relative_path}@{item.offset}/0")
+                return _record(dtype, shape, stride, storage, requires_grad)
+        # several chunks, a transform, or not a torch.save archive: metadata only (``source=None``)
+        self.unmapped_count += 1
+        return _record(dtype, shape, stride, _storage(f"{fqn}@", dtype, nbytes, None, fqn), requires_grad)
 
     def value(self, fqn: str) -> Any:
         """A non-tensor entry: the saved object as data when small and readable, else opaque."""
-        items = self.storage.get(fqn, [])
+        found = self.storage.get(fqn)
         placeholder = OpaqueObject(GlobalRef(DCP_MODULE, "BytesStorageMetadata"), state={"fqn": fqn})
-        if len(items) != 1 or items[0][1].transformed or items[0][1].length > MAX_BYTES_ITEM:
+        if type(found) is not tuple or found[1].transformed or found[1].length > MAX_BYTES_ITEM:
             return placeholder
         try:
-            return self.files.load_item(items[0][1], f"{fqn}@")
+            return self.files.load_item(found[1], f"{fqn}@")
         except CkptDoctorError as exc:
             self.notes.append(f"the value of {fqn!r} was not read: {exc.message}")
             return placeholder
@@ -494,33 +502,68 @@ def _describe(record: Any) -> str:
 def _key_path(fqn: str, planner_data: Any) -> tuple[Any, ...]:
     """The nested key path of ``fqn`` (``planner_data``), or the flat key when it does not match."""
     path = planner_data.get(fqn) if isinstance(planner_data, dict) else None
-    if (isinstance(path, tuple) and path and len(path) <= MAX_TREE_DEPTH
-            and all(isinstance(p, (str, int)) for p in path) and ".".join(map(str, path)) == fqn):
-        return path
+    if isinstance(path, tuple) and path and len(path) <= MAX_TREE_DEPTH:
+        for part in path:  # a plain loop: the cheapest check for a few parts
+            if not isinstance(part, (str, int)):
+                return (fqn,)
+        if ".".join(map(str, path)) == fqn:
+            return path
     return (fqn,)
 
 
-def _insert(tree: dict[Any, Any], path: tuple[Any, ...], value: Any, directory: str) -> None:
-    node = tree
-    for part in path[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise CorruptCheckpoint(f".metadata: {'.'.join(map(str, path))!r} nests inside a value",
-                                    path=directory)
-        node = child
-    if path[-1] in node:
-        raise CorruptCheckpoint(f".metadata: {'.'.join(map(str, path))!r} appears twice", path=directory)
-    node[path[-1]] = value
+class _Tree:
+    """The nested state dict DCP flattened, rebuilt from each key's path (``planner_data``).
+
+    Consecutive keys mostly share their parent (``model.layers.3.*``), so the last parent is
+    kept and the walk from the root is skipped when the next key has the same one.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.root: dict[Any, Any] = {}
+        self.directory = directory
+        self._parent_path: tuple[Any, ...] = ()
+        self._parent: dict[Any, Any] = self.root
+        self.nodes = {id(self.root)}  # the dicts made here (values read from items may be dicts too)
+
+    def insert(self, path: tuple[Any, ...], value: Any) -> None:
+        parent_path = path[:-1]
+        if parent_path == self._parent_path:
+            node = self._parent
+        else:
+            node = self.root
+            for part in parent_path:
+                if part not in node:
+                    child = node[part] = {}
+                    self.nodes.add(id(child))
+                elif not isinstance(child := node[part], dict):
+                    raise CorruptCheckpoint(f".metadata: {'.'.join(map(str, path))!r} nests inside a value",
+                                            path=self.directory)
+                node = child
+            self._parent_path, self._parent = parent_path, node
+        if path[-1] in node:
+            raise CorruptCheckpoint(f".metadata: {'.'.join(map(str, path))!r} appears twice", path=self.directory)
+        node[path[-1]] = value
 
 
-def _lists(node: Any, depth: int = 0) -> Any:
-    """Turn dicts keyed 0..n-1 by ints back into the lists they were (``param_groups``)."""
-    if not isinstance(node, dict) or depth > MAX_TREE_DEPTH:
+def _lists(node: dict[Any, Any], nodes: set[int], depth: int = 0) -> Any:
+    """Turn the tree's dicts keyed 0..n-1 by ints back into the lists they were (``param_groups``,
+    ``optim.state``), as torch's unflattening does; values read from items are left as they are."""
+    if depth > MAX_TREE_DEPTH:
         return node
-    converted = {k: _lists(v, depth + 1) for k, v in node.items()}
-    if converted and all(type(k) is int for k in converted) and sorted(converted) == list(range(len(converted))):
-        return [converted[i] for i in range(len(converted))]
-    return converted
+    for key, value in node.items():
+        if type(value) is dict and id(value) in nodes:
+            node[key] = _lists(value, nodes, depth + 1)
+    if node and all(type(k) is int for k in node) and sorted(node) == list(range(len(node))):
+        return [node[i] for i in range(len(node))]
+    return node
+
+
+def _items(storage: StorageIndex) -> Iterator[Item]:
+    for found in storage.values():
+        if type(found) is tuple:
+            yield found[1]
+        else:
+            yield from (item for _, item in found)
 
 
 def _file_size(directory: str, name: str) -> int:
@@ -532,42 +575,48 @@ def _file_size(directory: str, name: str) -> int:
 
 
 def read_dcp(directory: str, entry: str | None = None) -> Checkpoint:
-    """Read a DCP checkpoint directory's metadata and locate each tensor's bytes."""
+    """Read a DCP checkpoint directory's metadata; each tensor's bytes are located on first use."""
     store = storage_for(directory)
     meta_path = store.join(directory, ".metadata")
     size = store.size(meta_path)
     if size > MAX_METADATA_BYTES:
         raise LimitExceeded(f".metadata is {size} bytes (limit {MAX_METADATA_BYTES})", path=directory)
-    metadata = load_pickle(store.read_range(meta_path, 0, size), None, where=".metadata", path=directory)
-    fields = _fields(metadata, "Metadata", "the .metadata pickle", directory)
-    entries = fields.get("state_dict_metadata")
-    if not isinstance(entries, dict):
-        raise CorruptCheckpoint(".metadata has no state_dict_metadata mapping", path=directory)
+    with gc_paused():  # millions of objects, none of them garbage: the collector would rescan them all
+        metadata = fast_metadata(store.read_range(meta_path, 0, size), directory)
+        if metadata is not None:
+            try:
+                return _checkpoint(directory, metadata, size, entry)
+            except Fallback:
+                pass
+        root = load_pickle(store.read_range(meta_path, 0, size), None, where=".metadata", path=directory)
+        return _checkpoint(directory, generic_metadata(root, directory), size, entry)
+
+
+def _checkpoint(directory: str, metadata: Metadata, size: int, entry: str | None) -> Checkpoint:
+    """The checkpoint of one ``.metadata``; raises :class:`Fallback` on a fast-path surprise."""
     files = DcpFiles(directory)
-    storage = _storage_index(fields.get("storage_data"), directory)
-    reader = DcpReader(directory, files, storage, [], ItemResolver(directory))
-    tree: dict[Any, Any] = {}
-    split = 0
+    reader = DcpReader(directory, files, metadata.storage)
+    tree = _Tree(directory)
+    read_entry, planner_data, fast = metadata.entry, metadata.planner_data, metadata.fast
     try:
-        for fqn, md in entries.items():
+        for fqn, md in metadata.entries.items():
             if not isinstance(fqn, str):
+                if fast:
+                    raise Fallback  # the generic path names the key as it reads it
                 raise CorruptCheckpoint(f".metadata: a key is not a string: {fqn!r:.60}", path=directory)
-            if isinstance(md, OpaqueObject) and md.cls.name == "BytesStorageMetadata":
-                value = reader.value(fqn)
-            else:
-                value = reader.tensor(fqn, _fields(md, "TensorStorageMetadata", f"the entry {fqn!r}", directory))
-                split += value.storage is not None and value.storage.source is None
-            _insert(tree, _key_path(fqn, fields.get("planner_data")), value, directory)
+            found = read_entry(md, fqn)
+            value = reader.value(fqn) if found is None else reader.tensor(fqn, *found)
+            tree.insert(_key_path(fqn, planner_data), value)
     finally:
         files.close()
-    if split:
-        reader.notes.append(f"{split} tensors are stored in several chunks, through a transform or not as "
-                            "torch.save archives (sharded, compressed or safetensors-format save); their "
+    if reader.unmapped_count:
+        reader.notes.append(f"{reader.unmapped_count} tensors are stored in several chunks, through a transform or "
+                            "not as torch.save archives (sharded, compressed or safetensors-format save); their "
                             "shapes and dtypes are known but their bytes are not mapped")
-    files_used = sorted({item.relative_path for items in reader.storage.values() for _, item in items})
+    files_used = sorted({item.relative_path for item in _items(reader.storage)})
     total = size + sum(_file_size(directory, name) for name in files_used)
-    extra = {"dcp_version": fields.get("version"), "files": files_used}
-    return build_checkpoint(directory, "dcp", total, _lists(tree), entry=entry, extra=extra,
+    extra = {"dcp_version": metadata.version, "files": files_used}
+    return build_checkpoint(directory, "dcp", total, _lists(tree.root, tree.nodes), entry=entry, extra=extra,
                             notes=tuple(reader.notes))
 
 
