@@ -23,3 +23,7 @@ MAX_PICKLE_BYTES = 1 << 30
 #: the interpreter's recursion limit (1000 by default), and torch.save output nests a few dozen
 #: levels; deeper nesting is a bomb. The reader refuses it, scan reports it.
 MAX_MARK_DEPTH = 1_000
+
+#: Bytes of one config or tokenizer file that `convert --to hf` copies along. The largest real
+#: tokenizer.json files (multilingual vocabularies) are ~35 MB; a "config" of gigabytes is not one.
+MAX_COMPANION_BYTES = 256 << 20

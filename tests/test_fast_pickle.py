@@ -145,3 +145,19 @@ def test_hostile_zip_members_agree_with_the_interpreter(tmp_path: Path) -> None:
 def _pickles_of(path: Path) -> list[bytes]:
     with zipfile.ZipFile(path) as z:
         return [z.read(n) for n in z.namelist() if n.endswith(".pkl")]
+
+
+def test_layout_and_dims_refuse_what_torch_never_pickles() -> None:
+    """``_get_layout`` takes only a layout name and a shape only a short tuple of ints; anything else
+    is refused before it is hashed or turned into text (both cost as much as the pickle is large)."""
+    from ckptdoctor.formats.pickle.stand_ins import MAX_DIMS, _check_dims, _get_layout
+
+    assert _get_layout("torch.strided") == "strided"
+    for bad in (["torch.strided"], "x" * 1000, 3):
+        with pytest.raises(CkptDoctorError):
+            _get_layout(bad)
+    assert _check_dims((2, 3), "shape") == (2, 3)
+    with pytest.raises(CkptDoctorError):
+        _check_dims(tuple(range(MAX_DIMS + 1)), "shape")
+    with pytest.raises(CkptDoctorError):
+        _check_dims((2, 3.0), "shape")

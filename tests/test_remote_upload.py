@@ -206,3 +206,18 @@ def test_convert_to_an_s3_file_round_trips(dataparallel: Path, proxy: FaultProxy
     body = direct(moto_port).get_object(Bucket=BUCKET, Key="single/model.safetensors")["Body"].read()
     assert body == local.read_bytes()
     assert result.json()["io"]["bytes_written"] == len(body)  # what reached the store, not the staging copy
+
+
+def test_convert_of_an_s3_directory_brings_its_config_along(dataparallel: Path, proxy: FaultProxy,
+                                                           moto_port: int, tmp_path: Path) -> None:
+    """Companion files are listed and read through the storage layer, so a remote source keeps them."""
+    client = direct(moto_port)
+    client.put_object(Bucket=BUCKET, Key="src-dir/pytorch_model.bin", Body=dataparallel.read_bytes())
+    client.put_object(Bucket=BUCKET, Key="src-dir/config.json", Body=b'{"model_type": "mlp"}')
+    client.put_object(Bucket=BUCKET, Key="src-dir/notes.txt", Body=b"not a companion")
+    out = tmp_path / "hf"
+    result = run_cli("convert", f"s3://{BUCKET}/src-dir", f"{out}/", "--strip", "module.")
+    assert result.exit_code == 0, result.stderr
+    assert (out / "config.json").read_bytes() == b'{"model_type": "mlp"}'
+    assert not (out / "notes.txt").exists()
+    assert (out / "model.safetensors").is_file()

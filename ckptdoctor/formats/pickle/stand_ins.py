@@ -81,7 +81,7 @@ _INT_ONLY = frozenset({int})
 
 
 def _check_dims(values: Any, what: str) -> tuple[int, ...]:
-    if type(values) is tuple:
+    if type(values) is tuple and len(values) <= MAX_DIMS:  # never hash a hostile million-entry tuple
         try:
             shared = SHARED_DIMS.get(values)
         except TypeError:  # an unhashable element: refused below
@@ -220,7 +220,11 @@ def _torch_device(kind: Any, index: Any = None) -> str:
 
 
 def _get_layout(name: Any) -> LayoutRef:
-    return LayoutRef(str(name).replace("torch.", ""))
+    # torch pickles the layout's name ("torch.strided"); anything else is not a layout (and
+    # str() of an arbitrary stand-in could be as large as the pickle).
+    if not isinstance(name, str) or len(name) > 64:
+        raise CorruptCheckpoint(f"torch.serialization._get_layout with a non-layout argument: {name!r:.40}")
+    return LayoutRef(name.replace("torch.", ""))
 
 
 def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:

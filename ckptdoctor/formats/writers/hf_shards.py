@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ckptdoctor.errors import UsageError
+from ckptdoctor.io.storage import storage_for
+from ckptdoctor.limits import MAX_COMPANION_BYTES
 
 if TYPE_CHECKING:
     from ckptdoctor.formats.writers.stream import Item
@@ -92,17 +93,30 @@ def index_document(shards: Sequence[Sequence[Item]], names: Sequence[str]) -> st
 
 
 def companion_files(source: str) -> list[str]:
-    """The config and tokenizer files beside the weights of a source directory (none for a file)."""
-    if not os.path.isdir(source):
+    """The config and tokenizer files beside the weights of a source directory (none for a file).
+
+    Listed through the storage layer, so a directory on S3 or the Hub brings its config along
+    exactly as a local one does.
+    """
+    store = storage_for(source)
+    if store.kind(source) != "directory":
         return []
-    return sorted(name for name in os.listdir(source)
-                  if COMPANION_FILES.match(name) and os.path.isfile(os.path.join(source, name)))
+    return [name for name in store.list(source) if COMPANION_FILES.match(name)]
 
 
 def copy_companions(source: str, names: Sequence[str], directory: str) -> list[str]:
+    """Copy each companion file into ``directory`` (local: the output is built locally, then published)."""
+    store = storage_for(source)
     written = []
     for name in names:
+        path = store.join(source, name)
+        size = store.size(path)
+        if size > MAX_COMPANION_BYTES:
+            raise UsageError(f"{name} beside the weights is {size:,} bytes, larger than a config or tokenizer "
+                             f"file can be ({MAX_COMPANION_BYTES:,})", path=path,
+                             hint="move it out of the source directory or convert the weights file itself")
         target = os.path.join(directory, name)
-        shutil.copyfile(os.path.join(source, name), target)
+        with open(target, "wb") as f:
+            f.write(store.read_range(path, 0, size))
         written.append(target)
     return written
