@@ -54,6 +54,11 @@ class ByteRange:
     # True when `offset` is found only on first use (DCP items): metadata views skip it.
     deferred: ClassVar[bool] = False
 
+    def recorded_crc32(self) -> int | None:
+        """The CRC-32 the container lists for exactly these bytes when it is found only with the
+        offset (DCP items); None here. Formats that know it up front set ``StorageInfo.crc32``."""
+        return None
+
 
 @dataclass(frozen=True, slots=True, init=False)
 class StorageInfo:

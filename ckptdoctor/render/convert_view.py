@@ -9,7 +9,7 @@ from rich.markup import escape
 from ckptdoctor.engines.convert import ConvertResult
 from ckptdoctor.engines.doctor.check_fix import group_mapping
 from ckptdoctor.render.console import stdout_console
-from ckptdoctor.render.doctor_view import SCHEMA_VERSION, render_mapping
+from ckptdoctor.schema import SCHEMA_VERSION
 
 MAX_LISTED = 8
 
@@ -38,6 +38,9 @@ def render_convert(result: ConvertResult) -> None:
     plan = result.plan
     console = stdout_console()
     if plan.repair.edits or plan.repair.diagnosis is not None:
+        # fix's table, and the matcher its module imports: only when keys were edited
+        from ckptdoctor.render.doctor_view import render_mapping  # noqa: PLC0415
+
         render_mapping(plan.repair)
     how = "both keys point at it" if plan.to == "dcp" else "as save_pretrained does"
     groups = group_mapping(list(plan.aliases))  # one line per pattern: stage2.module.* = stage1.* ×7

@@ -9,8 +9,6 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
 from ckptdoctor.render.console import stderr_console
 
 MIN_BYTES_FOR_BAR = 256 << 20  # small files finish before a bar is worth drawing
@@ -22,6 +20,16 @@ def byte_progress(description: str, total: int) -> Iterator[Callable[[int], None
     if total < MIN_BYTES_FOR_BAR or not sys.stderr.isatty():
         yield None
         return
+    # imported only when a bar is drawn: a piped or small run (a benchmark, CI) skips its import
+    from rich.progress import (  # noqa: PLC0415
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeRemainingColumn())
     with Progress(*columns, console=stderr_console(), transient=True) as bar:

@@ -11,14 +11,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ckptdoctor.engines.doctor.diagnose import (
-    Diagnosis,
-    Finding,
-    diagnose,
-    suggested_fix_args,
-)
 from ckptdoctor.engines.doctor.known_keys import (
     HARMLESS_MISSING,
     HARMLESS_UNEXPECTED,
@@ -27,11 +21,16 @@ from ckptdoctor.engines.doctor.known_keys import (
 )
 from ckptdoctor.engines.matching.edits import Edit, apply_edits
 from ckptdoctor.engines.matching.rules import NOT_A_TENSOR, KeyShape, Plan
-from ckptdoctor.engines.spec import DigestMismatch, ModelSpec, check_digests
 from ckptdoctor.errors import FixRefused, UsageError
 from ckptdoctor.formats.pickle.allowance import current as current_allowance
 from ckptdoctor.model.checkpoint import Checkpoint
 from ckptdoctor.model.locate import opaque_classes, state_dict_metadata, state_dict_order, state_dict_values
+
+if TYPE_CHECKING:
+    # The matcher (behind diagnose) and the spec loader are imported by the functions that use
+    # them: `convert` without --against needs neither, and importing them costs a tenth of a second.
+    from ckptdoctor.engines.doctor.diagnose import Diagnosis, Finding
+    from ckptdoctor.engines.spec import DigestMismatch, ModelSpec
 
 
 def checkpoint_keys(ckpt: Checkpoint) -> list[KeyShape]:
@@ -91,7 +90,7 @@ def _score(diagnosis: Diagnosis) -> int:
 
 
 # (implicit counters to add) → (diagnosis, original key → the name it was diagnosed under)
-_Run = Callable[[Mapping[str, str]], tuple[Diagnosis, Mapping[str, str]]]
+_Run = Callable[[Mapping[str, str]], "tuple[Diagnosis, Mapping[str, str]]"]
 
 
 def _settle_counters(ckpt: Checkpoint, implicit: dict[str, str], run: _Run) -> tuple[dict[str, str], Diagnosis]:
@@ -179,6 +178,8 @@ def _dtype_findings(ckpt: Checkpoint, spec: ModelSpec, plan: Plan) -> list[Findi
     if not changed:
         return []
     first = changed[0]
+    from ckptdoctor.engines.doctor.diagnose import Finding  # noqa: PLC0415 - see the imports
+
     return [Finding("dtype-changed", "error",
                     f"the dtype differs from the spec for {_count(len(changed), 'tensor')} "
                     f"(e.g. `{first[0]}`: {first[1]} where the spec has {first[2]})",
@@ -216,6 +217,8 @@ def _tied_finding(tied: Mapping[str, str], plan: Plan) -> list[Finding]:
     renamed = plan.mapping_dict()
     pairs = [(renamed.get(alias, alias), renamed.get(src, src)) for alias, src in tied.items()]
     shown = ", ".join(f"`{a}` = `{b}`" for a, b in pairs[:4])
+    from ckptdoctor.engines.doctor.diagnose import Finding  # noqa: PLC0415 - see the imports
+
     return [Finding("tied-weight", "error",
                     f"{_count(len(pairs), 'tied weight')} stored once ({shown}): the model shares the tensor, the "
                     "file keeps one copy (as safetensors and Hugging Face save it), so a strict load misses the "
@@ -226,6 +229,8 @@ def _tied_finding(tied: Mapping[str, str], plan: Plan) -> list[Finding]:
 def _implicit_finding(implicit: Mapping[str, str]) -> list[Finding]:
     if not implicit:
         return []
+    from ckptdoctor.engines.doctor.diagnose import Finding  # noqa: PLC0415 - see the imports
+
     return [Finding("harmless-missing", "info",
                     f"{_count(len(implicit), 'BatchNorm counter')} (`num_batches_tracked`) absent, with no module "
                     "version saved: torch fills them in on load (files from before torch 0.4.1 look like this)",
@@ -237,6 +242,8 @@ def _digest_finding(mismatches: Sequence[DigestMismatch]) -> list[Finding]:
         return []
     names = ", ".join(f"`{m.key}`" for m in mismatches[:5])
     more = f" (+{len(mismatches) - 5} more)" if len(mismatches) > 5 else ""
+    from ckptdoctor.engines.doctor.diagnose import Finding  # noqa: PLC0415 - see the imports
+
     return [Finding("digest-mismatch", "error",
                     f"the spec's pinned SHA-256 digest differs for {_count(len(mismatches), 'tensor')}: "
                     f"{names}{more}",
@@ -246,6 +253,9 @@ def _digest_finding(mismatches: Sequence[DigestMismatch]) -> list[Finding]:
 
 def check_checkpoint(ckpt: Checkpoint, spec: ModelSpec, *, spec_arg: str) -> CheckResult:
     """Would ``model.load_state_dict(state_dict, strict=True)`` succeed, and if not, why."""
+    from ckptdoctor.engines.doctor.diagnose import diagnose, suggested_fix_args  # noqa: PLC0415 - see the imports
+    from ckptdoctor.engines.spec import check_digests  # noqa: PLC0415
+
     own, target = checkpoint_keys(ckpt), spec_keys(spec)
 
     def run(counters: Mapping[str, str]) -> tuple[Diagnosis, Mapping[str, str]]:
@@ -318,6 +328,8 @@ def plan_repair(ckpt: Checkpoint, *, edits: Sequence[Edit] = (), spec: ModelSpec
         keys = _key_names(ckpt)
         edited = apply_edits(keys, list(edits)) if edits else [(k, k) for k in keys]
         return RepairPlan(tuple(edited), (), (), None, tuple(edits))
+    from ckptdoctor.engines.doctor.diagnose import diagnose  # noqa: PLC0415 - see the imports
+
     own = checkpoint_keys(ckpt)  # tensors and non-tensor entries (renamed alike)
     # Counters torch fills in on load take part in the matching (so renames move them), but
     # they have no tensor to write: they are left out of the mapping below.

@@ -62,10 +62,13 @@ def plan_keys(ckpt: Checkpoint, keys: KeyEdits, edits: Sequence[Edit] | None = N
     ``edits`` are ``keys.edits()`` when the caller parsed them already (to refuse a bad
     ``--rename`` before reading the checkpoint)."""
     from ckptdoctor.engines.doctor.check_fix import plan_repair  # noqa: PLC0415
-    from ckptdoctor.engines.spec import load_spec  # noqa: PLC0415 - a spec may import torch
 
     edits = keys.edits() if edits is None else edits
-    spec = load_spec(keys.against) if keys.against else None
+    spec = None
+    if keys.against:
+        from ckptdoctor.engines.spec import load_spec  # noqa: PLC0415 - a spec may import torch
+
+        spec = load_spec(keys.against)
     return plan_repair(ckpt, edits=edits, spec=spec, drop_unexpected=keys.drop_unexpected,
                        allow_missing=keys.allow_missing)
 

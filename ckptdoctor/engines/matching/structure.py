@@ -11,11 +11,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ckptdoctor.engines.matching.rules import WRAPPER_SEGMENTS, Ambiguity, RenameGroup, Renumber
 from ckptdoctor.engines.matching.state import PARKED, MatchState
+
+if TYPE_CHECKING:  # numpy is imported by align() when it is needed: every command that plans
+    import numpy as np  # keys (convert, fix) imports this module, and numpy's import costs a few tenths of a second
 
 Signature = tuple[tuple[str, tuple[int, ...]], ...]
 
@@ -153,6 +155,8 @@ def _lcs_prefix(eq: np.ndarray) -> np.ndarray:
     textbook recurrence because ``pre[i][j] + 1`` is never below its neighbours; one numpy
     pass per row instead of a Python step per cell.
     """
+    import numpy as np  # noqa: PLC0415 - see the module's imports
+
     n, m = eq.shape
     pre = np.zeros((n + 1, m + 1), dtype=np.int32)
     for i in range(n):
@@ -179,6 +183,8 @@ def align(a: Sequence[Signature], b: Sequence[Signature]) -> tuple[list[tuple[in
     a, b = [a[i] for i in ai], [b[j] for j in bj]
     if a == b:
         return list(zip(ai, bj, strict=True)), len(a)
+    import numpy as np  # noqa: PLC0415 - see the module's imports
+
     codes: dict[Signature, int] = {}
     ca = np.array([codes.setdefault(sig, len(codes)) for sig in a])
     cb = np.array([codes.setdefault(sig, len(codes)) for sig in b])

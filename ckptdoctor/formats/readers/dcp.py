@@ -244,6 +244,11 @@ class DeferredRange(ByteRange):
     def offset(self) -> int:
         return self._resolver.offset(self._item)
 
+    def recorded_crc32(self) -> int | None:
+        """The CRC-32 the item's archive lists for its storage member, when these bytes are that
+        whole member (found with the offset: see :func:`_tensor_start`)."""
+        return self._resolver.crc32(self._item)
+
 
 _SET_PATH, _SET_LENGTH = vars(ByteRange)["path"].__set__, vars(ByteRange)["length"].__set__
 _SET_RESOLVER, _SET_ITEM, _SET_FQN, _SET_DTYPE, _SET_SHAPE = (
@@ -256,13 +261,19 @@ class ItemResolver:
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self.pending: dict[str, list[DeferredRange]] = {}
-        self.found: dict[tuple[str, int], int] = {}
+        self.found: dict[tuple[str, int], tuple[int, int | None]] = {}  # -> (offset, member CRC-32 or None)
 
-    def offset(self, item: Item) -> int:
+    def _found(self, item: Item) -> tuple[int, int | None]:
         key = (item.relative_path, item.offset)
         if key not in self.found:
             self.resolve_file(item.relative_path)
         return self.found[key]
+
+    def offset(self, item: Item) -> int:
+        return self._found(item)[0]
+
+    def crc32(self, item: Item) -> int | None:
+        return self._found(item)[1]
 
     def resolve_file(self, relative_path: str) -> None:
         """Read every pending item of one file in offset order, with a few small reads each."""
@@ -292,8 +303,8 @@ def _pread(fd: _Source, size: int, offset: int, where: str, directory: str) -> b
     return data
 
 
-def _members(fd: _Source, item: Item, where: str, directory: str) -> dict[str, tuple[int, int, int]]:
-    """name -> (local header offset, stored size, compression) from the item's central directory."""
+def _members(fd: _Source, item: Item, where: str, directory: str) -> dict[str, tuple[int, int, int, int]]:
+    """name -> (local header offset, stored size, compression, CRC-32) from the item's central directory."""
     tail_size = min(item.length, MAX_ARCHIVE_TAIL)
     tail = _pread(fd, tail_size, item.offset + item.length - tail_size, where, directory)
     at = tail.rfind(b"PK\x05\x06")
@@ -308,7 +319,7 @@ def _members(fd: _Source, item: Item, where: str, directory: str) -> dict[str, t
     if cd_offset + cd_size > item.length or cd_size > MAX_EMBEDDED_PICKLE:
         raise CorruptCheckpoint(f"{where}: the central directory lies outside the item", path=directory)
     central = _pread(fd, cd_size, item.offset + cd_offset, where, directory)
-    out: dict[str, tuple[int, int, int]] = {}
+    out: dict[str, tuple[int, int, int, int]] = {}
     pos = 0
     while pos + _CENTRAL.size <= len(central):
         fields = _CENTRAL.unpack_from(central, pos)
@@ -320,7 +331,7 @@ def _members(fd: _Source, item: Item, where: str, directory: str) -> dict[str, t
         extra = central[pos + _CENTRAL.size + name_len: pos + _CENTRAL.size + name_len + extra_len]
         if 0xFFFFFFFF in (size, header):
             size, header = _zip64_sizes(extra, fields[9], fields[8], header)
-        out[name] = (header, size, method)
+        out[name] = (header, size, method, fields[7])
         pos += _CENTRAL.size + name_len + extra_len + comment_len
     return out
 
@@ -354,15 +365,18 @@ def _data_start(fd: _Source, item: Item, header: int, size: int, where: str, dir
     return start
 
 
-def _tensor_start(fd: _Source, item: Item, fqn: str, dtype: str, shape: tuple[int, ...], directory: str) -> int:
-    """File offset of the first byte of the tensor saved at ``item`` (checked against ``.metadata``)."""
+def _tensor_start(fd: _Source, item: Item, fqn: str, dtype: str, shape: tuple[int, ...], directory: str
+                  ) -> tuple[int, int | None]:
+    """File offset of the first byte of the tensor saved at ``item`` (checked against ``.metadata``),
+    and the CRC-32 the archive lists for its storage member when the tensor's bytes are exactly
+    that member (a tensor saved whole, not a view into a larger storage), else None."""
     where = f"{item.relative_path}@{item.offset}"
     members = _members(fd, item, where, directory)
     pickles = sorted((n for n in members if n == "data.pkl" or n.endswith("/data.pkl")), key=len)
     if not pickles or members[pickles[0]][1] > MAX_EMBEDDED_PICKLE or members[pickles[0]][2] != 0:
         raise CorruptCheckpoint(f"{where} holds no readable data.pkl", path=directory)
     prefix = pickles[0][: -len("data.pkl")]
-    header, size, _ = members[pickles[0]]
+    header, size, _, _ = members[pickles[0]]
     start = _data_start(fd, item, header, size, where, directory)
     data = _pread(fd, size, item.offset + start, where, directory)
     storages: dict[str, tuple[str, int]] = {}
@@ -390,7 +404,8 @@ def _tensor_start(fd: _Source, item: Item, fqn: str, dtype: str, shape: tuple[in
     if end > member[1] or end > record.storage.nbytes:
         raise CorruptCheckpoint(f"{where}: storage {record.storage.id!r} holds fewer bytes than {fqn!r} needs",
                                 path=directory)
-    return item.offset + first + begin
+    whole = begin == 0 and end == member[1]
+    return item.offset + first + begin, member[3] if whole else None
 
 
 # ---- the checkpoint tree ----------------------------------------------------------------------

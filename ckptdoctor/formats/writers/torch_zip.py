@@ -685,6 +685,23 @@ class ZipArchiveWriter:
 StorageCopy = Callable[[SourceFiles, StorageInfo, int], int]
 
 
+def recorded_crc(storage: StorageInfo) -> int | None:
+    """The CRC-32 the source archive lists for a storage copied byte for byte, or None (compute it).
+
+    A whole member of a torch zip (or of a DCP item's archive) is copied as it is, so the CRC its
+    archive recorded for it is the CRC of what is written: no need to read the bytes again. Only
+    a CRC the reader parsed for exactly these bytes counts (``source.length == nbytes``; a view
+    into a larger member has none), and never 0: ``torch.serialization.set_crc32_options(False)``
+    makes torch.save record 0 for every member (torch.load does not check), and copying that
+    would write a wrong CRC. (A nonempty record whose true CRC is 0 is merely checksummed.)
+    """
+    source = storage.source
+    if source is None or source.length != storage.nbytes or not storage.nbytes:
+        return None
+    crc = storage.crc32 if storage.crc32 is not None else source.recorded_crc32()
+    return crc or None
+
+
 def _swapping_copy(dtype: str, progress: Callable[[int], None] | None) -> StorageCopy:
     """Copy a big-endian storage as little-endian: swap each element of the dtype it is viewed as."""
     def copy(sources: SourceFiles, storage: StorageInfo, fd: int) -> int:
@@ -801,12 +818,10 @@ def _write_torch_zip(fd: int, out: str, root: Any, byteorder: str, progress: Cal
     with SourceFiles() as sources, ThreadPoolExecutor(max_workers=1) as pool:
         def exact(sources: SourceFiles, storage: StorageInfo, fd: int) -> int:
             assert storage.source is not None
-            # A whole record of a torch zip is copied byte for byte, so the CRC-32 its archive
-            # recorded for it is the CRC of what we write: no need to read the bytes again.
-            known = storage.crc32 is not None and storage.source.length == storage.nbytes
+            known = recorded_crc(storage)
             crc = copy_range(sources, storage.source.path, storage.source.offset, storage.nbytes, fd,
-                             with_crc=not known, progress=step, pool=pool)
-            return storage.crc32 if known and storage.crc32 is not None else crc
+                             with_crc=known is None, progress=step, pool=pool)
+            return crc if known is None else known
 
         window = _SourceWindow(sources)
         for index, (storage, key, dtype) in enumerate(zip(table.order, table.keys, table.dtypes)):
