@@ -80,6 +80,10 @@ def _refuse_state(state: Any) -> None:
     raise _Fallback
 
 
+def _no_persistent_ids(pid: Any) -> Any:
+    raise _Fallback  # a pickle without storages names none; the interpreter says what is wrong
+
+
 def _short_strings(lead: bytes) -> bytes:
     """A length byte 0..255 (then zero padding ``lead``) followed by that many bytes."""
     return b"(?:" + b"|".join(re.escape(bytes([n]) + lead) + (b".{%d}" % n) for n in range(256)) + b")"
@@ -144,7 +148,9 @@ class _Loader(pickle.Unpickler):
 
     def __init__(self, data: bytes, persistent: Callable[[Any], Any] | None) -> None:
         super().__init__(io.BytesIO(data), encoding="latin1")
-        self._persistent = persistent
+        # Set through the C unpickler's own attribute, not a method override: it then calls the
+        # reader's function directly, without a Python frame in between (once per tensor).
+        self.persistent_load = persistent if persistent is not None else _no_persistent_ids  # type: ignore[method-assign]
         self.classes: dict[str, tuple[Any, int]] = {}
         self.ordered: list[OrderedDict[Any, Any]] = []
 
@@ -173,11 +179,6 @@ class _Loader(pickle.Unpickler):
         if key in self.classes:
             return self.classes[key][0]
         return self._track(key, _make_from_type_v2)
-
-    def persistent_load(self, pid: Any) -> Any:
-        if self._persistent is None:
-            raise _Fallback
-        return self._persistent(pid)
 
     def _ordered_dict(self, *args: Any) -> OrderedDict[Any, Any]:
         made: OrderedDict[Any, Any] = OrderedDict(*args)
