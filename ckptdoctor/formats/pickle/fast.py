@@ -180,11 +180,6 @@ class _Loader(pickle.Unpickler):
             return self.classes[key][0]
         return self._track(key, _make_from_type_v2)
 
-    def _ordered_dict(self, *args: Any) -> OrderedDict[Any, Any]:
-        made: OrderedDict[Any, Any] = OrderedDict(*args)
-        self.ordered.append(made)  # its attributes are checked after the load (ordered_dicts_ok)
-        return made
-
     def ordered_dicts_ok(self) -> bool:
         """Whether every OrderedDict holds at most what ``SafeUnpickler.load_build`` would set.
 
@@ -210,12 +205,16 @@ class _Loader(pickle.Unpickler):
         if dotted in self.classes:
             return self.classes[dotted][0]
         recorded = dotted in RECORDED_VALUE_TYPES
-        make_ordered = self._ordered_dict
+        # The closures below hold the list, never the loader: a class is a reference cycle, and
+        # through it the loader would keep the reader's archive (200,000 members) until a collection.
+        ordered = self.ordered
 
         def construct(args: tuple[Any, ...]) -> Any:
-            return make_ordered(*args) if real is OrderedDict else real(*args)  # type: ignore[misc]
-
-        ordered = self.ordered
+            if real is OrderedDict:
+                made: OrderedDict[Any, Any] = OrderedDict(*args)
+                ordered.append(made)  # its attributes are checked after the load (ordered_dicts_ok)
+                return made
+            return real(*args)  # type: ignore[misc]
 
         class StandInMeta(_StandInType):
             def __call__(cls, *args: Any, **kwargs: Any) -> Any:  # REDUCE, OBJ with arguments
@@ -260,14 +259,21 @@ def fast_load(data: bytes, persistent_load: Callable[[Any], Any] | None) -> Any:
         return NOT_FAST
     loader = _Loader(data, persistent_load)
     try:
-        result = loader.load()
-    except Exception:  # every failure is re-judged by the interpreter
-        return NOT_FAST
+        try:
+            result = loader.load()
+        except Exception:  # every failure is re-judged by the interpreter
+            return NOT_FAST
+        finally:
+            loader.memo = {}  # drop the memo's references before counting them
+        if loader.escaped() or not loader.ordered_dicts_ok():
+            return NOT_FAST
+        return result
     finally:
-        loader.memo = {}  # drop the memo's references before counting them
-    if loader.escaped() or not loader.ordered_dicts_ok():
-        return NOT_FAST
-    return result
+        # The stand-in classes' closures refer back to the loader: a cycle that would keep its list
+        # of every OrderedDict made (one per tensor, ~20 MB at 200,000) until a collection, or for
+        # good once the command freezes what it read (formats.keep_reads_until_exit).
+        loader.ordered.clear()
+        loader.classes.clear()
 
 
 class gc_paused:
