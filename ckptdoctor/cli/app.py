@@ -25,6 +25,9 @@ __all__ = ["app", "main"]
 
 def main() -> None:
     """Console-script entry point."""
+    from ckptdoctor.formats import keep_reads_until_exit  # noqa: PLC0415 - a light import, after the commands
+
+    keep_reads_until_exit()
     try:
         app()
     except BrokenPipeError:  # `ckptdoctor inspect --keys x | head`

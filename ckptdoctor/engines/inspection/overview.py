@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -127,7 +127,17 @@ def _count_tensors(value: Any) -> tuple[int, int]:
     while stack and seen < MAX_SCAN_NODES:
         node = stack.pop()
         seen += 1
-        if isinstance(node, TensorRecord):
+        kind = type(node)
+        if kind is TensorRecord:
+            count += 1
+            nbytes += node.nbytes
+        # plain containers directly (an optimizer state holds 150,000 tensors in dicts); the same
+        # values in the same order as `children`
+        elif kind is dict or kind is OrderedDict:
+            stack.extend(node.values())
+        elif kind is list or kind is tuple:
+            stack.extend(node)
+        elif isinstance(node, TensorRecord):
             count += 1
             nbytes += node.nbytes
         elif isinstance(node, (Mapping, list, tuple, OpaqueObject)):

@@ -80,6 +80,10 @@ def _refuse_state(state: Any) -> None:
     raise _Fallback
 
 
+def _no_persistent_ids(pid: Any) -> Any:
+    raise _Fallback  # a pickle without storages names none; the interpreter says what is wrong
+
+
 def _short_strings(lead: bytes) -> bytes:
     """A length byte 0..255 (then zero padding ``lead``) followed by that many bytes."""
     return b"(?:" + b"|".join(re.escape(bytes([n]) + lead) + (b".{%d}" % n) for n in range(256)) + b")"
@@ -144,7 +148,9 @@ class _Loader(pickle.Unpickler):
 
     def __init__(self, data: bytes, persistent: Callable[[Any], Any] | None) -> None:
         super().__init__(io.BytesIO(data), encoding="latin1")
-        self._persistent = persistent
+        # Set through the C unpickler's own attribute, not a method override: it then calls the
+        # reader's function directly, without a Python frame in between (once per tensor).
+        self.persistent_load = persistent if persistent is not None else _no_persistent_ids  # type: ignore[method-assign]
         self.classes: dict[str, tuple[Any, int]] = {}
         self.ordered: list[OrderedDict[Any, Any]] = []
 
@@ -174,16 +180,6 @@ class _Loader(pickle.Unpickler):
             return self.classes[key][0]
         return self._track(key, _make_from_type_v2)
 
-    def persistent_load(self, pid: Any) -> Any:
-        if self._persistent is None:
-            raise _Fallback
-        return self._persistent(pid)
-
-    def _ordered_dict(self, *args: Any) -> OrderedDict[Any, Any]:
-        made: OrderedDict[Any, Any] = OrderedDict(*args)
-        self.ordered.append(made)  # its attributes are checked after the load (ordered_dicts_ok)
-        return made
-
     def ordered_dicts_ok(self) -> bool:
         """Whether every OrderedDict holds at most what ``SafeUnpickler.load_build`` would set.
 
@@ -209,12 +205,16 @@ class _Loader(pickle.Unpickler):
         if dotted in self.classes:
             return self.classes[dotted][0]
         recorded = dotted in RECORDED_VALUE_TYPES
-        make_ordered = self._ordered_dict
+        # The closures below hold the list, never the loader: a class is a reference cycle, and
+        # through it the loader would keep the reader's archive (200,000 members) until a collection.
+        ordered = self.ordered
 
         def construct(args: tuple[Any, ...]) -> Any:
-            return make_ordered(*args) if real is OrderedDict else real(*args)  # type: ignore[misc]
-
-        ordered = self.ordered
+            if real is OrderedDict:
+                made: OrderedDict[Any, Any] = OrderedDict(*args)
+                ordered.append(made)  # its attributes are checked after the load (ordered_dicts_ok)
+                return made
+            return real(*args)  # type: ignore[misc]
 
         class StandInMeta(_StandInType):
             def __call__(cls, *args: Any, **kwargs: Any) -> Any:  # REDUCE, OBJ with arguments
@@ -259,14 +259,21 @@ def fast_load(data: bytes, persistent_load: Callable[[Any], Any] | None) -> Any:
         return NOT_FAST
     loader = _Loader(data, persistent_load)
     try:
-        result = loader.load()
-    except Exception:  # every failure is re-judged by the interpreter
-        return NOT_FAST
+        try:
+            result = loader.load()
+        except Exception:  # every failure is re-judged by the interpreter
+            return NOT_FAST
+        finally:
+            loader.memo = {}  # drop the memo's references before counting them
+        if loader.escaped() or not loader.ordered_dicts_ok():
+            return NOT_FAST
+        return result
     finally:
-        loader.memo = {}  # drop the memo's references before counting them
-    if loader.escaped() or not loader.ordered_dicts_ok():
-        return NOT_FAST
-    return result
+        # The stand-in classes' closures refer back to the loader: a cycle that would keep its list
+        # of every OrderedDict made (one per tensor, ~20 MB at 200,000) until a collection, or for
+        # good once the command freezes what it read (formats.keep_reads_until_exit).
+        loader.ordered.clear()
+        loader.classes.clear()
 
 
 class gc_paused:

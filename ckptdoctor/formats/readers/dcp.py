@@ -124,6 +124,11 @@ class DcpFiles:
             self._open[relative_path] = (opened, opened.size, path)  # type: ignore[attr-defined]
         return self._open[relative_path]
 
+    def size_and_path(self, relative_path: str) -> tuple[int, str]:
+        """The size and full path of an item file (opened once)."""
+        _, size, path = self._file(relative_path)
+        return size, path
+
     def check(self, item: Item) -> str:
         """The item's file opens and holds its whole range (no byte of it is read); its path."""
         _, size, path = self._file(item.relative_path)
@@ -470,21 +475,28 @@ class DcpReader:
         self.resolver = ItemResolver(directory)
         self.torch_save: bool | None = None  # items are torch.save archives (not SerializationFormat.SAFETENSORS)
         self.unmapped_count = 0
-        self._strides: dict[tuple[int, ...], tuple[int, ...]] = {}
-        self._numels: dict[tuple[int, ...], int] = {}
+        self._layouts: dict[tuple[int, ...], tuple[tuple[int, ...], int]] = {}  # shape -> (stride, numel)
+        self._files: dict[str, tuple[int, str]] = {}  # relative path -> (size, path), once opened
 
     def tensor(self, fqn: str, dtype: str, shape: tuple[int, ...], requires_grad: bool, chunks: int) -> TensorRecord:
         """The record from ``.metadata`` alone; its byte range is resolved on first use."""
-        stride = self._strides.get(shape)
-        if stride is None:
-            stride = self._strides[shape] = contiguous_stride(shape)
-            self._numels[shape] = math.prod(shape)
-        nbytes = self._numels[shape] * DTYPE_BITS[dtype] // 8
+        layout = self._layouts.get(shape)
+        if layout is None:
+            layout = self._layouts[shape] = (contiguous_stride(shape), math.prod(shape))
+        stride = layout[0]
+        nbytes = layout[1] * DTYPE_BITS[dtype] // 8
         found = self.storage.get(fqn)
         # one chunk, saved whole, without a transform: one run of bytes in one file
-        if chunks == 1 and type(found) is tuple and not any(found[0]) and not found[1].transformed:
+        if chunks == 1 and type(found) is tuple and not any(found[0]) and not found[1].transform_descriptors:
             item = found[1]
-            path = self.files.check(item)
+            # the bounds of `files.check`, without a call once the file is open (200,000 items)
+            opened = self._files.get(item.relative_path)
+            if opened is not None and item.offset >= 0 and item.length >= 0 \
+                    and item.offset + item.length <= opened[0]:
+                path = opened[1]
+            else:
+                path = self.files.check(item)
+                self._files[item.relative_path] = self.files.size_and_path(item.relative_path)
             if self.torch_save is None:
                 self.torch_save = self.files.starts_archive(item)
             if self.torch_save:
