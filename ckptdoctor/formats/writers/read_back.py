@@ -132,18 +132,23 @@ def _storage_loader(path: str, prefix: str, members: dict[str, tuple[int, int]],
     """The pickle's persistent ids resolved against the records read back (as the reader would);
     each storage is recorded in ``storages`` by key."""
 
+    data_prefix = f"{prefix}/data/"
+
     def persistent_load(pid: Any) -> StorageInfo:
+        # Called once per tensor (200,000 times for a large MoE file): one lookup per fact.
         if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage":
             raise ReadBackError(f"unexpected persistent id {pid!r:.80}")
         _, storage_type, key, location, numel = pid
         if not isinstance(storage_type, StorageType) or not isinstance(key, str) or type(numel) is not int:
             raise ReadBackError(f"malformed storage reference {pid!r:.80}")
-        if key in storages:
-            return storages[key]
-        member = f"{prefix}/data/{key}"
-        if member not in members:
+        known = storages.get(key)
+        if known is not None:
+            return known
+        member = data_prefix + key
+        record = members.get(member)
+        if record is None:
             raise ReadBackError(f"the pickle refers to storage {key!r}, which the archive lacks")
-        offset, length = members[member]
+        offset, length = record
         nbytes = numel * itemsize(storage_type.dtype)
         if nbytes != length:
             raise ReadBackError(f"storage {key!r} declares {nbytes} bytes but its record holds {length}")

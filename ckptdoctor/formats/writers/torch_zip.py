@@ -81,8 +81,12 @@ class StorageTable:
         self._seen: dict[int, tuple[StorageInfo, int, bytes]] = {}
 
     def _add(self, storage: StorageInfo, dtype: str) -> tuple[StorageInfo, int, bytes]:
-        same_name = self._by_name.setdefault(storage.id, [])
-        index = next((i for i in same_name if self.order[i] == storage), None)
+        same_name = self._by_name.get(storage.id)
+        if same_name is None:  # a new id (nearly every storage): no comparison to make
+            same_name = self._by_name[storage.id] = []
+            index = None
+        else:
+            index = next((i for i in same_name if self.order[i] == storage), None)
         if index is None:
             index = len(self.order)
             self.order.append(storage)
