@@ -263,9 +263,14 @@ class _Loader(pickle.Unpickler):
         return any(sys.getrefcount(self.classes[key][0]) > self.classes[key][1] for key in self.classes)
 
 
-def fast_load(data: bytes, persistent_load: Callable[[Any], Any] | None) -> Any:
-    """The unpickled object tree, or :data:`NOT_FAST` when the interpreter must decide."""
-    if not _harmless(data):
+def fast_load(data: bytes, persistent_load: Callable[[Any], Any] | None, *, prepass: bool = True) -> Any:
+    """The unpickled object tree, or :data:`NOT_FAST` when the interpreter must decide.
+
+    ``prepass=False`` only for a pickle ckptdoctor's own writer has just produced: the pre-pass
+    bounds what a file's author chose (memo indices, EXT, depth), and that writer numbers its
+    memo 0, 1, 2... and emits none of the rest; the checks after the load still apply.
+    """
+    if prepass and not _harmless(data):
         return NOT_FAST
     loader = _Loader(data, persistent_load)
     try:

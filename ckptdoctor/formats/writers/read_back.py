@@ -23,8 +23,8 @@ import zlib
 from collections.abc import Sequence
 from typing import Any
 
-from ckptdoctor.formats.pickle.stand_ins import StorageType
 from ckptdoctor.formats.pickle.unpickler import load_pickle
+from ckptdoctor.formats.readers.torch_zip import BadReference, storage_reference
 from ckptdoctor.formats.writers.torch_zip import (
     ALIGNMENT,
     CENTRAL,
@@ -136,11 +136,10 @@ def _storage_loader(path: str, prefix: str, members: dict[str, tuple[int, int]],
 
     def persistent_load(pid: Any) -> StorageInfo:
         # Called once per tensor (200,000 times for a large MoE file): one lookup per fact.
-        if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage":
-            raise ReadBackError(f"unexpected persistent id {pid!r:.80}")
-        _, storage_type, key, location, numel = pid
-        if not isinstance(storage_type, StorageType) or not isinstance(key, str) or type(numel) is not int:
-            raise ReadBackError(f"malformed storage reference {pid!r:.80}")
+        try:
+            storage_type, key, location, numel = storage_reference(pid)
+        except BadReference as exc:
+            raise ReadBackError(str(exc)) from None
         known = storages.get(key)
         if known is not None:
             return known
@@ -187,5 +186,7 @@ def read_back_torch_zip(path: str, prefix: str, base: int, size: int, entries: S
     finally:
         os.close(fd)
     storages: dict[str, StorageInfo] = {}
-    root = load_pickle(data, _storage_loader(path, prefix, members, storages), where=name, path=path)
+    # The bytes are the writer's own (their CRC-32 matched above): no pre-pass (see fast_load).
+    root = load_pickle(data, _storage_loader(path, prefix, members, storages), where=name, path=path,
+                       own_writer=True)
     return root, len(storages)
