@@ -44,7 +44,7 @@ def itemsize(dtype: str) -> int:
     return DTYPE_BITS[dtype] // 8
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class ByteRange:
     """Where a storage's bytes lie: ``length`` bytes from ``offset`` in the file ``path``."""
 
@@ -53,6 +53,12 @@ class ByteRange:
     length: int
     # True when `offset` is found only on first use (DCP items): metadata views skip it.
     deferred: ClassVar[bool] = False
+
+    def __init__(self, path: str, offset: int, length: int) -> None:
+        # One per storage (two per tensor in a fix: read and read-back): slots set directly.
+        _b_path(self, path)
+        _b_offset(self, offset)
+        _b_length(self, length)
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -201,6 +207,7 @@ def _slot_setters(cls: type) -> tuple[Any, ...]:
     return tuple(cls.__dict__[f.name].__set__ for f in fields(cls))
 
 
+(_b_path, _b_offset, _b_length) = _slot_setters(ByteRange)
 (_s_id, _s_dtype, _s_nbytes, _s_device, _s_source, _s_name, _s_crc32) = _slot_setters(StorageInfo)
 (_r_dtype, _r_shape, _r_stride, _r_storage_offset, _r_storage, _r_is_parameter, _r_requires_grad,
  _r_layout) = _slot_setters(TensorRecord)
