@@ -161,3 +161,25 @@ def test_layout_and_dims_refuse_what_torch_never_pickles() -> None:
         _check_dims(tuple(range(MAX_DIMS + 1)), "shape")
     with pytest.raises(CkptDoctorError):
         _check_dims((2, 3.0), "shape")
+
+
+def test_a_large_torch_save_takes_the_c_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slowdown no output shows: the reader must get its answer from the C path, not the fallback
+    (a ``persistent_load`` wired the wrong way makes every load fall back silently)."""
+    import ckptdoctor.formats.pickle.unpickler as unpickler
+    from ckptdoctor.formats import open_checkpoint
+
+    outcomes: list[bool] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        result = fast_load(*args, **kwargs)
+        outcomes.append(result is not NOT_FAST)
+        return result
+
+    monkeypatch.setattr(unpickler, "fast_load", spy)
+    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(600)])
+    path = tmp_path / "many.pt"
+    torch.save(model.state_dict(), path)
+    ckpt = open_checkpoint(path)
+    assert outcomes == [True]
+    assert ckpt.keys() == list(model.state_dict())

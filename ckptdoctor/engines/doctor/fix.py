@@ -95,17 +95,21 @@ def fix_checkpoint(path: str, out: str | None, keys: KeyEdits, *, entry: str | N
     if not keys.any:
         raise UsageError("nothing to do: give --strip, --add-prefix, --rename or --against SPEC")
     edits = keys.edits()
-    ckpt = open_checkpoint(path, entry)
-    # Planning and writing allocate a few objects per key and free none of the tree: the
-    # cyclic collector would only re-walk the 200,000 records of a big checkpoint, often.
+    # Reading, planning and writing allocate millions of objects and free none of the tree until
+    # the end: the cyclic collector would only re-walk them (the first allocation after a pause
+    # walks everything allocated during it). So the collector stays paused from the read until
+    # the tree has been freed, by reference counting, at the end of this block.
     with gc_paused():
+        ckpt = open_checkpoint(path, entry)
         plan = plan_keys(ckpt, keys, edits)
         if dry_run or out is None:
+            del ckpt
             return FixResult(plan, None, ())
         entries = repaired_entries(ckpt, plan)
         metadata = remap_metadata(source_metadata(ckpt), plan.mapping, plan.missing)
         report = write_checkpoint(ckpt, entries, out, extract=extract, force=force, metadata=metadata)
-    notes: Sequence[str] = ()
-    if report.format == "torch-zip":
-        notes = full_unpickling_notes(ckpt.root if not extract else entries)
+        notes: Sequence[str] = ()
+        if report.format == "torch-zip":
+            notes = full_unpickling_notes(ckpt.root if not extract else entries)
+        del ckpt, entries
     return FixResult(plan, report, tuple(notes))

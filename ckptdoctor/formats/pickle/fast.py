@@ -248,14 +248,25 @@ class _Loader(pickle.Unpickler):
 
         return self._track(dotted, make)
 
+    def release(self) -> None:
+        """Let go of what the stand-in classes would keep alive until a cyclic collection: the
+        OrderedDicts made during the load (torch pickles one per tensor and drops it)."""
+        self.ordered.clear()
+        self.classes.clear()
+
     def escaped(self) -> bool:
         """True when a stand-in is referenced from the result (used as a value)."""
         return any(sys.getrefcount(self.classes[key][0]) > self.classes[key][1] for key in self.classes)
 
 
-def fast_load(data: bytes, persistent_load: Callable[[Any], Any] | None) -> Any:
-    """The unpickled object tree, or :data:`NOT_FAST` when the interpreter must decide."""
-    if not _harmless(data):
+def fast_load(data: bytes, persistent_load: Callable[[Any], Any] | None, *, prepass: bool = True) -> Any:
+    """The unpickled object tree, or :data:`NOT_FAST` when the interpreter must decide.
+
+    ``prepass=False`` only for a pickle ckptdoctor's own writer has just produced: the pre-pass
+    bounds what a file's author chose (memo indices, EXT, depth), and that writer numbers its
+    memo 0, 1, 2... and emits none of the rest; the checks after the load still apply.
+    """
+    if prepass and not _harmless(data):
         return NOT_FAST
     loader = _Loader(data, persistent_load)
     try:
@@ -269,11 +280,7 @@ def fast_load(data: bytes, persistent_load: Callable[[Any], Any] | None) -> Any:
             return NOT_FAST
         return result
     finally:
-        # The stand-in classes' closures refer back to the loader: a cycle that would keep its list
-        # of every OrderedDict made (one per tensor, ~20 MB at 200,000) until a collection, or for
-        # good once the command freezes what it read (formats.keep_reads_until_exit).
-        loader.ordered.clear()
-        loader.classes.clear()
+        loader.release()
 
 
 class gc_paused:

@@ -86,7 +86,8 @@ def _check_dims(values: Any, what: str) -> tuple[int, ...]:
             shared = SHARED_DIMS.get(values)
         except TypeError:  # an unhashable element: refused below
             shared = None
-        if shared is not None and {*map(type, values)} <= _INT_ONLY:  # 1 == 1.0 == True: check types
+        # 1 == 1.0 == True: check types (issuperset walks them without building a set)
+        if shared is not None and _INT_ONLY.issuperset(map(type, values)):
             return shared
     if not isinstance(values, (tuple, list)) or len(values) > MAX_DIMS:
         raise CorruptCheckpoint(f"tensor {what} is not a short tuple of integers: {values!r:.80}")
@@ -146,7 +147,7 @@ def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -
 
 def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any = False,
                        backward_hooks: Any = None, metadata: Any = None) -> TensorRecord:
-    return _make_tensor(storage, storage_offset, size, stride, requires_grad=requires_grad)
+    return _make_tensor(storage, storage_offset, size, stride, None, requires_grad)  # positional: per tensor
 
 
 def _rebuild_tensor_v3(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any,

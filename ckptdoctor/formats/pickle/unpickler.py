@@ -370,8 +370,12 @@ class SafeUnpickler(_PyUnpickler):
 
 
 def load_pickle(data: bytes, persistent_load: PersistentLoad | None = None, *, where: str = "",
-                path: str | None = None) -> Any:
-    """Interpret one pickle as data; every failure becomes a ckptdoctor error naming ``where``."""
+                path: str | None = None, own_writer: bool = False) -> Any:
+    """Interpret one pickle as data; every failure becomes a ckptdoctor error naming ``where``.
+
+    ``own_writer``: the bytes are exactly what ``writers.torch_zip.TreePickler`` produced (a
+    read-back that has checked their CRC-32), so the C path needs no pre-pass (see ``fast_load``).
+    """
     if len(data) > MAX_PICKLE_BYTES:
         raise LimitExceeded(f"pickle of {len(data)} bytes is beyond the {MAX_PICKLE_BYTES}-byte limit", path=path)
     with gc_paused():
@@ -379,7 +383,7 @@ def load_pickle(data: bytes, persistent_load: PersistentLoad | None = None, *, w
         # for everything else, and to give the exact error whenever the C path fails.
         # An allowance (--allow-global) is applied by the interpreter only.
         fast = len(data) >= FAST_MIN_BYTES and not current_allowance().names
-        result = fast_load(data, persistent_load) if fast else NOT_FAST
+        result = fast_load(data, persistent_load, prepass=not own_writer) if fast else NOT_FAST
         if result is not NOT_FAST:
             return result
         return _run(SafeUnpickler(io.BytesIO(data), persistent_load, where=where), lambda u: u.load_bytes(data),

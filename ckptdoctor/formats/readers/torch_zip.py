@@ -183,6 +183,22 @@ def _location(value: Any) -> str:
     return value
 
 
+class BadReference(ValueError):
+    """A persistent id that is not torch's ``('storage', StorageType, key, location, numel)``."""
+
+
+def storage_reference(pid: Any) -> tuple[StorageType, str, Any, int]:
+    """(storage type, key, location, numel) of a persistent id, or :class:`BadReference`.
+
+    Shared by the reader and the read-back of what ``fix`` wrote (each raises its own error)."""
+    if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage":
+        raise BadReference(f"unexpected persistent id {pid!r:.80}")
+    _, storage_type, key, location, numel = pid
+    if not isinstance(storage_type, StorageType) or not isinstance(key, str) or type(numel) is not int:
+        raise BadReference(f"malformed storage reference {pid!r:.80}")
+    return storage_type, key, location, numel
+
+
 def read_torch_zip(path: str, entry: str | None = None) -> Checkpoint:
     archive = TorchZipArchive(path)
     try:
@@ -191,11 +207,10 @@ def read_torch_zip(path: str, entry: str | None = None) -> Checkpoint:
 
         def persistent_load(pid: Any) -> StorageInfo:
             # Called once per tensor (200,000 times for a large MoE file): one lookup per fact.
-            if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage":
-                raise CorruptCheckpoint(f"unexpected persistent id {pid!r:.80}", path=path)
-            _, storage_type, key, location, numel = pid
-            if not isinstance(storage_type, StorageType) or not isinstance(key, str) or type(numel) is not int:
-                raise CorruptCheckpoint(f"malformed storage reference {pid!r:.80}", path=path)
+            try:
+                storage_type, key, location, numel = storage_reference(pid)
+            except BadReference as exc:
+                raise CorruptCheckpoint(str(exc), path=path) from None
             known = storages.get(key)
             if known is not None:
                 return known

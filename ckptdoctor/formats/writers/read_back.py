@@ -23,8 +23,8 @@ import zlib
 from collections.abc import Sequence
 from typing import Any
 
-from ckptdoctor.formats.pickle.stand_ins import StorageType
 from ckptdoctor.formats.pickle.unpickler import load_pickle
+from ckptdoctor.formats.readers.torch_zip import BadReference, storage_reference
 from ckptdoctor.formats.writers.torch_zip import (
     ALIGNMENT,
     CENTRAL,
@@ -132,18 +132,22 @@ def _storage_loader(path: str, prefix: str, members: dict[str, tuple[int, int]],
     """The pickle's persistent ids resolved against the records read back (as the reader would);
     each storage is recorded in ``storages`` by key."""
 
+    data_prefix = f"{prefix}/data/"
+
     def persistent_load(pid: Any) -> StorageInfo:
-        if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage":
-            raise ReadBackError(f"unexpected persistent id {pid!r:.80}")
-        _, storage_type, key, location, numel = pid
-        if not isinstance(storage_type, StorageType) or not isinstance(key, str) or type(numel) is not int:
-            raise ReadBackError(f"malformed storage reference {pid!r:.80}")
-        if key in storages:
-            return storages[key]
-        member = f"{prefix}/data/{key}"
-        if member not in members:
+        # Called once per tensor (200,000 times for a large MoE file): one lookup per fact.
+        try:
+            storage_type, key, location, numel = storage_reference(pid)
+        except BadReference as exc:
+            raise ReadBackError(str(exc)) from None
+        known = storages.get(key)
+        if known is not None:
+            return known
+        member = data_prefix + key
+        record = members.get(member)
+        if record is None:
             raise ReadBackError(f"the pickle refers to storage {key!r}, which the archive lacks")
-        offset, length = members[member]
+        offset, length = record
         nbytes = numel * itemsize(storage_type.dtype)
         if nbytes != length:
             raise ReadBackError(f"storage {key!r} declares {nbytes} bytes but its record holds {length}")
@@ -182,5 +186,7 @@ def read_back_torch_zip(path: str, prefix: str, base: int, size: int, entries: S
     finally:
         os.close(fd)
     storages: dict[str, StorageInfo] = {}
-    root = load_pickle(data, _storage_loader(path, prefix, members, storages), where=name, path=path)
+    # The bytes are the writer's own (their CRC-32 matched above): no pre-pass (see fast_load).
+    root = load_pickle(data, _storage_loader(path, prefix, members, storages), where=name, path=path,
+                       own_writer=True)
     return root, len(storages)

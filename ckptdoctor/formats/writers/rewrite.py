@@ -17,9 +17,10 @@ module puts it back where it came from and writes the file:
 
 from __future__ import annotations
 
+import operator
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -128,13 +129,16 @@ def source_metadata(ckpt: Checkpoint) -> Any:
 
 def _new_state_dict(ckpt: Checkpoint, entries: Sequence[tuple[str, Any]], metadata: Any) -> OrderedDict[str, Any]:
     """The state dict to write: an OrderedDict, as ``nn.Module.state_dict`` returns, with ``_metadata``."""
-    seen: set[str] = set()
-    for key, _ in entries:
-        if not isinstance(key, str):
-            raise UsageError(f"state-dict keys must be strings, got {key!r:.60}")
-        if key in seen:
-            raise UsageError(f"the new state dict has key {key!r} twice")
-        seen.add(key)
+    keys = [key for key, _ in entries]
+    # Plain distinct strings (every fix): two C passes; otherwise one walk names the first bad key.
+    if set(map(type, keys)) - {str} or len(set(keys)) != len(keys):
+        seen: set[str] = set()
+        for key in keys:
+            if not isinstance(key, str):
+                raise UsageError(f"state-dict keys must be strings, got {key!r:.60}")
+            if key in seen:
+                raise UsageError(f"the new state dict has key {key!r} twice")
+            seen.add(key)
     if not entries:
         raise UsageError("nothing to write: the new state dict is empty")
     state_dict: OrderedDict[str, Any] = OrderedDict(entries)
@@ -217,30 +221,48 @@ def _safetensors_parts(ckpt: Checkpoint, state_dict: Mapping[str, Any]
 
 # -- verification ----------------------------------------------------------------------------
 
-def _walk_tensors(node: Any, seen: set[int] | None = None, depth: int = 0) -> Iterator[TensorRecord]:
-    """Every tensor record anywhere in a tree (each object visited once)."""
-    seen = set() if seen is None else seen
-    if isinstance(node, TensorRecord):
-        yield node
-        return
-    if id(node) in seen or depth > 500:
-        return
-    seen.add(id(node))
-    for _, sub in children(node):
-        yield from _walk_tensors(sub, seen, depth + 1)
-    if isinstance(node, OpaqueObject):  # a recorded call (sparse tensor) keeps tensors in its arguments
-        for sub in node.args:
-            yield from _walk_tensors(sub, seen, depth + 1)
+def _walk_tensors(root: Any) -> list[TensorRecord]:
+    """Every tensor record anywhere in a tree (each object visited once, containers no deeper
+    than 500), containers in depth-first order.
+
+    A loop over a stack, not nested generators: a state dict of 200,000 tensors would pass
+    each one up through a generator per level.
+    """
+    found: list[TensorRecord] = []
+    seen: set[int] = set()
+    stack: list[tuple[Any, int]] = [(root, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, TensorRecord):
+            found.append(node)
+            continue
+        if id(node) in seen or depth > 500:
+            continue
+        seen.add(id(node))
+        subs = list(node.values()) if type(node) in (dict, OrderedDict) else [sub for _, sub in children(node)]
+        if isinstance(node, OpaqueObject):  # a recorded call (sparse tensor) keeps tensors in its arguments
+            subs.extend(node.args)
+        # Tensors are taken at once (the order among them does not matter to the callers);
+        # containers go on the stack so they are still entered in depth-first order.
+        found.extend(sub for sub in subs if type(sub) is TensorRecord)
+        stack.extend((sub, depth + 1) for sub in reversed(subs) if type(sub) is not TensorRecord)
+    return found
 
 
 def _sharing(tensors: Sequence[TensorRecord]) -> list[int]:
     """For each tensor, the index of the first tensor that uses the same storage."""
     first: dict[Any, int] = {}
-    out = []
-    for i, tensor in enumerate(tensors):
-        key = tensor.storage.id if tensor.storage is not None else ("none", i)
-        out.append(first.setdefault(key, i))
-    return out
+    keys = [s.id if s is not None else ("none", i) for i, s in enumerate(map(_STORAGE, tensors))]
+    return [first.setdefault(key, i) for i, key in enumerate(keys)]
+
+
+# What a read-back tensor must share with the one meant (device apart: a property of the storage).
+_LAYOUT = operator.attrgetter("dtype", "shape", "stride", "storage_offset", "is_parameter")
+_STORAGE = operator.attrgetter("storage")
+
+
+def _devices(tensors: Sequence[TensorRecord]) -> list[str]:
+    return [s.device if s is not None else "meta" for s in map(_STORAGE, tensors)]
 
 
 def _mismatch(message: str, out: str) -> CorruptCheckpoint:
@@ -263,12 +285,14 @@ def _verify_torch(root: Any, path: Sequence[str] | None, expected: Sequence[tupl
     _expect(isinstance(node, Mapping), "the state dict is not where it was written", out)
     got = [(k, v) for k, v in node.items() if isinstance(v, TensorRecord)]
     _expect([k for k, _ in got] == [k for k, _ in expected], "the state-dict keys differ", out)
-    for (key, a), (_, b) in zip(got, expected):
-        same = (a.dtype, a.shape, a.stride, a.storage_offset, a.device, a.is_parameter) == (
-            b.dtype, b.shape, b.stride, b.storage_offset, b.device, b.is_parameter)
-        _expect(same, f"tensor {key!r} reads back as {a.dtype}{list(a.shape)} on {a.device}", out)
-    _expect(_sharing([a for _, a in got]) == _sharing([b for _, b in expected]),
-            "the storage-sharing pattern differs", out)
+    read, meant = [a for _, a in got], [b for _, b in expected]
+    # Compared whole lists at once (tuples built in C); only a difference walks them to name it.
+    if list(map(_LAYOUT, read)) != list(map(_LAYOUT, meant)) or _devices(read) != _devices(meant):
+        for (key, a), (_, b) in zip(got, expected):
+            same = (a.dtype, a.shape, a.stride, a.storage_offset, a.device, a.is_parameter) == (
+                b.dtype, b.shape, b.stride, b.storage_offset, b.device, b.is_parameter)
+            _expect(same, f"tensor {key!r} reads back as {a.dtype}{list(a.shape)} on {a.device}", out)
+    _expect(_sharing(read) == _sharing(meant), "the storage-sharing pattern differs", out)
     _expect(referenced == storages, f"{referenced} storages read back, {storages} were written", out)
 
 
@@ -294,9 +318,8 @@ def _reread(tmp: str, out: str, entry: str | None) -> Checkpoint:
 
 def _input_paths(ckpt: Checkpoint) -> list[str]:
     paths = {ckpt.path}
-    for tensor in _walk_tensors(ckpt.root):
-        if tensor.storage is not None and tensor.storage.source is not None:
-            paths.add(tensor.storage.source.path)
+    storages = map(_STORAGE, _walk_tensors(ckpt.root))
+    paths.update(s.source.path for s in storages if s is not None and s.source is not None)
     return sorted(paths)
 
 
