@@ -166,8 +166,8 @@ def test_layout_and_dims_refuse_what_torch_never_pickles() -> None:
 def test_a_large_torch_save_takes_the_c_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A slowdown no output shows: the reader must get its answer from the C path, not the fallback
     (a ``persistent_load`` wired the wrong way makes every load fall back silently)."""
-    import ckptdoctor.formats.pickle.unpickler as unpickler
     from ckptdoctor.formats import open_checkpoint
+    from ckptdoctor.formats.pickle import unpickler
 
     outcomes: list[bool] = []
 
