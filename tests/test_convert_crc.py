@@ -89,3 +89,25 @@ def test_dcp_saved_without_crcs_converts_to_correct_crcs(tmp_path: Path, crc_off
     got = torch.load(out, weights_only=True)
     for key, want in weights.items():
         assert torch.equal(got[key], want), key
+
+
+def test_torch_zip_saved_without_crcs_reads_and_fixes_to_correct_crcs(tmp_path: Path, crc_off: None) -> None:
+    """torch.load reads a file whose every CRC-32 is 0 (not computed); so does ckptdoctor, and what
+    it writes from it carries the true CRC-32s."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    source = tmp_path / "nocrc.pt"
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, source)
+    with zipfile.ZipFile(source) as z:
+        assert {info.CRC for info in z.infolist()} == {0}
+    expected = torch.load(source, weights_only=True)
+    ckpt = open_checkpoint(source)
+    assert ckpt.keys() == list(expected)
+    assert [tuple(t.shape) for t in ckpt] == [tuple(v.shape) for v in expected.values()]
+    out = tmp_path / "fixed.pt"
+    result = run_cli("fix", str(source), "--strip", "module.", "-o", str(out))
+    assert result.exit_code == 0, result.stderr
+    _assert_crcs_match_bytes(out)
+    fixed = torch.load(out, weights_only=True)
+    assert list(fixed) == list(model.state_dict())
+    assert all(torch.equal(fixed[k], v) for k, v in model.state_dict().items())
