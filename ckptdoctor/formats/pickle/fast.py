@@ -63,7 +63,6 @@ NOT_FAST = object()  # "run the interpreter instead"
 _OPENS = b"("
 _CLOSES = b"tldeu\x90\x911o"  # TUPLE LIST DICT APPENDS SETITEMS ADDITEMS FROZENSET POP_MARK OBJ
 _STOP = b"."
-_DEPTH_STEP = bytes.maketrans(_OPENS + _CLOSES, b"\x02" + b"\x00" * len(_CLOSES))
 
 
 class _Fallback(Exception):
@@ -120,17 +119,27 @@ def _harmless(data: bytes) -> bool:
     """True when every opcode is tokenised, memo indices are bounded and nesting is shallow."""
     bits = max(16, (len(data) // 2 + 256).bit_length())
     tokens = b"".join(_prepass(bits).findall(data))
+    return tokens_admitted(tokens, _CLOSES, MAX_MARK_DEPTH)
+
+
+def tokens_admitted(tokens: bytes, closes: bytes, depth: int) -> bool:
+    """The verdict of a pre-pass on its tokens: one byte per MARK (``(``), per opcode in ``closes``
+    that pops one, and per ``STOP``, plus the byte where the pattern stopped matching.
+
+    True when a ``STOP`` is reached with no unadmitted opcode before it and MARKs never nest
+    deeper than ``depth``. Shared by the generic pre-pass here and DCP's (``readers/dcp_prepass.py``).
+    """
     stop = tokens.find(_STOP)
     if stop < 0:
         return False
     head = tokens[:stop]
-    if head.translate(None, _OPENS + _CLOSES):
+    if head.translate(None, _OPENS + closes):
         return False  # an opcode the pattern does not admit
-    if head.count(_OPENS) <= MAX_MARK_DEPTH:
+    if head.count(_OPENS) <= depth:
         return True
     # depth after the k-th token = (2 x MARKs so far) - k; all in C: no Python step per token
-    steps = head.translate(_DEPTH_STEP)
-    return max(map(operator.sub, itertools.accumulate(steps), itertools.count(1))) <= MAX_MARK_DEPTH
+    steps = head.translate(bytes.maketrans(_OPENS + closes, b"\x02" + b"\x00" * len(closes)))
+    return max(map(operator.sub, itertools.accumulate(steps), itertools.count(1))) <= depth
 
 
 def _make_from_type_v2() -> Any:

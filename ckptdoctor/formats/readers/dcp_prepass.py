@@ -26,19 +26,15 @@ admitted.
 
 from __future__ import annotations
 
-import itertools
-import operator
 import re
 from functools import lru_cache
 
+from ckptdoctor.formats.pickle.fast import tokens_admitted
 from ckptdoctor.limits import MAX_MARK_DEPTH
 
 ENTRY_DEPTH = 3  # MARKs an entry pattern nests inside itself (TensorStorageMetadata's state, a chunk's, a 4-d size)
 
-_OPENS = b"("
-_CLOSES = b"tue"  # TUPLE SETITEMS APPENDS
-_STOP = b"."
-_DEPTH_STEP = bytes.maketrans(_OPENS + _CLOSES, b"\x02" + b"\x00" * len(_CLOSES))
+_CLOSES = b"tue"  # TUPLE SETITEMS APPENDS: the MARK-popping opcodes DCP's pickles use
 
 
 def _counted(opcode: bytes, width: int) -> bytes:
@@ -93,15 +89,4 @@ def _pattern() -> re.Pattern[bytes]:
 def admitted(data: bytes) -> bool:
     """True when every opcode up to ``STOP`` is one DCP writes and nesting stays within the limit."""
     tokens = b"".join(_pattern().findall(data))
-    stop = tokens.find(_STOP)
-    if stop < 0:
-        return False
-    head = tokens[:stop]
-    if head.translate(None, _OPENS + _CLOSES):
-        return False  # an opcode the pattern does not admit
-    limit = MAX_MARK_DEPTH - ENTRY_DEPTH
-    if head.count(_OPENS) <= limit:
-        return True
-    # depth after the k-th token = (2 x MARKs so far) - k; all in C: no Python step per token
-    steps = head.translate(_DEPTH_STEP)
-    return max(map(operator.sub, itertools.accumulate(steps), itertools.count(1))) <= limit
+    return tokens_admitted(tokens, _CLOSES, MAX_MARK_DEPTH - ENTRY_DEPTH)
