@@ -31,9 +31,8 @@ import io
 import math
 import struct
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from operator import attrgetter, itemgetter
 from typing import IO, Any
 
 from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint, LimitExceeded, UnsupportedFormat
@@ -547,18 +546,12 @@ def _lists(node: dict[Any, Any], nodes: set[int], depth: int = 0) -> Any:
     return node
 
 
-def _files_used(storage: StorageIndex) -> list[str]:
-    """The item files ``.metadata`` names, sorted; with C iteration when every tensor is one chunk."""
-    found = storage.values()
-    if set(map(type, found)) <= {tuple}:
-        return sorted(set(map(_ITEM_PATH, map(_ITEM, found))))
-    paths: set[str] = set()
-    for value in found:
-        paths.update(item.relative_path for _, item in ([value] if type(value) is tuple else value))
-    return sorted(paths)
-
-
-_ITEM, _ITEM_PATH = itemgetter(1), attrgetter("relative_path")
+def _items(storage: StorageIndex) -> Iterator[Item]:
+    for found in storage.values():
+        if type(found) is tuple:
+            yield found[1]
+        else:
+            yield from (item for _, item in found)
 
 
 def _file_size(directory: str, name: str) -> int:
@@ -608,7 +601,7 @@ def _checkpoint(directory: str, metadata: Metadata, size: int, entry: str | None
         reader.notes.append(f"{reader.unmapped_count} tensors are stored in several chunks, through a transform or "
                             "not as torch.save archives (sharded, compressed or safetensors-format save); their "
                             "shapes and dtypes are known but their bytes are not mapped")
-    files_used = _files_used(reader.storage)
+    files_used = sorted({item.relative_path for item in _items(reader.storage)})
     total = size + sum(_file_size(directory, name) for name in files_used)
     extra = {"dcp_version": metadata.version, "files": files_used}
     return build_checkpoint(directory, "dcp", total, _lists(tree.root, tree.nodes), entry=entry, extra=extra,
