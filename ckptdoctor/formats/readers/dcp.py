@@ -472,7 +472,8 @@ class DcpReader:
         """The record from ``.metadata`` alone; its byte range is resolved on first use.
 
         Runs once per entry (200,000 in a large run's ``.metadata``): what depends only on the
-        shape and dtype, or only on the item's file, is looked up, not recomputed.
+        shape, or only on the item's file (its size, path and pending list), is looked up once,
+        and the three records are made by their twins (:mod:`.dcp_records`).
         """
         layout = self._layouts.get(shape)
         if layout is None:
