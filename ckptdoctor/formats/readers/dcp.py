@@ -32,7 +32,7 @@ import math
 import struct
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import IO, Any
 
 from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint, LimitExceeded, UnsupportedFormat
@@ -49,6 +49,7 @@ from ckptdoctor.formats.readers.dcp_metadata import (
     fast_metadata,
     generic_metadata,
 )
+from ckptdoctor.formats.readers.dcp_records import new_record, new_storage
 from ckptdoctor.formats.readers.members import member_path
 from ckptdoctor.formats.readers.torch_zip import LOCAL_HEADER
 from ckptdoctor.formats.registry import DirectoryLayout
@@ -223,7 +224,8 @@ class DeferredRange(ByteRange):
     """A tensor's bytes inside a ``.distcp`` item: the file and length are known from
     ``.metadata``; the offset needs the item's archive, so it is found on first use, for every
     tensor of that file in one pass (:meth:`ItemResolver.resolve_file`). Metadata commands never
-    ask for it and so never read a ``.distcp`` byte. Slotted: a large checkpoint holds one per tensor."""
+    ask for it and so never read a ``.distcp`` byte. Slotted: a large checkpoint holds one per tensor.
+    Its maker adds it to the resolver's ``pending`` list of its file (:meth:`DcpReader.tensor`)."""
 
     __slots__ = ("_dtype", "_fqn", "_item", "_resolver", "_shape")
     deferred = True
@@ -243,7 +245,6 @@ class DeferredRange(ByteRange):
         _SET_FQN(self, fqn)
         _SET_DTYPE(self, dtype)
         _SET_SHAPE(self, shape)
-        resolver.pending.setdefault(item.relative_path, []).append(self)
 
     @property  # ByteRange.offset is a field; here it is found on first use
     def offset(self) -> int:
@@ -258,6 +259,43 @@ class DeferredRange(ByteRange):
 _SET_PATH, _SET_LENGTH = vars(ByteRange)["path"].__set__, vars(ByteRange)["length"].__set__
 _SET_RESOLVER, _SET_ITEM, _SET_FQN, _SET_DTYPE, _SET_SHAPE = (
     vars(DeferredRange)[name].__set__ for name in ("_resolver", "_item", "_fqn", "_dtype", "_shape"))
+
+
+class _DeferredTwin(ByteRange):
+    """``DeferredRange(...)`` made as a same-layout twin, then retyped (see :mod:`.dcp_records`):
+    half the cost of the seven slot setters, once per tensor. Both attribute hooks are object's
+    own, so that its stores take CPython's fast path (a class with a Python ``__delattr__``, as
+    the frozen ``ByteRange`` has, gets none)."""
+
+    __slots__ = DeferredRange.__slots__
+    __setattr__ = object.__setattr__
+    __delattr__ = object.__delattr__
+
+    def __init__(self, resolver: ItemResolver, item: Item, fqn: str, path: str, length: int, dtype: str,
+                 shape: tuple[int, ...]) -> None:
+        self.path = path  # type: ignore[misc]
+        self.length = length  # type: ignore[misc]
+        self._resolver = resolver
+        self._item = item
+        self._fqn = fqn
+        self._dtype = dtype
+        self._shape = shape
+        self.__class__ = DeferredRange  # type: ignore[assignment]
+
+
+def _deferred_twin_matches() -> bool:
+    """Whether the twin makes what ``DeferredRange(...)`` makes (its fields and type)."""
+    fields = ("path", "length", "_resolver", "_item", "_fqn", "_dtype", "_shape")
+    args: tuple[Any, ...] = (None, None, "k", "p", 8, "float32", (2,))
+    try:
+        made: Any = _DeferredTwin(*args)
+    except TypeError:  # the layouts differ: CPython refuses the retyping
+        return False
+    expected = DeferredRange(*args)
+    return type(made) is DeferredRange and all(getattr(made, f) == getattr(expected, f) for f in fields)
+
+
+new_deferred: Any = _DeferredTwin if _deferred_twin_matches() else DeferredRange
 
 
 class ItemResolver:
@@ -283,7 +321,9 @@ class ItemResolver:
     def resolve_file(self, relative_path: str) -> None:
         """Read every pending item of one file in offset order, with a few small reads each."""
         path = member_path(self.directory, relative_path, ".metadata")
-        ranges = sorted(self.pending.pop(relative_path, []), key=lambda r: r._item.offset)
+        pending = self.pending.get(relative_path, [])
+        ranges = sorted(pending, key=lambda r: r._item.offset)
+        pending.clear()  # emptied, not removed: the reader keeps appending to this list
         source = _Source(storage_for(path), path)
         for r in ranges:
             self.found[(relative_path, r._item.offset)] = _tensor_start(source, r._item, r._fqn, r._dtype, r._shape,
@@ -415,57 +455,6 @@ def _tensor_start(fd: _Source, item: Item, fqn: str, dtype: str, shape: tuple[in
 
 # ---- the checkpoint tree ----------------------------------------------------------------------
 
-def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[Any, Any], None], ...] | None:
-    """Setters of a frozen slotted dataclass's fields, when ``names`` are exactly its fields.
-
-    A 200,000-entry ``.metadata`` makes 200,000 records and storages: the dataclass ``__init__``
-    (one ``object.__setattr__`` lookup and call per field) costs 2.5 times setting the slots
-    directly. Should the model gain a field, the plain constructors are used instead.
-    """
-    if tuple(f.name for f in fields(cls)) != names:
-        return None
-    return tuple(vars(cls)[name].__set__ for name in names)
-
-
-_RECORD_SETTERS = _slot_setters(TensorRecord, ("dtype", "shape", "stride", "storage_offset", "storage",
-                                               "is_parameter", "requires_grad", "layout"))
-_STORAGE_SETTERS = _slot_setters(StorageInfo, ("id", "dtype", "nbytes", "device", "source", "name", "crc32"))
-
-
-def _record(dtype: str, shape: tuple[int, ...], stride: tuple[int, ...], storage: StorageInfo,
-            requires_grad: bool) -> TensorRecord:
-    """``TensorRecord(dtype, shape, stride, 0, storage, False, requires_grad)``, made quickly."""
-    if _RECORD_SETTERS is None:
-        return TensorRecord(dtype, shape, stride, 0, storage, False, requires_grad)
-    record = object.__new__(TensorRecord)
-    set_dtype, set_shape, set_stride, set_offset, set_storage, set_parameter, set_grad, set_layout = _RECORD_SETTERS
-    set_dtype(record, dtype)
-    set_shape(record, shape)
-    set_stride(record, stride)
-    set_offset(record, 0)
-    set_storage(record, storage)
-    set_parameter(record, False)
-    set_grad(record, requires_grad)
-    set_layout(record, "strided")
-    return record
-
-
-def _storage(key: str, dtype: str, nbytes: int, source: ByteRange | None, name: str) -> StorageInfo:
-    """``StorageInfo(key, dtype, nbytes, "cpu", source, name)``, made quickly."""
-    if _STORAGE_SETTERS is None:
-        return StorageInfo(key, dtype, nbytes, "cpu", source, name)
-    storage = object.__new__(StorageInfo)
-    set_id, set_dtype, set_nbytes, set_device, set_source, set_name, set_crc = _STORAGE_SETTERS
-    set_id(storage, key)
-    set_dtype(storage, dtype)
-    set_nbytes(storage, nbytes)
-    set_device(storage, "cpu")
-    set_source(storage, source)
-    set_name(storage, name)
-    set_crc(storage, None)
-    return storage
-
-
 class DcpReader:
     """Turns ``.metadata``'s entries into records and values."""
 
@@ -476,10 +465,16 @@ class DcpReader:
         self.torch_save: bool | None = None  # items are torch.save archives (not SerializationFormat.SAFETENSORS)
         self.unmapped_count = 0
         self._layouts: dict[tuple[int, ...], tuple[tuple[int, ...], int]] = {}  # shape -> (stride, numel)
-        self._files: dict[str, tuple[int, str]] = {}  # relative path -> (size, path), once opened
+        # relative path -> (size, path, its ranges pending resolution), once opened
+        self._files: dict[str, tuple[int, str, list[DeferredRange]]] = {}
 
     def tensor(self, fqn: str, dtype: str, shape: tuple[int, ...], requires_grad: bool, chunks: int) -> TensorRecord:
-        """The record from ``.metadata`` alone; its byte range is resolved on first use."""
+        """The record from ``.metadata`` alone; its byte range is resolved on first use.
+
+        Runs once per entry (200,000 in a large run's ``.metadata``): what depends only on the
+        shape, or only on the item's file (its size, path and pending list), is looked up once,
+        and the three records are made by their twins (:mod:`.dcp_records`).
+        """
         layout = self._layouts.get(shape)
         if layout is None:
             layout = self._layouts[shape] = (contiguous_stride(shape), math.prod(shape))
@@ -487,25 +482,25 @@ class DcpReader:
         nbytes = layout[1] * DTYPE_BITS[dtype] // 8
         found = self.storage.get(fqn)
         # one chunk, saved whole, without a transform: one run of bytes in one file
-        if chunks == 1 and type(found) is tuple and not any(found[0]) and not found[1].transform_descriptors:
+        if chunks == 1 and type(found) is tuple and not found[1].transform_descriptors and not any(found[0]):
             item = found[1]
-            # the bounds of `files.check`, without a call once the file is open (200,000 items)
+            # the bounds of `files.check`, without a call once the file is open
             opened = self._files.get(item.relative_path)
-            if opened is not None and item.offset >= 0 and item.length >= 0 \
-                    and item.offset + item.length <= opened[0]:
-                path = opened[1]
-            else:
-                path = self.files.check(item)
-                self._files[item.relative_path] = self.files.size_and_path(item.relative_path)
+            if opened is None or item.offset < 0 or item.length < 0 or item.offset + item.length > opened[0]:
+                self.files.check(item)  # raises when out of bounds
+                size, path = self.files.size_and_path(item.relative_path)
+                opened = self._files[item.relative_path] = (
+                    size, path, self.resolver.pending.setdefault(item.relative_path, []))
             if self.torch_save is None:
                 self.torch_save = self.files.starts_archive(item)
             if self.torch_save:
-                source = DeferredRange(self.resolver, item, fqn, path, nbytes, dtype, shape)
-                storage = _storage(f"{fqn}@0", dtype, nbytes, source, f"{item.relative_path}@{item.offset}/0")
-                return _record(dtype, shape, stride, storage, requires_grad)
+                source = new_deferred(self.resolver, item, fqn, opened[1], nbytes, dtype, shape)
+                opened[2].append(source)
+                storage = new_storage(f"{fqn}@0", dtype, nbytes, source, f"{item.relative_path}@{item.offset}/0")
+                return new_record(dtype, shape, stride, storage, requires_grad)
         # several chunks, a transform, or not a torch.save archive: metadata only (``source=None``)
         self.unmapped_count += 1
-        return _record(dtype, shape, stride, _storage(f"{fqn}@", dtype, nbytes, None, fqn), requires_grad)
+        return new_record(dtype, shape, stride, new_storage(f"{fqn}@", dtype, nbytes, None, fqn), requires_grad)
 
     def value(self, fqn: str) -> Any:
         """A non-tensor entry: the saved object as data when small and readable, else opaque."""
@@ -530,6 +525,10 @@ def _key_path(fqn: str, planner_data: Any) -> tuple[Any, ...]:
     """The nested key path of ``fqn`` (``planner_data``), or the flat key when it does not match."""
     path = planner_data.get(fqn) if isinstance(planner_data, dict) else None
     if isinstance(path, tuple) and path and len(path) <= MAX_TREE_DEPTH:
+        try:  # the common case, all parts strings: one join in C checks their types and the key
+            return path if ".".join(path) == fqn else (fqn,)
+        except TypeError:  # an int part (param_groups, a list index), or not a key part at all
+            pass
         for part in path:  # a plain loop: the cheapest check for a few parts
             if not isinstance(part, (str, int)):
                 return (fqn,)

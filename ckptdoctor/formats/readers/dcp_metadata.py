@@ -284,27 +284,40 @@ def _stand_ins(emptied: list[dict[str, Any]]) -> dict[tuple[str, str], Any]:
         if type(properties) is not properties_cls or type(chunks) is not list or type(size) is not tuple \
                 or shared_get(size) is not size:
             raise Fallback
-        self.properties, self.size, self.chunks = properties, size, chunks
+        self.properties = properties
+        self.size = size
+        self.chunks = chunks
         keep(state)
         state.clear()
 
+    # index_state and info_state: any exception (KeyError, TypeError on a state that is not a
+    # dict) sends the load back too; the key set is checked by its size once the required keys
+    # are found (a keys-view comparison per state cost as much as the rest)
     def index_state(self: Any, state: Any) -> None:
-        if type(state) is not dict or not state.keys() <= _INDEX_KEYS or type(state.get("fqn")) is not str:
+        fqn = state["fqn"]
+        if type(state) is not dict or type(fqn) is not str or not (
+                len(state) == 1 or (len(state) == 3 and "offset" in state and "index" in state)
+                or state.keys() <= _INDEX_KEYS):
             raise Fallback
         offset = state.get("offset")
         if offset is None:
             offset = ()
         elif type(offset) is not tuple or shared_get(offset) is not offset:
             raise Fallback
-        self.fqn, self.chunk = state["fqn"], offset
+        self.fqn = fqn
+        self.chunk = offset
         keep(state)
         state.clear()
 
     def info_state(self: Any, state: Any) -> None:
-        if type(state) is not dict or not state.keys() <= _INFO_KEYS or type(state.get("relative_path")) is not str \
-                or type(state.get("offset")) is not int or type(state.get("length")) is not int:
+        relative_path, offset, length = state["relative_path"], state["offset"], state["length"]
+        if type(state) is not dict or type(relative_path) is not str or type(offset) is not int \
+                or type(length) is not int or not (len(state) == 3 or (
+                    len(state) == 4 and "transform_descriptors" in state)):
             raise Fallback
-        self.relative_path, self.offset, self.length = state["relative_path"], state["offset"], state["length"]
+        self.relative_path = relative_path
+        self.offset = offset
+        self.length = length
         self.transform_descriptors = state.get("transform_descriptors")
         keep(state)
         state.clear()
