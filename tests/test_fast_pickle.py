@@ -183,3 +183,35 @@ def test_a_large_torch_save_takes_the_c_path(tmp_path: Path, monkeypatch: pytest
     ckpt = open_checkpoint(path)
     assert outcomes == [True]
     assert ckpt.keys() == list(model.state_dict())
+
+
+def test_prepass_alternatives_start_with_distinct_bytes() -> None:
+    """The pre-pass tries its alternatives most frequent first; that order may change only its
+    speed, which holds when no byte can start two of them (then at most one can match)."""
+    import re
+
+    from ckptdoctor.formats.pickle.fast import prepass_alternatives
+
+    leads = [re.compile(b"(?s)" + lead) for lead, _ in prepass_alternatives(24)]
+    for byte in range(256):
+        assert sum(lead.fullmatch(bytes([byte])) is not None for lead in leads) <= 1, byte
+
+
+def test_a_shared_shape_and_stride_still_has_its_elements_checked() -> None:
+    """The rebuild's shared (shape, stride) lookup finds ``(4.0, 8)`` and ``(True, 8)`` equal to
+    ``(4, 8)``: they must be refused exactly as without the lookup, never given the shared tuple."""
+    from ckptdoctor.formats.pickle.stand_ins import _rebuild_tensor_v2
+
+    storage = StorageInfo("0", "float32", 128)
+    record = _rebuild_tensor_v2(storage, 0, (4, 8), (8, 1), False, OrderedDict())
+    again = _rebuild_tensor_v2(storage, 2, (4, 8), (8, 1), True, OrderedDict())
+    assert (record.shape, record.stride, record.storage_offset, record.requires_grad) == ((4, 8), (8, 1), 0, False)
+    assert again.shape is record.shape and again.stride is record.stride and again.requires_grad
+    assert (again.storage_offset, again.dtype, again.storage) == (2, "float32", storage)
+    for shape, stride in (((4.0, 8), (8, 1)), ((True, 8), (8, 1)), ((4, 8), (8.0, 1)), ([4, [8]], (8, 1))):
+        with pytest.raises(CkptDoctorError):
+            _rebuild_tensor_v2(storage, 0, shape, stride)
+    with pytest.raises(CkptDoctorError):
+        _rebuild_tensor_v2(storage, -1, (4, 8), (8, 1))
+    listed = _rebuild_tensor_v2(storage, 0, [4, 8], [8, 1])  # lists: accepted as before, as tuples
+    assert listed.shape == (4, 8) and type(listed.shape) is tuple

@@ -297,7 +297,7 @@ def read_torch_zip(path: str, entry: str | None = None) -> Checkpoint:
         data = archive.read_member("data.pkl")
         root = load_pickle(data, persistent_load, where=archive.pickle_name, path=path)
         torchscript = archive.has("constants.pkl") or any(
-            n.startswith(archive.prefix + "code/") for n in archive.members)
+            map(methodcaller("startswith", archive.prefix + "code/"), archive.members))
         extra: dict[str, Any] = {"archive_prefix": archive.prefix.rstrip("/")}
         if archive.has("byteorder"):
             extra["byteorder"] = archive.read_member("byteorder", 16).decode("ascii", "replace")
