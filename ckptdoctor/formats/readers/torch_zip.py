@@ -77,9 +77,7 @@ class TorchZipArchive:
             raise UnsupportedFormat("a zip archive without data.pkl: not a torch.save file", path=path)
         self.pickle_name = min(pickles, key=len)
         self.prefix = self.pickle_name[: -len("data.pkl")]
-        # Where each member's record ends: the next record's start (members are contiguous).
-        starts = sorted({*map(itemgetter(2), listed), self.zip.start_dir})
-        self._starts = starts
+        self._sorted_starts: list[int] | None = None
         self._window_start = 0
         self._window = b""
         if self.storage.remote:
@@ -92,6 +90,15 @@ class TorchZipArchive:
 
     def close(self) -> None:
         self.file.close()
+
+    @property
+    def _starts(self) -> list[int]:
+        """Where each member's record ends: the next record's start (members are contiguous).
+
+        Sorted on first use: a local archive whose headers :meth:`verified_starts` checks never needs it."""
+        if self._sorted_starts is None:
+            self._sorted_starts = sorted({*map(itemgetter(2), self.zip.members), self.zip.start_dir})
+        return self._sorted_starts
 
     def has(self, name: str) -> bool:
         return self.prefix + name in self.members
