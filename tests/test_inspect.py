@@ -251,3 +251,24 @@ def test_overview_totals_devices_and_aliases_equal_a_walk_over_the_tensors(tmp_p
     assert ov.devices == ("cpu", "meta")
     assert ov.shared == (("view", "base", "t"),)
     assert ov.storage_bytes == 2 * 3 * 2 + 24 * 4 + 7 * 8
+
+
+def test_tree_groups_interleaved_modules_in_first_seen_order(tmp_path: Path) -> None:
+    """Keys of one module need not be contiguous (a dict's order is the saver's): every key lands
+    under its module, modules and tensors in the order they first appear, numbered blocks fold."""
+    sd = {"x.a.weight": torch.ones(2), "y.b.weight": torch.ones(3), "x.c.weight": torch.ones(4),
+          "blocks.0.w": torch.ones(5), "top": torch.ones(1), "blocks.1.w": torch.ones(5), "y.b.bias": torch.ones(3)}
+    path = tmp_path / "interleaved.pt"
+    torch.save(sd, path)
+    tree = build_tree(open_checkpoint(str(path)).tensors)
+
+    def shape(node):  # type: ignore[no-untyped-def]
+        return (node.name, node.tensors, [shape(c) for c in node.children])
+
+    assert shape(tree) == ("", 7, [
+        ("x", 2, [("a", 1, [("weight", 1, [])]), ("c", 1, [("weight", 1, [])])]),
+        ("y", 2, [("b", 2, [("weight", 1, []), ("bias", 1, [])])]),
+        ("blocks", 2, [("{0..1}", 2, [("w", 1, [])])]),
+        ("top", 1, []),
+    ])
+    assert shape(build_tree(open_checkpoint(str(path)).tensors, pattern="*")) == shape(tree)
