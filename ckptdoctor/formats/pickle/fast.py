@@ -65,6 +65,19 @@ _CLOSES = b"tldeu\x90\x911o"  # TUPLE LIST DICT APPENDS SETITEMS ADDITEMS FROZEN
 _STOP = b"."
 
 
+C_PREFETCH = 1 << 17  # what CPython's C unpickler asks `peek` for (_pickle.c PREFETCH)
+
+
+def c_unpickler_input(data: bytes) -> io.BufferedReader:
+    """``data`` as the C unpickler reads it fastest: a file with ``peek``.
+
+    Given a plain ``BytesIO`` (no ``peek``), the C unpickler calls its ``read`` for every opcode
+    (millions of calls for a 200,000-tensor pickle: two thirds of a raw load's time); with ``peek``
+    it takes 128 KiB at a time and reads those in C. The bytes are the same object's either way.
+    """
+    return io.BufferedReader(io.BytesIO(data), buffer_size=C_PREFETCH)
+
+
 class _Fallback(Exception):
     """The C path met something only the interpreter handles exactly."""
 
@@ -166,7 +179,7 @@ class _Loader(pickle.Unpickler):
     """The C unpickler with every global replaced by a stand-in (see the module docstring)."""
 
     def __init__(self, data: bytes, persistent: Callable[[Any], Any] | None) -> None:
-        super().__init__(io.BytesIO(data), encoding="latin1")
+        super().__init__(c_unpickler_input(data), encoding="latin1")
         # Set through the C unpickler's own attribute, not a method override: it then calls the
         # reader's function directly, without a Python frame in between (once per tensor).
         self.persistent_load = persistent if persistent is not None else _no_persistent_ids  # type: ignore[method-assign]
