@@ -215,3 +215,31 @@ def test_a_shared_shape_and_stride_still_has_its_elements_checked() -> None:
         _rebuild_tensor_v2(storage, -1, (4, 8), (8, 1))
     listed = _rebuild_tensor_v2(storage, 0, [4, 8], [8, 1])  # lists: accepted as before, as tuples
     assert listed.shape == (4, 8) and type(listed.shape) is tuple
+
+
+def test_tensor_entries_decide_the_speed_never_the_verdict(zoo_pickles: list[tuple[str, bytes]],
+                                                           tmp_path: Path) -> None:
+    """The pre-pass tries a whole torch.save tensor entry before single opcodes; its verdict must be
+    the one the single opcodes alone give (with the entry's nesting reserved), on every real and
+    hostile pickle, and the entries must really match torch.save's tensors."""
+    import re
+
+    from ckptdoctor.formats.pickle.fast import _CLOSES, ENTRY_DEPTH, _prepass, prepass_alternatives, tokens_admitted
+    from ckptdoctor.limits import MAX_MARK_DEPTH
+
+    hostile = []
+    for sample in build_corpus(tmp_path):
+        try:
+            hostile += [(sample.name, data) for data in _pickles_of(sample.path)] if zipfile.is_zipfile(
+                sample.path) else []
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError):
+            continue
+    shortened = 0
+    for where, data in [*zoo_pickles, *hostile]:
+        bits = max(16, (len(data) // 2 + 256).bit_length())
+        alone = re.compile(b"(?s)(?:" + b"|".join(lead + arg for lead, arg in prepass_alternatives(bits)) + b")*+(.)")
+        one_by_one = b"".join(alone.findall(data))
+        with_entries = b"".join(_prepass(bits).findall(data))
+        assert _harmless(data) == tokens_admitted(one_by_one, _CLOSES, MAX_MARK_DEPTH - ENTRY_DEPTH), where
+        shortened += len(with_entries) < len(one_by_one)
+    assert shortened >= 5

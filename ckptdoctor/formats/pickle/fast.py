@@ -132,9 +132,34 @@ def prepass_alternatives(bits: int) -> tuple[tuple[bytes, bytes], ...]:
     )
 
 
+ENTRY_DEPTH = 3  # MARKs the tensor entry nests inside itself (its arguments, the pid, a 4-d or larger size)
+
+
+def tensor_entry(bits: int) -> bytes:
+    """One tensor as ``torch.save`` pickles it after the first (whose globals it names): the key, then
+    ``_rebuild_tensor_v2((pid...), offset, size, stride, requires_grad, OrderedDict())``, every
+    global and shared string by memo reference, every new object followed by its (bounded) PUT.
+
+    The same opcodes, with the same bounds, as :func:`prepass_alternatives` admits one by one, and
+    its MARKs balanced inside (at most :data:`ENTRY_DEPTH` deep): matching a whole entry costs a
+    fraction of tokenising its ~35 opcodes one at a time. An entry written otherwise is simply
+    tokenised opcode by opcode: the entry decides the speed, never what is admitted.
+    """
+    put = b"(?:r" + _below(bits) + b"|q.)?"
+    get = b"(?:h.|j.{4})"
+    integer = b"(?:K.|M..|J.{4})"
+    dims = (b"(?:\\)|" + integer + b"\\x85|" + integer + b"{2}\\x86|" + integer + b"{3}\\x87|\\(" + integer
+            + b"{4,64}t)" + put)  # (), 1-3 dims by TUPLE1-3, more by MARK ... TUPLE
+    return (b"X" + _short_strings(b"\x00\x00\x00") + put  # the key
+            + get + b"\\(\\(" + get + get  # _rebuild_tensor_v2, MARK, MARK, 'storage', the storage type
+            + b"X" + _short_strings(b"\x00\x00\x00") + put + get + integer + b"t" + put + b"Q"  # key, location, numel
+            + integer + dims + dims + b"[\\x88\\x89]"  # offset, size, stride, requires_grad
+            + get + b"\\)R" + put + b"t" + put + b"R" + put)  # OrderedDict(), the arguments, the call
+
+
 @lru_cache(maxsize=8)
 def _prepass(bits: int) -> re.Pattern[bytes]:
-    ops = b"|".join(lead + argument for lead, argument in prepass_alternatives(bits))
+    ops = b"|".join((tensor_entry(bits), *(lead + argument for lead, argument in prepass_alternatives(bits))))
     return re.compile(b"(?s)(?:" + ops + b")*+(.)")
 
 
@@ -142,7 +167,7 @@ def _harmless(data: bytes) -> bool:
     """True when every opcode is tokenised, memo indices are bounded and nesting is shallow."""
     bits = max(16, (len(data) // 2 + 256).bit_length())
     tokens = b"".join(_prepass(bits).findall(data))
-    return tokens_admitted(tokens, _CLOSES, MAX_MARK_DEPTH)
+    return tokens_admitted(tokens, _CLOSES, MAX_MARK_DEPTH - ENTRY_DEPTH)
 
 
 def tokens_admitted(tokens: bytes, closes: bytes, depth: int) -> bool:
