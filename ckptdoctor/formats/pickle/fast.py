@@ -21,7 +21,9 @@ tokenises every opcode ``torch.save`` and DCP emit, with these bounds:
 * no ``EXT*``, ``INST``, out-of-band buffer or 8-byte-length opcodes, no strings of 256 bytes or
   more (all go to the interpreter);
 * every ``MARK`` and mark-consuming opcode is returned as a token, so the nesting depth is
-  checked against the interpreter's limit before anything runs.
+  checked against the interpreter's limit before anything runs; the one exception is a whole
+  tensor entry as torch.save writes it (:func:`tensor_entry`), matched first for speed, whose
+  MARKs are balanced inside it at most :data:`ENTRY_DEPTH` deep (that much is reserved from the limit).
 
 The C unpickler then sees only stand-ins: :func:`.pickle_globals.resolve_global`'s functions,
 storage types and dtypes as they are, and for classes (an unknown class, ``OrderedDict``...)
