@@ -183,3 +183,63 @@ def test_a_large_torch_save_takes_the_c_path(tmp_path: Path, monkeypatch: pytest
     ckpt = open_checkpoint(path)
     assert outcomes == [True]
     assert ckpt.keys() == list(model.state_dict())
+
+
+def test_prepass_alternatives_start_with_distinct_bytes() -> None:
+    """The pre-pass tries its alternatives most frequent first; that order may change only its
+    speed, which holds when no byte can start two of them (then at most one can match)."""
+    import re
+
+    from ckptdoctor.formats.pickle.fast import prepass_alternatives
+
+    leads = [re.compile(b"(?s)" + lead) for lead, _ in prepass_alternatives(24)]
+    for byte in range(256):
+        assert sum(lead.fullmatch(bytes([byte])) is not None for lead in leads) <= 1, byte
+
+
+def test_a_shared_shape_and_stride_still_has_its_elements_checked() -> None:
+    """The rebuild's shared (shape, stride) lookup finds ``(4.0, 8)`` and ``(True, 8)`` equal to
+    ``(4, 8)``: they must be refused exactly as without the lookup, never given the shared tuple."""
+    from ckptdoctor.formats.pickle.stand_ins import _rebuild_tensor_v2
+
+    storage = StorageInfo("0", "float32", 128)
+    record = _rebuild_tensor_v2(storage, 0, (4, 8), (8, 1), False, OrderedDict())
+    again = _rebuild_tensor_v2(storage, 2, (4, 8), (8, 1), True, OrderedDict())
+    assert (record.shape, record.stride, record.storage_offset, record.requires_grad) == ((4, 8), (8, 1), 0, False)
+    assert again.shape is record.shape and again.stride is record.stride and again.requires_grad
+    assert (again.storage_offset, again.dtype, again.storage) == (2, "float32", storage)
+    for shape, stride in (((4.0, 8), (8, 1)), ((True, 8), (8, 1)), ((4, 8), (8.0, 1)), ([4, [8]], (8, 1))):
+        with pytest.raises(CkptDoctorError):
+            _rebuild_tensor_v2(storage, 0, shape, stride)
+    with pytest.raises(CkptDoctorError):
+        _rebuild_tensor_v2(storage, -1, (4, 8), (8, 1))
+    listed = _rebuild_tensor_v2(storage, 0, [4, 8], [8, 1])  # lists: accepted as before, as tuples
+    assert listed.shape == (4, 8) and type(listed.shape) is tuple
+
+
+def test_tensor_entries_decide_the_speed_never_the_verdict(zoo_pickles: list[tuple[str, bytes]],
+                                                           tmp_path: Path) -> None:
+    """The pre-pass tries a whole torch.save tensor entry before single opcodes; its verdict must be
+    the one the single opcodes alone give (with the entry's nesting reserved), on every real and
+    hostile pickle, and the entries must really match torch.save's tensors."""
+    import re
+
+    from ckptdoctor.formats.pickle.fast import _CLOSES, ENTRY_DEPTH, _prepass, prepass_alternatives, tokens_admitted
+    from ckptdoctor.limits import MAX_MARK_DEPTH
+
+    hostile = []
+    for sample in build_corpus(tmp_path):
+        try:
+            hostile += [(sample.name, data) for data in _pickles_of(sample.path)] if zipfile.is_zipfile(
+                sample.path) else []
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError):
+            continue
+    shortened = 0
+    for where, data in [*zoo_pickles, *hostile]:
+        bits = max(16, (len(data) // 2 + 256).bit_length())
+        alone = re.compile(b"(?s)(?:" + b"|".join(lead + arg for lead, arg in prepass_alternatives(bits)) + b")*+(.)")
+        one_by_one = b"".join(alone.findall(data))
+        with_entries = b"".join(_prepass(bits).findall(data))
+        assert _harmless(data) == tokens_admitted(one_by_one, _CLOSES, MAX_MARK_DEPTH - ENTRY_DEPTH), where
+        shortened += len(with_entries) < len(one_by_one)
+    assert shortened >= 5

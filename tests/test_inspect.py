@@ -224,3 +224,51 @@ def test_pre_04_tar_checkpoint_is_named(tmp_path: Path) -> None:
     result = run_cli("inspect", tmp_path / "old.pth")
     assert result.exit_code == 2
     assert "before torch 0.4" in result.stderr
+
+
+def test_overview_totals_devices_and_aliases_equal_a_walk_over_the_tensors(tmp_path: Path) -> None:
+    """The overview's totals come from passes over (shape, dtype) kinds; a tensor-by-tensor walk
+    (the definition) must give the same numbers, device order ("meta" where it first appears) and
+    alias groups, on a file mixing dtypes, views of one storage and storage-less meta tensors."""
+    from ckptdoctor.engines.inspection.overview import overview
+
+    base = torch.arange(24.0).reshape(4, 6)
+    sd = {"a": torch.ones(2, 3, dtype=torch.float16), "view": base[1:], "meta": torch.empty(5, 2, device="meta"),
+          "base": base, "b": torch.zeros(7, dtype=torch.int64), "t": base.t(), "meta2": torch.empty(3, device="meta")}
+    path = tmp_path / "mixed.pt"
+    torch.save(sd, path)
+    ckpt = open_checkpoint(str(path))
+    ov = overview(ckpt)
+    reference = torch.load(path, weights_only=True)
+    assert ov.parameters == sum(t.numel() for t in reference.values())
+    assert ov.total_bytes == sum(t.numel() * t.element_size() for t in reference.values())
+    by_dtype: dict[str, int] = {}
+    for t in reference.values():
+        name = str(t.dtype).removeprefix("torch.")
+        by_dtype[name] = by_dtype.get(name, 0) + t.numel() * t.element_size()
+    assert dict(ov.bytes_by_dtype) == by_dtype and [n for n, _ in ov.bytes_by_dtype] == sorted(
+        by_dtype, key=lambda n: -by_dtype[n])
+    assert ov.devices == ("cpu", "meta")
+    assert ov.shared == (("view", "base", "t"),)
+    assert ov.storage_bytes == 2 * 3 * 2 + 24 * 4 + 7 * 8
+
+
+def test_tree_groups_interleaved_modules_in_first_seen_order(tmp_path: Path) -> None:
+    """Keys of one module need not be contiguous (a dict's order is the saver's): every key lands
+    under its module, modules and tensors in the order they first appear, numbered blocks fold."""
+    sd = {"x.a.weight": torch.ones(2), "y.b.weight": torch.ones(3), "x.c.weight": torch.ones(4),
+          "blocks.0.w": torch.ones(5), "top": torch.ones(1), "blocks.1.w": torch.ones(5), "y.b.bias": torch.ones(3)}
+    path = tmp_path / "interleaved.pt"
+    torch.save(sd, path)
+    tree = build_tree(open_checkpoint(str(path)).tensors)
+
+    def shape(node):  # type: ignore[no-untyped-def]
+        return (node.name, node.tensors, [shape(c) for c in node.children])
+
+    assert shape(tree) == ("", 7, [
+        ("x", 2, [("a", 1, [("weight", 1, [])]), ("c", 1, [("weight", 1, [])])]),
+        ("y", 2, [("b", 2, [("weight", 1, []), ("bias", 1, [])])]),
+        ("blocks", 2, [("{0..1}", 2, [("w", 1, [])])]),
+        ("top", 1, []),
+    ])
+    assert shape(build_tree(open_checkpoint(str(path)).tensors, pattern="*")) == shape(tree)

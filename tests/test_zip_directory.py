@@ -15,7 +15,9 @@ import torch
 
 from ckptdoctor.errors import CorruptCheckpoint
 from ckptdoctor.formats import open_checkpoint
-from ckptdoctor.formats.readers.zip_directory import BadZip, TooManyMembers, ZipDirectory
+from ckptdoctor.formats.readers import zip_directory
+from ckptdoctor.formats.readers.torch_zip import TorchZipArchive
+from ckptdoctor.formats.readers.zip_directory import BadZip, Member, TooManyMembers, ZipDirectory
 from ckptdoctor.io.rangefile import RangeFile
 from ckptdoctor.io.storage import storage_for
 
@@ -100,3 +102,94 @@ def test_broken_archives_are_refused(tmp_path: Path) -> None:
         open_checkpoint(str(bad_crc))
     with zipfile.ZipFile(io.BytesIO(bytes(flipped))) as z, pytest.raises(zipfile.BadZipFile, match="CRC"):
         z.read(pickle_member.name)
+
+
+def _directory_bytes(path: Path) -> bytes:
+    """The central directory's bytes, as the end record places them."""
+    fields, _, _ = zip_directory._end_record(RangeFile(storage_for(str(path)), str(path), readahead=False))
+    start = _directory(path).start_dir
+    return path.read_bytes()[start:start + fields[4]]
+
+
+def _loop_members(path: Path) -> list[Member]:
+    """The directory as the entry-by-entry loop reads it (the column parse switched off)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(zip_directory, "_parse_plain", lambda *args: None)
+        return _directory(path).members
+
+
+def test_column_parse_equals_the_loop_or_steps_aside(tmp_path: Path) -> None:
+    path = _saved(tmp_path)
+    data = path.read_bytes()
+    directory_bytes = _directory_bytes(path)
+    assert zip_directory._parse_plain(directory_bytes, 0, 100) == _directory(path).members == _loop_members(path)
+    shifted = tmp_path / "shifted.pt"
+    shifted.write_bytes(b"x" * 1000 + data)
+    assert _directory(shifted).members == _loop_members(shifted)
+    assert zip_directory._parse_plain(directory_bytes, 1000, 100) == _directory(shifted).members
+    # What the column parse cannot vouch for goes to the loop, which gives the same members or error.
+    cut = directory_bytes.index(b"PK\x01\x02", 4)
+    assert zip_directory._parse_plain(directory_bytes + b"junk", 0, 100) is None  # trailing bytes
+    assert zip_directory._parse_plain(directory_bytes[:-3], 0, 100) is None  # truncated entry
+    assert zip_directory._parse_plain(directory_bytes[:cut] + b"PK\x01\x02" + b"\x00" * 10, 0, 100) is None
+    assert zip_directory._parse_plain(directory_bytes, 0, 2) is None  # too many: the loop raises
+    assert zip_directory._parse_plain(b"junk" + directory_bytes, 0, 100) is None
+
+
+def test_names_holding_the_signature_nul_or_extras_go_to_the_loop(tmp_path: Path) -> None:
+    extra = zipfile.ZipInfo("archive/data/with_extra")
+    extra.extra = b"\xfe\xca\x02\x00ab"
+    for i, odd in enumerate(("archive/data/PK\x01\x02inside", "archive/data/cut#here", extra)):
+        path = tmp_path / f"odd{i}.zip"
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/data.pkl", b"x")
+            z.writestr(odd, b"y")
+            z.writestr("archive/version", b"3")
+        path.write_bytes(path.read_bytes().replace(b"cut#here", b"cut\x00here"))  # zipfile cuts NULs itself
+        assert zip_directory._parse_plain(_directory_bytes(path), 0, 100) is None
+        _same_as_zipfile(path)
+        assert _directory(path).members == _loop_members(path)
+
+
+def _many_storages(tmp_path: Path, n: int = 300) -> Path:
+    path = tmp_path / "many.pt"
+    torch.save({f"layers.{i}.weight": torch.full((2, 3), float(i)) for i in range(n)}, path)
+    return path
+
+
+def test_local_headers_checked_together_give_what_each_header_gives(tmp_path: Path) -> None:
+    path = _many_storages(tmp_path)
+    archive = TorchZipArchive(str(path))
+    try:
+        names = [n for n in archive.members if n.startswith(archive.prefix + "data/")]
+        verified = archive.verified_starts(names)
+        assert verified == {n: archive.stored_range(archive.members[n])[0] for n in names}
+        assert sorted(verified) == sorted(names) and len(names) == 300
+    finally:
+        archive.close()
+
+
+def test_one_bad_local_header_among_many_is_reported_as_before(tmp_path: Path) -> None:
+    """A damaged header deep in the archive makes the batch check step aside; the member-by-member
+    resolution then raises the reader's usual error (the hostile corpus covers small archives)."""
+    path = _many_storages(tmp_path)
+    archive = TorchZipArchive(str(path))
+    try:
+        victim = archive.members[archive.prefix + "data/250"]
+        names = [n for n in archive.members if n.startswith(archive.prefix + "data/")]
+    finally:
+        archive.close()
+    data = bytearray(path.read_bytes())
+    for damage, message in ((slice(0, 4), "no valid local header"), (slice(28, 30), "past the end")):
+        broken = bytearray(data)
+        broken[victim.header_offset + damage.start:victim.header_offset + damage.stop] = (
+            b"XXXX" if damage.start == 0 else b"\xff\xff")
+        bad = tmp_path / f"bad{damage.start}.pt"
+        bad.write_bytes(bytes(broken))
+        archive = TorchZipArchive(str(bad))
+        try:
+            assert archive.verified_starts(names) == {}
+        finally:
+            archive.close()
+        with pytest.raises(CorruptCheckpoint, match=message):
+            open_checkpoint(str(bad))

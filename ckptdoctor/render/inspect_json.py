@@ -165,7 +165,9 @@ class _RecordWriter:
         self.string = encode_basestring_ascii if ascii_only else encode_basestring
         self.as_list = _indented_list if indent else _compact_list
         self.field = ',\n      "{}": {}' if indent else ',"{}":{}'
-        self.middles: dict[tuple[tuple[int, ...], str], str] = {}
+        self.file_offset = self.field.format("file_offset", "")
+        # Per shape and dtype: the text after ``key`` (shape, dtype, numel, nbytes), the row-major stride.
+        self.kinds: dict[tuple[tuple[int, ...], str], tuple[str, tuple[int, ...]]] = {}
 
     def _value(self, value: Any) -> str:
         if value is True:
@@ -185,10 +187,21 @@ class _RecordWriter:
 
     def __call__(self, info: TensorInfo) -> str:
         t = info.tensor
-        middle = self.middles.get((t.shape, t.dtype))
-        if middle is None:
-            middle = self.middles[t.shape, t.dtype] = self._middle(t.shape, t.dtype)
-        extra = "".join([self.field.format(name, self._value(value)) for name, value in self.extensions(info)])
+        kind = self.kinds.get((t.shape, t.dtype))
+        if kind is None:
+            kind = self.kinds[t.shape, t.dtype] = (self._middle(t.shape, t.dtype),
+                                                   self.extensions.kind(t.shape, t.dtype)[0])
+        middle, usual = kind
+        storage, ctx = t.storage, self.extensions.ctx
+        if (t.stride == usual and not t.storage_offset and not t.is_parameter and ctx.device is not None
+                and storage is not None and storage.id not in ctx.shared):
+            # The usual record (row-major, at its storage's start, one device, no alias): at most
+            # file_offset, which _Extensions would give too, without its list of pairs (once per tensor).
+            source = storage.source
+            extra = (self.file_offset + str(source.offset)
+                     if source is not None and not source.deferred and source.path == ctx.path else "")
+        else:
+            extra = "".join([self.field.format(name, self._value(value)) for name, value in self.extensions(info)])
         if self.indent:
             return '    {\n      "key": ' + self.string(info.key) + middle + extra + "\n    }"
         return '{"key":' + self.string(info.key) + middle + extra + "}"

@@ -10,6 +10,8 @@ import math
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import repeat
+from operator import attrgetter, is_
 from typing import Any
 
 from ckptdoctor.engines.inspection.tree import TreeNode, build_tree
@@ -43,6 +45,8 @@ class Overview:
     storage_bytes: int  # bytes of distinct storages: what tied weights and views really occupy
 
 
+_TENSOR, _STORAGE, _SHAPE, _DTYPE = (attrgetter(name) for name in ("tensor", "storage", "shape", "dtype"))
+_DEVICE, _ID, _NBYTES = attrgetter("device"), attrgetter("id"), attrgetter("nbytes")
 EMPTY_TREE = TreeNode(name="", path="", children=(), tensor=None, params=0, nbytes=0, tensors=0)
 
 
@@ -50,39 +54,40 @@ def overview(ckpt: Checkpoint, *, pattern: str | None = None, fold: bool = True,
     """The facts ``inspect`` shows; ``tree=False`` skips the key tree (``--keys``/``--json`` do not show it)."""
     selected = ckpt.tensors if pattern is None else tuple(
         t for t in ckpt.tensors if fnmatch.fnmatchcase(t.key, pattern))
-    # One pass over the tensors (200,000 of them in a large MoE file): each shape's product is
-    # taken once, not once per total as the model's properties would.
+    # Passes of C-level maps over the tensors (200,000 of them in a large MoE file), no Python step
+    # per tensor: sizes per (shape, dtype) kind (a few dozen), taken once per kind.
+    records = list(map(_TENSOR, ckpt.tensors))
+    storages = list(map(_STORAGE, records))
     by_dtype: dict[str, int] = {}
-    devices: dict[str, None] = {}
-    by_storage: dict[str, list[str]] = {}
-    storage_sizes: dict[str, int] = {}
     parameters = total_bytes = 0
-    prod = math.prod
-    for info in ckpt.tensors:
-        t = info.tensor
-        numel = prod(t.shape)
-        nbytes = numel * (DTYPE_BITS[t.dtype] // 8)
+    for (shape, dtype), count in Counter(zip(map(_SHAPE, records), map(_DTYPE, records))).items():
+        numel = math.prod(shape) * count
+        nbytes = numel * (DTYPE_BITS[dtype] // 8)
         parameters += numel
         total_bytes += nbytes
-        by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + nbytes
-        storage = t.storage
-        if storage is None:
-            devices["meta"] = None
-            continue
-        devices[storage.device] = None
-        storage_sizes[storage.id] = storage.nbytes
-        keys = by_storage.get(storage.id)
-        if keys is None:
-            by_storage[storage.id] = [info.key]
-        else:
-            keys.append(info.key)
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
+    if any(map(is_, storages, repeat(None))):  # meta tensors: "meta" where the first one stands
+        stored = [s for s in storages if s is not None]
+        devices = dict.fromkeys(map(_DEVICE, records))
+    else:
+        stored = storages
+        devices = dict.fromkeys(map(_DEVICE, storages))
+    ids = list(map(_ID, stored))
+    storage_sizes = dict(zip(ids, map(_NBYTES, stored)))
+    shared: list[tuple[str, ...]] = []
+    if len(storage_sizes) != len(ids):  # some storage holds several keys: group them, in key order
+        by_storage: dict[str, list[str]] = {}
+        for info, storage in zip(ckpt.tensors, storages):
+            if storage is not None:
+                by_storage.setdefault(storage.id, []).append(info.key)
+        shared = [tuple(keys) for keys in by_storage.values() if len(keys) > 1]
     return Overview(
         checkpoint=ckpt,
         parameters=parameters,
         total_bytes=total_bytes,
         bytes_by_dtype=tuple(Counter(by_dtype).most_common()),
         devices=tuple(devices),
-        shared=tuple(tuple(keys) for keys in by_storage.values() if len(keys) > 1),
+        shared=tuple(shared),
         entries=tuple(other_entries(ckpt)),
         tree=build_tree(selected, fold=fold) if tree else EMPTY_TREE,
         selected=selected,

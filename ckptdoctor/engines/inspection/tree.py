@@ -10,9 +10,15 @@ relative keys, shapes and dtypes, so a block that differs is always shown on its
 from __future__ import annotations
 
 import fnmatch
+import operator
 from dataclasses import dataclass
+from itertools import groupby, repeat
+from typing import Any
 
 from ckptdoctor.model.checkpoint import TensorInfo
+
+_KEY, _SHAPE, _DTYPE = (operator.attrgetter(name) for name in ("key", "tensor.shape", "tensor.dtype"))
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 
 
 class _Trie:
@@ -39,7 +45,18 @@ class _Trie:
         if self._children is None:
             children: dict[str, _Trie] = {}
             offset = self.offset
-            for info in self.pending:
+            pending = self.pending
+            dots = list(map(str.find, map(_KEY, pending), repeat("."), repeat(offset)))
+            if -1 not in dots:  # all below a child (the root, modules): C-level passes, a step per run of one name
+                heads = map(operator.getitem, map(_KEY, pending), map(slice, repeat(offset), dots))
+                for head, run in groupby(zip(heads, pending), key=_FIRST):
+                    child = children.get(head)
+                    if child is None:
+                        child = children[head] = _Trie(offset + len(head) + 1)
+                    child.pending.extend(map(_SECOND, run))
+                self._children, self.pending = children, []
+                return children
+            for info in pending:
                 key = info.key
                 dot = key.find(".", offset)
                 head = key[offset:dot] if dot >= 0 else key[offset:]
@@ -82,7 +99,9 @@ class TreeNode:
 def _signature(node: _Trie) -> tuple[tuple[str, tuple[int, ...], str], ...]:
     """(relative key, shape, dtype) of every tensor below ``node``: equal signatures fold."""
     offset = node.offset
-    out = [(info.key[offset:], info.tensor.shape, info.tensor.dtype) for info in node.pending]
+    pending = node.pending
+    out: list[Any] = list(zip(map(operator.getitem, map(_KEY, pending), repeat(slice(offset, None))),
+                              map(_SHAPE, pending), map(_DTYPE, pending)))
     if node.tensor is not None:
         out.append(("", node.tensor.shape, node.tensor.dtype))
     if node._children is not None:  # already split (not on the fold path): walk the split part
@@ -146,6 +165,9 @@ def build_tree(tensors: tuple[TensorInfo, ...] | list[TensorInfo], *, fold: bool
                pattern: str | None = None) -> TreeNode:
     """The key tree of ``tensors`` (optionally only keys matching the glob ``pattern``)."""
     root = _Trie()
+    if pattern is None and len(set(map(_KEY, tensors))) == len(tensors):  # distinct keys (a dict's): all of them
+        root.pending = list(tensors)
+        return _build("", "", root, fold)
     seen: set[str] = set()
     for info in tensors:
         if (pattern is None or fnmatch.fnmatchcase(info.key, pattern)) and info.key not in seen:

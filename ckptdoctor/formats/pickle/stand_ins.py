@@ -145,9 +145,29 @@ def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -
     return _make_tensor(storage, storage_offset, size, stride)
 
 
+# Validated (shape, stride) pairs, shared: torch.save's one rebuild call per tensor finds its pair
+# here with one lookup instead of two _check_dims calls (a 200,000-tensor file has a few dozen).
+SHARED_LAYOUTS: dict[tuple[Any, Any], tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+
 def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any = False,
                        backward_hooks: Any = None, metadata: Any = None) -> TensorRecord:
-    return _make_tensor(storage, storage_offset, size, stride, None, requires_grad)  # positional: per tensor
+    # Once per tensor (200,000 calls for a large file): torch's common case in this one frame. Short
+    # tuples only are hashed (never a hostile million-entry one), and a hit still has its element
+    # types checked (4.0 and True equal 4 and 1); anything else takes _make_tensor's checks.
+    if (type(storage) is StorageInfo and type(size) is tuple and type(stride) is tuple
+            and len(size) <= MAX_DIMS and len(stride) <= MAX_DIMS and type(storage_offset) is int
+            and storage_offset >= 0 and (requires_grad is False or requires_grad is True)):
+        try:
+            layout = SHARED_LAYOUTS.get((size, stride))
+        except TypeError:  # an unhashable element: refused by _make_tensor
+            layout = None
+        if layout is not None and _INT_ONLY.issuperset(map(type, size)) and _INT_ONLY.issuperset(map(type, stride)):
+            return TensorRecord(storage.dtype, layout[0], layout[1], storage_offset, storage, False, requires_grad)
+    record = _make_tensor(storage, storage_offset, size, stride, None, requires_grad)  # positional: per tensor
+    if type(size) is tuple and type(stride) is tuple and len(SHARED_LAYOUTS) < MAXSHARED_DIMS:
+        SHARED_LAYOUTS[size, stride] = (record.shape, record.stride)  # checked: ints within bounds
+    return record
 
 
 def _rebuild_tensor_v3(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any,

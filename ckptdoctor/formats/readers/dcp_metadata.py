@@ -27,14 +27,13 @@ checks with today's messages). Hostile files therefore get exactly today's refus
 
 from __future__ import annotations
 
-import io
 import pickle
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from ckptdoctor.errors import CorruptCheckpoint
-from ckptdoctor.formats.pickle.fast import gc_paused
+from ckptdoctor.formats.pickle.fast import c_unpickler_input, gc_paused
 from ckptdoctor.formats.pickle.stand_ins import SHARED_DIMS, resolve_global
 from ckptdoctor.formats.readers.dcp_prepass import admitted
 from ckptdoctor.model.checkpoint import DTYPE_ALIASES, DTYPE_BITS, OpaqueObject
@@ -362,7 +361,7 @@ class _Loader(pickle.Unpickler):
     """The C unpickler over :func:`_stand_ins`; every other global sends the load back."""
 
     def __init__(self, data: bytes, table: dict[tuple[str, str], Any]) -> None:
-        super().__init__(io.BytesIO(data))
+        super().__init__(c_unpickler_input(data))
         self._table = table
 
     def find_class(self, module: str, name: str) -> Any:

@@ -17,8 +17,10 @@ the directory is read in one range no larger than the file, and every failure ra
 
 from __future__ import annotations
 
+import operator
 import struct
 import zlib
+from itertools import repeat
 from typing import NamedTuple
 
 from ckptdoctor.io.rangefile import RangeFile
@@ -33,6 +35,7 @@ ZIP64_END_SIG = b"PK\x06\x06"
 # A central-directory entry, unpacking only what is used (versions, time, disk and attributes skipped).
 CENTRAL = struct.Struct("<4s4x2H4x3L3H8xL")
 CENTRAL_SIG = b"PK\x01\x02"
+CENTRAL_FIXED = struct.Struct("<4x2H4x3L3H8xL")  # the same entry after its signature (42 bytes)
 LOCAL = struct.Struct("<4s2B4HL2L2H")
 LOCAL_SIG = b"PK\x03\x04"
 MAX_COMMENT = 0xFFFF
@@ -127,6 +130,54 @@ def _zip64_extra(extra: bytes, file_size: int, compress_size: int, header_offset
     return file_size, compress_size, header_offset
 
 
+def _parse_plain(data: bytes, concat: int, max_members: int) -> list[Member] | None:
+    """The directory as torch's writer lays it out, parsed column by column at C speed; None
+    when anything differs, and then ``ZipDirectory._parse``'s loop reads it (and says what is wrong).
+
+    Why: the loop spends ~5 µs of Python per entry, a second for the 200,000 storages of a large
+    mixture-of-experts file. Here the directory is split at every entry signature and each step
+    maps a C function over all entries, with no Python frame per entry. The result is accepted
+    only when the split pieces tile the directory exactly as entries without extra fields or
+    comments, with one name encoding and no NUL in any name: a name holding the signature, a
+    truncated entry or trailing bytes make some piece's length disagree with its name length,
+    so such a directory always goes to the loop, which gives exactly the same members or error.
+    """
+    pieces = data.split(CENTRAL_SIG)
+    count = len(pieces) - 1
+    if pieces[0] or count > max_members:
+        return None
+    del pieces[0]
+    fixed = CENTRAL_FIXED.size
+    heads = b"".join(map(operator.itemgetter(slice(0, fixed)), pieces))
+    if len(heads) != fixed * count:
+        return None
+    if count == 0:
+        return []
+    flags, methods, crcs, csizes, usizes, name_lens, extra_lens, comment_lens, offsets = zip(
+        *CENTRAL_FIXED.iter_unpack(heads))
+    if any(extra_lens) or any(comment_lens) or list(map(len, pieces)) != list(map(fixed.__add__, name_lens)):
+        return None
+    utf8 = set(map(FLAG_UTF8.__and__, flags))
+    if len(utf8) != 1:
+        return None
+    raws = list(map(operator.itemgetter(slice(fixed, None)), pieces))
+    del pieces
+    if b"\x00" in b"".join(raws):
+        return None  # a NUL would cut the name (zipfile's rule), and the loop applies it
+    try:
+        names = list(map(bytes.decode, raws, repeat("utf-8" if utf8.pop() else "cp437")))
+    except UnicodeDecodeError:
+        return None
+    if concat:
+        offsets = tuple(map(concat.__add__, offsets))
+    # Equal values share one int object (torch's flags 0x808 and a few tensor sizes, all above the
+    # small-int cache): 32 bytes per member and field otherwise, 6 MB per field at 200,000 members.
+    shared: dict[int, int] = {}
+    flags, csizes, usizes = (tuple(map(shared.setdefault, column, column)) for column in (flags, csizes, usizes))
+    # Member(...) without its Python-level __new__, as in the loop
+    return list(map(tuple.__new__, repeat(Member), zip(names, names, offsets, methods, flags, crcs, csizes, usizes)))
+
+
 class ZipDirectory:
     """The members of an archive and where its central directory starts."""
 
@@ -148,6 +199,9 @@ class ZipDirectory:
 
     @staticmethod
     def _parse(data: bytes, concat: int, max_members: int) -> list[Member]:
+        plain = _parse_plain(data, concat, max_members)
+        if plain is not None:
+            return plain
         members: list[Member] = []
         at, size, unpack = 0, len(data), CENTRAL.unpack_from
         make = tuple.__new__  # Member(...) without its Python-level __new__: one entry per storage
