@@ -97,29 +97,61 @@ def _below(bits: int) -> bytes:
     return b".{%d}" % whole + high + b"\\x00" * (3 - whole)
 
 
-@lru_cache(maxsize=8)
-def _prepass(bits: int) -> re.Pattern[bytes]:
-    ops = b"|".join((
+def _admitted(bits: int, *, binunicode: bool = True, frames: bool = True) -> bytes:
+    """The alternation of every opcode the pre-pass admits except MARK, the opcodes that pop one
+    and STOP (BINUNICODE and FRAME left out on request, for :func:`key_tokens`)."""
+    return b"|".join((
         b"[Khq\\x80].",                              # BININT1 BINGET BINPUT PROTO
         b"[02NRbas})\\]Q\\x81\\x85\\x86\\x87\\x88\\x89\\x8f\\x92\\x93\\x94]",  # argument-less
-        b"[XTB\\x8b]" + _short_strings(b"\x00\x00\x00"),  # BINUNICODE BINSTRING BINBYTES LONG4
+        (b"[XTB\\x8b]" if binunicode else b"[TB\\x8b]")
+        + _short_strings(b"\x00\x00\x00"),            # BINUNICODE BINSTRING BINBYTES LONG4
         b"[\\x8cCU\\x8a]" + _short_strings(b""),      # SHORT_BINUNICODE ... LONG1
         b"[Jj].{4}",                                  # BININT LONG_BINGET
         b"r" + _below(bits),                          # LONG_BINPUT, bounded
         b"M..",                                       # BININT2
-        b"[G\\x95].{8}",                              # BINFLOAT FRAME
+        b"[G\\x95].{8}" if frames else b"G.{8}",      # BINFLOAT FRAME
         b"p[0-9]{1,6}\\n",                            # PUT (text), bounded
         b"[ILFSVPg][^\\n]*\\n",                       # text arguments
         b"c[^\\n]*\\n[^\\n]*\\n",                     # GLOBAL module\nname\n
     ))
-    return re.compile(b"(?s)(?:" + ops + b")*+(.)")
+
+
+def memo_bits(size: int) -> int:
+    """Memo indices of a pickle of ``size`` bytes must be below ``2 ** memo_bits(size)``."""
+    return max(16, (size // 2 + 256).bit_length())
+
+
+@lru_cache(maxsize=8)
+def _prepass(bits: int) -> re.Pattern[bytes]:
+    return re.compile(b"(?s)(?:" + _admitted(bits) + b")*+(.)")
 
 
 def _harmless(data: bytes) -> bool:
     """True when every opcode is tokenised, memo indices are bounded and nesting is shallow."""
-    bits = max(16, (len(data) // 2 + 256).bit_length())
-    tokens = b"".join(_prepass(bits).findall(data))
+    tokens = b"".join(_prepass(memo_bits(len(data))).findall(data))
     return tokens_admitted(tokens, _CLOSES, MAX_MARK_DEPTH)
+
+
+@lru_cache(maxsize=8)
+def _key_pattern(bits: int) -> re.Pattern[bytes]:
+    marks = b"[" + re.escape(_OPENS + _CLOSES) + b"]"
+    ops = _admitted(bits, binunicode=False, frames=False) + b"|" + marks
+    return re.compile(b"(?s)((?:" + ops + b")*+)(X" + _short_strings(b"\x00\x00\x00") + b"|\\.)")
+
+
+def key_tokens(data: bytes) -> list[tuple[bytes, bytes]] | None:
+    """``data`` cut before and after each BINUNICODE opcode: (the opcodes before one, the
+    BINUNICODE opcode) pairs, the last pair ending with STOP; joined, they give ``data`` back.
+
+    The pre-pass's bounded tokenisation (memo indices, admitted opcodes; no FRAME, so a text may
+    change length) from the first byte to the only STOP, so every string returned is a whole
+    opcode. None when ``data`` does not tokenise that way. For ``fix``'s key rename.
+    """
+    tokens = _key_pattern(memo_bits(len(data))).findall(data)
+    if not tokens or tokens[-1][1] != _STOP or sum(map(len, itertools.chain.from_iterable(tokens))) != len(data):
+        return None
+    _, ops = zip(*tokens)
+    return tokens if ops.count(_STOP) == 1 else None
 
 
 def tokens_admitted(tokens: bytes, closes: bytes, depth: int) -> bool:
