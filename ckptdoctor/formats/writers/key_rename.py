@@ -177,10 +177,11 @@ def _reference_counts(mapping: Mapping[Any, Any]) -> list[int]:
     return [sys.getrefcount(key) for key in mapping]
 
 
-def _sole_reference() -> int:
-    """What :func:`_reference_counts` reports for a key its dict alone holds (calibrated here, so
-    interpreter versions that count differently agree with themselves)."""
-    probe = {"".join(("ckpt", "doctor")): None}
+def _sole_reference(kind: type) -> int:
+    """What :func:`_reference_counts` reports for a key its ``kind`` of dict alone holds (an
+    OrderedDict's links hold their keys too), calibrated here, so interpreter versions that
+    count differently agree with themselves."""
+    probe = kind({"".join(("ckpt", "doctor")): None})
     return _reference_counts(probe)[0]
 
 
@@ -202,8 +203,10 @@ def _check_skeleton(root: Any, route: Sequence[Any], state_dict: tuple[list[Any]
         if not isinstance(table, dict) or list(table) != metadata[0]:
             raise NotEligible("the new pickle's _metadata does not hold the new prefixes")
         targets.append((table, metadata[1]))
-    sole = _sole_reference()
     for mapping, renamed in targets:
+        if type(mapping) not in (dict, collections.OrderedDict):
+            raise NotEligible("a renamed dict is of another type")
+        sole = _sole_reference(type(mapping))
         for key, count in zip(mapping, _reference_counts(mapping)):
             if count != sole and key in renamed:
                 raise NotEligible("a renamed key's string is used elsewhere in the pickle too")
