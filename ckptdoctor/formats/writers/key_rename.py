@@ -45,6 +45,7 @@ import itertools
 import operator
 import os
 import pickle
+import re
 import struct
 import sys
 import zlib
@@ -215,12 +216,16 @@ def _check_skeleton(root: Any, route: Sequence[Any], state_dict: tuple[list[Any]
 # -- 3. the archive --------------------------------------------------------------------------
 
 class _Entry(NamedTuple):
-    """One central-directory entry: where it is, and where its header offset is stored."""
+    """One central-directory entry: where it is, where its header offset is stored, what it holds."""
 
     at: int  # the entry's position in the directory
     where: int  # the position of its header offset (in the entry, or in its zip64 extra field)
     wide: bool  # the offset is the zip64 extra field's 8 bytes
     offset: int
+    name: bytes
+    flags: int
+    method: int
+    size: int  # stored bytes (compressed and uncompressed sizes are checked equal)
 
 
 @dataclass(frozen=True)
@@ -229,6 +234,7 @@ class _Source:
 
     size: int
     pickle_start: int  # data.pkl's local header
+    pickle_data: int  # its first data byte
     pickle_end: int  # where the record after it starts (after its data descriptor, if any)
     descriptor: bytes | None  # None: sizes in the local header; else the descriptor's signature (maybe b"")
     local: tuple[Any, ...]  # data.pkl's local header fields
@@ -244,7 +250,8 @@ class _Source:
 
 
 def _walk(directory: bytes, pickle_name: bytes) -> tuple[list[_Entry], tuple[Any, ...]]:
-    """The directory's entries, and data.pkl's fields (as ``CENTRAL`` unpacks them)."""
+    """The directory's entries, and data.pkl's fields (as ``CENTRAL`` unpacks them). Entries with
+    a comment, an extra field other than zip64's, or compressed sizes are not this path's."""
     entries: list[_Entry] = []
     found: tuple[Any, ...] | None = None
     unpack, at, end = CENTRAL.unpack_from, 0, len(directory)
@@ -253,29 +260,37 @@ def _walk(directory: bytes, pickle_name: bytes) -> tuple[list[_Entry], tuple[Any
         if at + CENTRAL.size > end:
             raise NotEligible("the central directory does not decode")
         fields = unpack(directory, at)
-        if fields[0] != b"PK\x01\x02":
-            raise NotEligible("the central directory does not decode")
+        if fields[0] != b"PK\x01\x02" or fields[12]:
+            raise NotEligible("the central directory does not decode, or carries comments")
         name_end = at + CENTRAL.size + fields[10]
         wide = fields[16] == U32_MAX
-        where = _zip64_offset_at(directory, at, fields) if wide else at + 42
+        where = _zip64_offset_at(directory, at, fields) if fields[11] else at + 42
         offset = struct.unpack_from("<Q", directory, where)[0] if wide else fields[16]
-        if fields[7] == 0 and fields[9]:
-            # saved under torch's set_crc32_options(False): outputs get true CRC-32s, which means
-            # reading every byte (the general writer computes them as it copies)
-            raise NotEligible("the archive records no CRC-32s")
-        entries.append(make(_Entry, (at, where, wide, offset)))
-        if directory[at + CENTRAL.size:name_end] == pickle_name:
+        size = fields[9]
+        if fields[8] != size or (fields[7] == 0 and size):
+            # compressed, or saved under torch's set_crc32_options(False): outputs get true
+            # CRC-32s, which means reading every byte (the general writer computes them as it copies)
+            raise NotEligible("a record is compressed or has no CRC-32")
+        if size == U32_MAX:
+            if not fields[11]:
+                raise NotEligible("a zip64 entry without its sizes")
+            size = struct.unpack_from("<Q", directory, name_end + 4)[0]
+        name = directory[at + CENTRAL.size:name_end]
+        entries.append(make(_Entry, (at, where, wide, offset, name, fields[3], fields[4], size)))
+        if name == pickle_name:
             if found is not None:
                 raise NotEligible("data.pkl is listed twice")
             found = (*fields[:16], offset)
-        at = name_end + fields[11] + fields[12]
+        at = name_end + fields[11]
     if found is None:
         raise NotEligible("the directory does not list data.pkl")
     return entries, found
 
 
-def _read_source(path: str, pickle_name: str) -> _Source:
-    """data.pkl, the central directory and the end records of the archive at ``path``."""
+def _read_source(path: str, pickle_name: str, storages: Mapping[str, Any]) -> _Source:
+    """data.pkl, the central directory and the end records of the archive at ``path``, which must
+    hold exactly what the general writer would write (:func:`_check_records`, :func:`_check_tail`).
+    ``storages``: member name -> the reader's ``StorageInfo`` of every storage the pickle names."""
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
@@ -287,8 +302,8 @@ def _read_source(path: str, pickle_name: str) -> _Source:
             raise NotEligible("bytes precede the archive")
         directory = os.pread(fd, zip_dir.dir_size, zip_dir.start_dir)
         entries, fields = _walk(directory, pickle_name.encode("utf-8"))
-        flags, method, crc, csize, usize, start = fields[3], fields[4], fields[7], fields[8], fields[9], fields[16]
-        if method != 0 or csize != usize or U32_MAX in (csize, usize):
+        flags, method, crc, usize, start = fields[3], fields[4], fields[7], fields[9], fields[16]
+        if method != 0 or usize == U32_MAX:
             raise NotEligible("data.pkl is compressed or sized in zip64 fields")
         local = LOCAL.unpack(os.pread(fd, LOCAL.size, start))
         name = os.pread(fd, local[9], start + LOCAL.size)
@@ -309,10 +324,70 @@ def _read_source(path: str, pickle_name: str) -> _Source:
         elif slack:
             raise NotEligible("bytes lie between data.pkl and the next record")
         tail_start = zip_dir.start_dir + zip_dir.dir_size
-        return _Source(size, start, end, descriptor, local, name, data, zip_dir.start_dir, directory, entries,
-                       tail_start, os.pread(fd, size - tail_start, tail_start), zip_dir.end_location, zip_dir.zip64)
+        tail = os.pread(fd, size - tail_start, tail_start)
+        _check_tail(tail, zip_dir.end_location - tail_start, zip_dir.zip64)
+        _check_records(fd, entries, pickle_name.encode("utf-8"), data_at, storages, zip_dir.start_dir)
+        return _Source(size, start, data_at, end, descriptor, local, name, data, zip_dir.start_dir, directory,
+                       entries, tail_start, tail, zip_dir.end_location, zip_dir.zip64)
     finally:
         os.close(fd)
+
+
+SMALL_MEMBERS = frozenset({"byteorder", "version", ".format_version", ".storage_alignment", ".data/serialization_id",
+                           ".data/version"})  # what torch.save writes beside data.pkl and the storages
+SMALL_TEXT = re.compile(rb"[0-9A-Za-z_\-\n]{0,64}")  # their contents: numbers, "little", ids (never a pickle)
+MAX_HEADER_EXTRA = 4 + ALIGNMENT + 20  # torch's padding field, plus a zip64 field for records over 4 GiB
+DESCRIPTORS = {0: (0,), FLAG_DESCRIPTOR: (12, 16, 20, 24)}  # data descriptor: no signature / signature, 32 / 64 bits
+
+
+def _check_records(fd: int, entries: Sequence[_Entry], pickle_name: bytes, pickle_data: int,
+                   storages: Mapping[str, Any], dir_start: int) -> None:
+    """The archive is data.pkl, the storages the pickle names (each record exactly its bytes) and
+    torch's small text members, back to back from byte 0 to the central directory: what is
+    copied as it is holds nothing the general writer would leave out (a hidden member, bytes
+    between records, an aliased record, a storage record longer than its storage)."""
+    prefix = pickle_name[:-len(b"data.pkl")].decode("utf-8", "replace")
+    ordered = sorted(entries, key=operator.attrgetter("offset"))
+    cursor = 0
+    for k, entry in enumerate(ordered):
+        if entry.offset != cursor or entry.method != 0:
+            raise NotEligible("the records are not back to back from the start of the file")
+        name = entry.name.decode("utf-8", "replace")
+        storage = storages.get(name)
+        if entry.name == pickle_name:
+            start = pickle_data
+        elif storage is not None:
+            if storage.source is None or storage.nbytes != entry.size:
+                raise NotEligible(f"record {name} is not exactly its storage's bytes")
+            start = storage.source.offset
+        elif name.startswith(prefix) and name[len(prefix):] in SMALL_MEMBERS and entry.size <= 64:
+            header = os.pread(fd, LOCAL.size, entry.offset)
+            if len(header) < LOCAL.size or header[:4] != b"PK\x03\x04":
+                raise NotEligible(f"record {name} has no local header")
+            name_len, extra_len = LOCAL.unpack(header)[9:11]
+            start = entry.offset + LOCAL.size + name_len + extra_len
+            if SMALL_TEXT.fullmatch(os.pread(fd, entry.size, start)) is None:
+                raise NotEligible(f"record {name} holds more than torch writes there")
+        else:
+            raise NotEligible(f"record {name} is one the general writer would not write")
+        header_extra = start - entry.offset - LOCAL.size - len(entry.name)
+        following = ordered[k + 1].offset if k + 1 < len(ordered) else dir_start
+        if not 0 <= header_extra <= MAX_HEADER_EXTRA or \
+                following - start - entry.size not in DESCRIPTORS[entry.flags & FLAG_DESCRIPTOR]:
+            raise NotEligible(f"bytes lie around record {name}")
+        cursor = following
+    if cursor != dir_start:
+        raise NotEligible("bytes lie before the central directory")
+
+
+def _check_tail(tail: bytes, end_at: int, zip64: bool) -> None:
+    """After the directory: exactly a zip64 end record (no extensible data) and its locator when
+    ``zip64``, then the end record, without a comment, ending the file."""
+    expected = (ZIP64_END.size + ZIP64_LOCATOR.size if zip64 else 0) + 22
+    if len(tail) != expected or end_at != expected - 22 or tail[-2:] != b"\x00\x00":
+        raise NotEligible("bytes or a comment follow the central directory")
+    if zip64 and (tail[:4] != b"PK\x06\x06" or struct.unpack_from("<Q", tail, 4)[0] != ZIP64_END.size - 12):
+        raise NotEligible("the zip64 end record carries extensible data")
 
 
 def _pickle_record(source: _Source, data: bytes) -> bytes:
@@ -333,18 +408,19 @@ def _pickle_record(source: _Source, data: bytes) -> bytes:
 
 
 def _zip64_offset_at(directory: bytes | bytearray, at: int, fields: tuple[Any, ...]) -> int:
-    """Where an entry's zip64 extra field keeps its 8-byte header offset."""
+    """Where an entry keeps its header offset: in the entry, or in its zip64 extra field (the only
+    extra field accepted: torch's writer puts no other in the central directory)."""
     pos = at + CENTRAL.size + fields[10]
     end = pos + fields[11]
-    while pos + 4 <= end:
-        tag, length = struct.unpack_from("<HH", directory, pos)
-        if tag == 1:
-            skip = 8 * ((fields[9] == U32_MAX) + (fields[8] == U32_MAX))
-            if skip + 8 <= length:
-                return pos + 4 + skip
-            break
-        pos += 4 + length
-    raise NotEligible("a zip64 entry without its offset")
+    tag, length = struct.unpack_from("<HH", directory, pos) if pos + 4 <= end else (0, 0)
+    if tag != 1 or pos + 4 + length != end:
+        raise NotEligible("a directory entry carries an extra field other than zip64's")
+    if fields[16] != U32_MAX:
+        return at + 42
+    skip = 8 * ((fields[9] == U32_MAX) + (fields[8] == U32_MAX))
+    if skip + 8 > length:
+        raise NotEligible("a zip64 entry without its offset")
+    return pos + 4 + skip
 
 
 def _patched_directory(source: _Source, shift: int, crc: int, size: int) -> tuple[bytes, list[int]]:
@@ -424,7 +500,8 @@ class _Plan:
     metadata: tuple[list[Any], set[str]] | None  # the same for _metadata
 
 
-def _plan(ckpt: Checkpoint, new_keys: Sequence[Any], new_values: Sequence[Any], metadata: Any) -> _Plan:
+def _plan(ckpt: Checkpoint, new_keys: Sequence[Any], new_values: Sequence[Any], metadata: Any,
+          storages: Mapping[str, Any]) -> _Plan:
     if ckpt.format != "torch-zip" or ckpt.extra.get("byteorder", "little") != "little":
         raise NotEligible("not a little-endian torch.save zip")
     if storage_for(ckpt.path).remote:
@@ -444,28 +521,28 @@ def _plan(ckpt: Checkpoint, new_keys: Sequence[Any], new_values: Sequence[Any], 
         swaps = {**renamed, **prefixes}
     else:
         swaps = renamed
-    if not swaps:
-        raise NotEligible("nothing is renamed")
     prefix = ckpt.extra.get("archive_prefix")
     if not isinstance(prefix, str):
         raise NotEligible("the archive's folder is unknown")
-    source = _read_source(ckpt.path, f"{prefix}/data.pkl" if prefix else "data.pkl")
+    source = _read_source(ckpt.path, f"{prefix}/data.pkl" if prefix else "data.pkl", storages)
     data = substituted_pickle(source.data, swaps)
     return _Plan(source, data, route, (list(new_keys), set(renamed.values())), meta)
 
 
 def rename_in_place(ckpt: Checkpoint, new_keys: Sequence[Any], new_values: Sequence[Any], metadata: Any,
-                    out: str, *, force: bool, inputs: Sequence[str],
+                    storages: Mapping[str, Any], out: str, *, force: bool,
                     progress: Callable[[int, int], None] | None = None) -> RenameResult | None:
     """Write ``ckpt`` to ``out`` with its state dict's keys renamed to ``new_keys`` (the values
     ``new_values``, the ``_metadata`` ``metadata``), or return None when the repair is not a pure
     rename this path can prove (see the module docstring); nothing is written then.
 
-    Raises :class:`ReadBackError` when the written file does not read back as meant, and the
-    errors of :func:`atomic_output`; nothing is left behind then either.
+    ``storages`` maps each record name to the reader's ``StorageInfo`` for every storage in the
+    tree. ``progress(done, total)`` counts storage bytes, as the general writer does. Raises
+    :class:`ReadBackError` when the written file does not read back as meant, and the errors of
+    :func:`atomic_output`; nothing is left behind then either.
     """
     try:
-        plan = _plan(ckpt, new_keys, new_values, metadata)
+        plan = _plan(ckpt, new_keys, new_values, metadata, storages)
         record = _pickle_record(plan.source, plan.data)
         source = plan.source
         shift = len(record) - (source.pickle_end - source.pickle_start)
@@ -475,31 +552,33 @@ def rename_in_place(ckpt: Checkpoint, new_keys: Sequence[Any], new_values: Seque
         _check_skeleton(skeleton, plan.route, plan.state_dict, plan.metadata)
     except NotEligible:
         return None
-    storages = len({pid[2] for pid in ids if isinstance(pid, tuple) and len(pid) == 5})
     del skeleton, ids
     size = source.size + shift
-    done = 0
+    total = sum(s.nbytes for s in storages.values())
+    span = source.dir_start - source.pickle_end + source.pickle_start
+    copied = 0
 
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
+    def advance(n: int) -> None:  # copied bytes, reported as their share of the storage bytes
+        nonlocal copied
+        copied += n
         if progress is not None:
-            progress(done, size)
+            progress(total * copied // span if span else total, total)
 
     src = os.open(ckpt.path, os.O_RDONLY)
     try:
-        with atomic_output(out, inputs, force=force) as (fd, tmp):
+        with atomic_output(out, [ckpt.path], force=force) as (fd, tmp):
             _copy(src, fd, 0, 0, source.pickle_start, advance)
             os.pwrite(fd, record, source.pickle_start)
             _copy(src, fd, source.pickle_end, source.pickle_end + shift, source.dir_start - source.pickle_end,
                   advance)
             os.pwrite(fd, directory, source.dir_start + shift)
             os.pwrite(fd, tail, source.tail_start + shift)
-            advance(len(record) + len(directory) + len(tail))
+            if progress is not None and not span:
+                progress(total, total)
             _read_back(tmp, source, shift, (directory, offsets), plan.data, size)
     finally:
         os.close(src)
-    return RenameResult(size=size, storages=storages)
+    return RenameResult(size=size, storages=len(storages))
 
 
 def _member(directory: bytes, entry: _Entry, offset: int) -> Member:

@@ -379,10 +379,11 @@ def _renamed_in_place(ckpt: Checkpoint, state_dict: OrderedDict[str, Any], out: 
     from ckptdoctor.formats.writers.read_back import ReadBackError  # noqa: PLC0415
 
     values = list(state_dict.values())
+    storages = {s.name: s for s in map(_STORAGE, _walk_tensors(ckpt.root)) if s is not None}
     with gc_paused():
         try:
-            result = rename_in_place(ckpt, list(state_dict), values, getattr(state_dict, "_metadata", None), out,
-                                     force=force, inputs=_input_paths(ckpt), progress=progress)
+            result = rename_in_place(ckpt, list(state_dict), values, getattr(state_dict, "_metadata", None), storages,
+                                     out, force=force, progress=progress)
         except ReadBackError as exc:
             raise _mismatch(str(exc), out) from None
     if result is None:
