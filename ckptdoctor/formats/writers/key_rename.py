@@ -161,7 +161,7 @@ def _skeleton(data: bytes) -> tuple[Any, list[Any]]:
                 return (module, name)  # only ever a value inside a persistent id
             raise NotEligible(f"the pickle names {module}.{name}")
 
-    loader = Skeleton(io.BytesIO(data))
+    loader = Skeleton(io.BytesIO(data), encoding="latin1")  # as the reader decodes BINSTRING
     loader.persistent_load = ids.append  # type: ignore[method-assign]
     try:
         root = loader.load()
