@@ -3,7 +3,8 @@
 Generates its inputs outside the repository (``$CKPTDOCTOR_BENCH_DIR``, default
 ``/tmp/ckptdoctor-bench``), runs every command ``--repeat`` times (default 5) after one warm-up
 run (files in the page cache for both sides), and prints median wall times, their ratio and
-peak resident memory. Medians and ratios, because shared machines are noisy.
+peak resident memory. Medians and ratios, because shared machines are noisy; the two sides of a
+ratio run alternately (ours, theirs, ours...), so a busy spell weighs on both.
 
 Cases (targets from the issues):
   inspect-2.4GB   inspect of 384 float32 tensors (2.4 GB, `module.` keys) vs torch.load(mmap) + print:
@@ -76,24 +77,39 @@ class Timing:
     peak_mb: float
 
 
+def _run(cmd: list[str] | str, before: Callable[[], None] | None) -> tuple[float, float]:
+    """One run of ``cmd``: (wall seconds, peak RSS in MB)."""
+    if before:
+        before()
+    shell = isinstance(cmd, str)
+    wrapped = ["/usr/bin/time", "-f", "%M", *(["sh", "-c", cmd] if shell else cmd)]
+    start = time.perf_counter()
+    proc = subprocess.run(wrapped, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+    wall = time.perf_counter() - start
+    if proc.returncode not in (0, 1):
+        raise SystemExit(f"benchmark command failed ({proc.returncode}): {cmd}\n{proc.stderr[-2000:]}")
+    return wall, int(proc.stderr.strip().splitlines()[-1]) / 1024
+
+
 def measure(cmd: list[str] | str, repeat: int, before: Callable[[], None] | None = None) -> Timing:
     """Median wall time and max peak RSS of ``cmd`` over ``repeat`` runs (after one warm-up)."""
-    walls, peaks = [], []
-    for i in range(repeat + 1):
-        if before:
-            before()
-        shell = isinstance(cmd, str)
-        wrapped = ["/usr/bin/time", "-f", "%M", *(["sh", "-c", cmd] if shell else cmd)]
-        start = time.perf_counter()
-        proc = subprocess.run(wrapped, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
-        wall = time.perf_counter() - start
-        if proc.returncode not in (0, 1):
-            raise SystemExit(f"benchmark command failed ({proc.returncode}): {cmd}\n{proc.stderr[-2000:]}")
-        if i == 0:
-            continue  # warm-up: page cache, imports compiled
-        walls.append(wall)
-        peaks.append(int(proc.stderr.strip().splitlines()[-1]) / 1024)
-    return Timing(statistics.median(walls), max(peaks))
+    _run(cmd, before)  # warm-up: page cache, imports compiled
+    runs = [_run(cmd, before) for _ in range(repeat)]
+    return Timing(statistics.median(w for w, _ in runs), max(p for _, p in runs))
+
+
+def measure_pair(ours: list[str] | str, theirs: list[str] | str, repeat: int,
+                 before: Callable[[], None] | None = None) -> tuple[Timing, Timing]:
+    """:func:`measure` of both commands, their runs alternating (ours, theirs, ours...) after a
+    warm-up of each, so a busy spell on a shared machine weighs on both sides of the ratio."""
+    _run(ours, before)
+    _run(theirs, before)
+    a, b = [], []
+    for _ in range(repeat):
+        a.append(_run(ours, before))
+        b.append(_run(theirs, before))
+    return (Timing(statistics.median(w for w, _ in a), max(p for _, p in a)),
+            Timing(statistics.median(w for w, _ in b), max(p for _, p in b)))
 
 
 def make_inputs(workdir: Path) -> dict[str, Path]:
@@ -263,8 +279,7 @@ def convert_rows(p: dict[str, Path], out_dir: Path, repeat: int, want: Callable[
             for suffix in (".pt", ".safetensors"):
                 Path(str(out) + suffix).unlink(missing_ok=True)
 
-        ours = measure([CKPT, "convert", *args], repeat, clean_all)
-        theirs = measure(f"cp {source} {copy} && sync {copy}", repeat, clean_all)
+        ours, theirs = measure_pair([CKPT, "convert", *args], f"cp {source} {copy} && sync {copy}", repeat, clean_all)
         results.append(row(name, ours, theirs, target))
         clean_all()
     return results
@@ -394,10 +409,9 @@ def http_diff_row(p: dict[str, Path], repeat: int) -> str:
     server = RangeServer(p["big"].parent)
     try:
         a, b = f"{server.url}/{p['big'].name}", f"{server.url}/{p['big_b'].name}"
-        ours = measure([CKPT, "diff", "--values", a, b], repeat)
         get = ("import fsspec, sys; fs = fsspec.filesystem('http'); "
                "[fs.get_file(u, '/dev/null') for u in sys.argv[1:]]")
-        theirs = measure([PY, "-c", get, a, b], repeat)
+        ours, theirs = measure_pair([CKPT, "diff", "--values", a, b], [PY, "-c", get, a, b], repeat)
     finally:
         server.stop()
     return row("http-diff-values", ours, theirs, "<= 1.2x of fsspec get, <= 300 MB")
@@ -435,12 +449,12 @@ def main() -> None:
 
     torch_way = [PY, "-c", TORCH_PRINT]
     if want("inspect-2.4GB"):
-        ours = measure([CKPT, "inspect", str(p["big"])], args.repeat)
-        results.append(row("inspect-2.4GB", ours, measure([*torch_way, str(p["big"])], args.repeat),
+        ours, theirs = measure_pair([CKPT, "inspect", str(p["big"])], [*torch_way, str(p["big"])], args.repeat)
+        results.append(row("inspect-2.4GB", ours, theirs,
                            "<= 0.15x, <= 80 MB"))
     if want("inspect-20k"):
-        ours = measure([CKPT, "inspect", str(p["many"])], args.repeat)
-        results.append(row("inspect-20k", ours, measure([*torch_way, str(p["many"])], args.repeat), "<= 0.3x"))
+        ours, theirs = measure_pair([CKPT, "inspect", str(p["many"])], [*torch_way, str(p["many"])], args.repeat)
+        results.append(row("inspect-20k", ours, theirs, "<= 0.3x"))
     if want("inspect-bytes"):
         big = measure([CKPT, "inspect", str(p["big"])], args.repeat)
         small = measure([CKPT, "inspect", str(p["small"])], args.repeat)
@@ -453,8 +467,8 @@ def main() -> None:
             for f in (dst, copy):
                 f.unlink(missing_ok=True)
 
-        ours = measure([CKPT, "fix", str(p["big"]), "--strip", "module.", "-o", str(dst)], args.repeat, clean)
-        theirs = measure(f"cp {p['big']} {copy} && sync {copy}", args.repeat, clean)
+        ours, theirs = measure_pair([CKPT, "fix", str(p["big"]), "--strip", "module.", "-o", str(dst)],
+                                    f"cp {p['big']} {copy} && sync {copy}", args.repeat, clean)
         results.append(row("fix-strip", ours, theirs, "<= 1.5x of cp+sync, <= 200 MB"))
         clean()
     if want("check-7b"):
@@ -462,13 +476,14 @@ def main() -> None:
         ours = measure([CKPT, "check", str(p["big"]), "--against", spec], args.repeat)
         results.append(row("check-7b", ours, None, "<= 1 GB peak"))
     if want("diff-values"):
-        ours = measure([CKPT, "diff", "--values", str(p["big"]), str(p["big_b"])], args.repeat)
-        theirs = measure(f"cat {p['big']} {p['big_b']} > /dev/null", args.repeat)
+        ours, theirs = measure_pair([CKPT, "diff", "--values", str(p["big"]), str(p["big_b"])],
+                                    f"cat {p['big']} {p['big_b']} > /dev/null", args.repeat)
         results.append(row("diff-values", ours, theirs, "<= 2x of cat, <= 300 MB"))
     if want("report-2.4GB"):
         page = out_dir / "big.html"
-        ours = measure([CKPT, "report", str(p["big"]), "-o", str(page), "--force"], args.repeat)
-        results.append(row("report-2.4GB", ours, measure([CKPT, "inspect", str(p["big"])], args.repeat),
+        ours, theirs = measure_pair([CKPT, "report", str(p["big"]), "-o", str(page), "--force"],
+                                    [CKPT, "inspect", str(p["big"])], args.repeat)
+        results.append(row("report-2.4GB", ours, theirs,
                            "<= 0.5 s (baseline: inspect)"))
     if want("report-20k"):
         page = out_dir / "many.html"
@@ -492,22 +507,25 @@ def main() -> None:
         for kind, case in cases:
             if want(case):
                 reading = f"{CKPT} inspect {files[kind]} > /dev/null && {CKPT} inspect {files['plain']} > /dev/null"
-                ours = measure([CKPT, "check", str(files[kind]), "--against", str(files["plain"])], args.repeat)
-                results.append(row(case, ours, measure(reading, args.repeat), "<= 2x of inspect of both files"))
+                ours, theirs = measure_pair([CKPT, "check", str(files[kind]), "--against", str(files["plain"])],
+                                            reading, args.repeat)
+                results.append(row(case, ours, theirs, "<= 2x of inspect of both files"))
     large = {case for case in ("inspect-200k", "inspect-200k-json", "fix-strip-200k") if want(case)}
     need = ({"many200k"} if large else set()) | ({"dcp200k"} if want("inspect-dcp-200k") else set())
     big = make_large_inputs(workdir, need) if need else {}
     if want("inspect-200k"):
-        ours = measure([CKPT, "inspect", str(big["many200k"])], args.repeat)
-        results.append(row("inspect-200k", ours, measure([*torch_way, str(big["many200k"])], args.repeat),
+        ours, theirs = measure_pair([CKPT, "inspect", str(big["many200k"])], [*torch_way, str(big["many200k"])],
+                                    args.repeat)
+        results.append(row("inspect-200k", ours, theirs,
                            "<= 0.15x, <= 300 MB"))
     if want("inspect-200k-json"):
-        ours = measure([CKPT, "inspect", "--json", str(big["many200k"])], args.repeat)
-        results.append(row("inspect-200k-json", ours, measure([*torch_way, str(big["many200k"])], args.repeat),
+        ours, theirs = measure_pair([CKPT, "inspect", "--json", str(big["many200k"])],
+                                    [*torch_way, str(big["many200k"])], args.repeat)
+        results.append(row("inspect-200k-json", ours, theirs,
                            "<= 0.2x, <= 400 MB"))
     if want("inspect-dcp-200k"):
-        ours = measure([CKPT, "inspect", str(big["dcp200k"])], args.repeat)
-        theirs = measure([PY, "-c", TORCH_DCP_METADATA, str(big["dcp200k"])], args.repeat)
+        ours, theirs = measure_pair([CKPT, "inspect", str(big["dcp200k"])],
+                                    [PY, "-c", TORCH_DCP_METADATA, str(big["dcp200k"])], args.repeat)
         results.append(row("inspect-dcp-200k", ours, theirs, "<= 0.5x, <= 0.6x memory"))
     if want("fix-strip-200k"):
         dst = out_dir / "fixed-200k.pt"

@@ -111,3 +111,15 @@ def test_torch_zip_saved_without_crcs_reads_and_fixes_to_correct_crcs(tmp_path: 
     fixed = torch.load(out, weights_only=True)
     assert list(fixed) == list(model.state_dict())
     assert all(torch.equal(fixed[k], v) for k, v in model.state_dict().items())
+
+
+def test_scan_notes_crcs_not_recorded_without_calling_them_mismatches(tmp_path: Path, crc_off: None) -> None:
+    """A recorded 0 is "not computed" (torch.load reads such files): a note, not a crc-mismatch anomaly."""
+    source = tmp_path / "nocrc.pt"
+    torch.save({"w": torch.arange(6.0)}, source)
+    report = run_cli("scan", str(source), "--json")
+    assert report.exit_code == 0, report.stdout
+    found = report.json()["files"][0]
+    assert found["safe"] is True
+    assert not [a for a in found["anomalies"] if a["code"] == "crc-mismatch"]
+    assert any("CRC-32 not recorded" in note for note in found["notes"])

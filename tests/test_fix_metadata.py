@@ -141,7 +141,30 @@ def test_fix_refuses_an_absurdly_deep_object_tree(tmp_path: Path) -> None:
                 data = data[:-1] + b"X" + struct.pack("<I", 1) + b"x)" + b"\x85" * 200_000 + b"s."
             dst.writestr(info.filename, data)
     assert run_cli("inspect", tmp_path / "deep.pt").exit_code == 0
-    result = run_cli("fix", tmp_path / "deep.pt", "--add-prefix", "a.", "-o", tmp_path / "out.pt")
+    # --extract rebuilds the pickle from the tree (a rename in place would keep it as it is)
+    result = run_cli("fix", tmp_path / "deep.pt", "--add-prefix", "a.", "--extract", "-o", tmp_path / "out.pt")
     assert result.exit_code == 2
     assert "nests too deeply" in result.stderr and "bug" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.pt", "deep.pt"]
+
+
+def test_a_pure_rename_keeps_even_an_absurdly_deep_tree(tmp_path: Path) -> None:
+    """The same file renamed in place: only the key strings change, so the deep tuple is written as it was read."""
+    import struct
+    import zipfile
+
+    torch.save({"w": torch.zeros(2)}, tmp_path / "base.pt")
+    with zipfile.ZipFile(tmp_path / "base.pt") as src, zipfile.ZipFile(tmp_path / "deep.pt", "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                data = data[:-1] + b"X" + struct.pack("<I", 1) + b"x)" + b"\x85" * 200_000 + b"s."
+            dst.writestr(info.filename, data)
+    result = run_cli("fix", tmp_path / "deep.pt", "--add-prefix", "a.", "-o", tmp_path / "out.pt")
+    assert result.exit_code == 0, result.stderr
+    loaded = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert list(loaded) == ["a.w", "a.x"] and torch.equal(loaded["a.w"], torch.zeros(2))
+    depth, node = 0, loaded["a.x"]
+    while node != ():
+        depth, node = depth + 1, node[0]
+    assert depth == 200_000

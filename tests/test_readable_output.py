@@ -48,6 +48,19 @@ def test_mapping_table_one_row_per_rule() -> None:
         ("stage2.module.*", "stage2.*")]
 
 
+def test_one_prefix_rule_reads_as_the_per_key_grouping() -> None:
+    """A strip or prefix over every key (one check over all keys) gives the rows the per-key walk gives."""
+    keys = [f"layers.{i}.mlp.experts.{j}.w" for i in range(3) for j in range(4)]
+    stripped = [(f"model.decoder.{k}", k) for k in keys]
+    assert [(g.old, g.new, g.count, g.example) for g in group_mapping(stripped)] == [
+        ("model.decoder.*", "*", 12, stripped[0])]
+    added = [(k, f"module.{k}") for k in keys]
+    assert [(g.old, g.new, g.count) for g in group_mapping(added)] == [("*", "module.*", 12)]
+    mixed = [*stripped[:-1], ("model.encoder.x.w", "x.w")]  # one key under another prefix: two rows
+    assert [(g.old, g.new, g.count) for g in group_mapping(mixed)] == [("model.decoder.*", "*", 11),
+                                                                       ("model.encoder.*", "*", 1)]
+
+
 def test_fix_prints_folded_mapping(tmp_path: Path) -> None:
     layers = [torch.nn.Sequential(OrderedDict(norm=torch.nn.Sequential(torch.nn.BatchNorm1d(2), torch.nn.ReLU(),
                                                                     torch.nn.BatchNorm1d(2)))) for _ in range(30)]

@@ -331,8 +331,12 @@ def opaque_classes(node: Any, limit: int = 100_000) -> list[str]:
             if not current.cls.module.startswith("torch._utils"):
                 found[current.cls.dotted] = None
             stack.extend(current.args)
-        if isinstance(current, (Mapping, list, tuple, OpaqueObject)):
             stack.extend(v for _, v in children(current))
+        elif isinstance(current, (Mapping, list, tuple)):
+            # tensor records are leaves: a state dict of 200,000 tensors is one node here, not
+            # 200,000 (so the limit counts containers, and objects after them are still seen)
+            values = current.values() if isinstance(current, Mapping) else current
+            stack.extend([v for v in values if type(v) is not TensorRecord])
     return sorted(found)
 
 

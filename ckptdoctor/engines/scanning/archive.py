@@ -121,6 +121,7 @@ class ArchiveAudit:
         self.torchscript = False
         self.cd_start = 0
         self.prefix = ""
+        self.unrecorded = 0  # members whose stored CRC-32 is 0 ("not computed") while their bytes hash otherwise
 
     def anomaly(self, code: str, message: str, where: str) -> None:
         self.fd.anomaly(code, message, where)
@@ -348,6 +349,10 @@ class ArchiveAudit:
         if unchecked:
             self.fd.note(f"CRC not checked for {unchecked} tensor storage(s): a remote scan reads the archive's "
                          "directory and pickles, not the weights")
+        if self.unrecorded:
+            self.fd.note(f"CRC-32 not recorded for {self.unrecorded} member(s) (stored as 0, as torch.save writes "
+                         "under torch.serialization.set_crc32_options(False)); torch.load and ckptdoctor read "
+                         "them unchecked")
 
     def _scan_npy_member(self, m: Member, label: str) -> None:
         """An .npy member (an .npz archive): an object array's data is a pickle np.load runs."""
@@ -415,7 +420,9 @@ class ArchiveAudit:
                 left -= len(chunk)
         else:
             return
-        if crc != m.crc:
+        if crc != m.crc and m.crc == 0:
+            self.unrecorded += 1  # "not computed", not a mismatch: one note for the archive
+        elif crc != m.crc:
             self.anomaly("crc-mismatch", f"stored CRC {m.crc:08x}, contents hash to {crc:08x}", label)
 
     def _scan_pickle_member(self, m: Member, label: str) -> None:

@@ -147,16 +147,27 @@ def tensor_entry(bits: int) -> bytes:
     fraction of tokenising its ~35 opcodes one at a time. An entry written otherwise is simply
     tokenised opcode by opcode: the entry decides the speed, never what is admitted.
     """
+    return b"X" + _short_strings(b"\x00\x00\x00") + entry_after_key(bits)  # the key, then the rest
+
+
+def entry_after_key(bits: int) -> bytes:
+    """:func:`tensor_entry` after its key: the key's PUT and the tensor (``fix``'s key rename cuts
+    ``data.pkl`` at the keys and matches these whole in between)."""
     put = b"(?:r" + _below(bits) + b"|q.)?"
     get = b"(?:h.|j.{4})"
     integer = b"(?:K.|M..|J.{4})"
     dims = (b"(?:\\)|" + integer + b"\\x85|" + integer + b"{2}\\x86|" + integer + b"{3}\\x87|\\(" + integer
             + b"{4,64}t)" + put)  # (), 1-3 dims by TUPLE1-3, more by MARK ... TUPLE
-    return (b"X" + _short_strings(b"\x00\x00\x00") + put  # the key
+    return (put  # the key's
             + get + b"\\(\\(" + get + get  # _rebuild_tensor_v2, MARK, MARK, 'storage', the storage type
             + b"X" + _short_strings(b"\x00\x00\x00") + put + get + integer + b"t" + put + b"Q"  # key, location, numel
             + integer + dims + dims + b"[\\x88\\x89]"  # offset, size, stride, requires_grad
             + get + b"\\)R" + put + b"t" + put + b"R" + put)  # OrderedDict(), the arguments, the call
+
+
+def memo_bits(size: int) -> int:
+    """Memo indices of a pickle of ``size`` bytes must be below ``2 ** memo_bits(size)``."""
+    return max(16, (size // 2 + 256).bit_length())
 
 
 @lru_cache(maxsize=8)
@@ -167,9 +178,39 @@ def _prepass(bits: int) -> re.Pattern[bytes]:
 
 def _harmless(data: bytes) -> bool:
     """True when every opcode is tokenised, memo indices are bounded and nesting is shallow."""
-    bits = max(16, (len(data) // 2 + 256).bit_length())
-    tokens = b"".join(_prepass(bits).findall(data))
+    tokens = b"".join(_prepass(memo_bits(len(data))).findall(data))
     return tokens_admitted(tokens, _CLOSES, MAX_MARK_DEPTH - ENTRY_DEPTH)
+
+
+@lru_cache(maxsize=8)
+def _key_pattern(bits: int) -> re.Pattern[bytes]:
+    """Runs of admitted opcodes (a whole tensor entry after its key first), each ended by a
+    BINUNICODE or STOP; BINUNICODE and FRAME are not in the runs (a text may change length)."""
+    single = []
+    for lead, argument in prepass_alternatives(bits):
+        if lead == b"[XTB\\x8b]":
+            lead = b"[TB\\x8b]"
+        elif lead == b"[G\\x95]":
+            lead = b"G"
+        single.append(lead + argument)
+    marks = b"[" + re.escape(_OPENS + _CLOSES) + b"]"
+    ops = b"|".join((entry_after_key(bits), *single, marks))
+    return re.compile(b"(?s)((?:" + ops + b")*+)(X" + _short_strings(b"\x00\x00\x00") + b"|\\.)")
+
+
+def key_tokens(data: bytes) -> list[tuple[bytes, bytes]] | None:
+    """``data`` cut before and after each BINUNICODE opcode: (the opcodes before one, the
+    BINUNICODE opcode) pairs, the last pair ending with STOP; joined, they give ``data`` back.
+
+    The pre-pass's bounded tokenisation (memo indices, admitted opcodes; no FRAME, so a text may
+    change length) from the first byte to the only STOP, so every string returned is a whole
+    opcode. None when ``data`` does not tokenise that way. For ``fix``'s key rename.
+    """
+    tokens = _key_pattern(memo_bits(len(data))).findall(data)
+    if not tokens or tokens[-1][1] != _STOP or sum(map(len, itertools.chain.from_iterable(tokens))) != len(data):
+        return None
+    _, ops = zip(*tokens)
+    return tokens if ops.count(_STOP) == 1 else None
 
 
 def tokens_admitted(tokens: bytes, closes: bytes, depth: int) -> bool:

@@ -179,9 +179,10 @@ def _parse_plain(data: bytes, concat: int, max_members: int) -> list[Member] | N
 
 
 class ZipDirectory:
-    """The members of an archive and where its central directory starts."""
+    """The members of an archive, where its central directory starts (``start_dir``, ``dir_size``)
+    and where its end record is (``end_location``; ``zip64`` when a zip64 end record precedes it)."""
 
-    def __init__(self, file: RangeFile, max_members: int) -> None:
+    def __init__(self, file: RangeFile, max_members: int, *, members: bool = True) -> None:
         self.file = file
         fields, location, zip64 = _end_record(file)
         dir_size, dir_offset = fields[4], fields[5]
@@ -195,7 +196,9 @@ class ZipDirectory:
         if self.start_dir + dir_size > file.size:
             raise BadZip("Truncated central directory")
         self.concat = concat
-        self.members = self._parse(file.read_at(self.start_dir, dir_size), concat, max_members)
+        self.dir_size, self.end_location, self.zip64 = dir_size, location, zip64
+        # members=False: only where things are (a caller that walks the directory bytes itself)
+        self.members = self._parse(file.read_at(self.start_dir, dir_size), concat, max_members) if members else []
 
     @staticmethod
     def _parse(data: bytes, concat: int, max_members: int) -> list[Member]:

@@ -346,6 +346,10 @@ def write_checkpoint(ckpt: Checkpoint, entries: Sequence[tuple[str, TensorRecord
     notes = _dropped_non_tensors(ckpt, list(entries))
     if byteorder == "big":
         notes.append("the source is big-endian; tensor data was converted to little-endian")
+    if kind == TORCH_ZIP and not extract and storage_copy is None and not notes:
+        renamed = _renamed_in_place(ckpt, state_dict, out, force, progress)
+        if renamed is not None:
+            return renamed
     # gc_paused: the tree, the pickle and the read-back allocate millions of objects and none is
     # garbage; the collector would walk them all again and again (a third of a 200,000-tensor write).
     with atomic_output(out, _input_paths(ckpt), force=force) as (fd, tmp), gc_paused():
@@ -365,6 +369,28 @@ def write_checkpoint(ckpt: Checkpoint, entries: Sequence[tuple[str, TensorRecord
         _expect(os.fstat(fd).st_size == size, "the file size differs from the bytes written", out)
     return WriteReport(out=out, format=kind, tensors=written, storages=storages, bytes_written=size,
                        notes=tuple(notes))
+
+
+def _renamed_in_place(ckpt: Checkpoint, state_dict: OrderedDict[str, Any], out: str, force: bool,
+                      progress: Callable[[int, int], None] | None) -> WriteReport | None:
+    """The source archive with only its key strings changed, when the repair is a pure rename
+    (:mod:`.key_rename`); None when the general writer must do it."""
+    from ckptdoctor.formats.writers.key_rename import rename_in_place  # noqa: PLC0415
+    from ckptdoctor.formats.writers.read_back import ReadBackError  # noqa: PLC0415
+
+    values = list(state_dict.values())
+    storages = {s.name: s for s in map(_STORAGE, _walk_tensors(ckpt.root)) if s is not None}
+    with gc_paused():
+        try:
+            result = rename_in_place(ckpt, list(state_dict), values, getattr(state_dict, "_metadata", None), storages,
+                                     out, force=force, progress=progress)
+        except ReadBackError as exc:
+            raise _mismatch(str(exc), out) from None
+    if result is None:
+        return None
+    tensors = sum(1 for value in values if isinstance(value, TensorRecord))
+    return WriteReport(out=out, format=TORCH_ZIP, tensors=tensors, storages=result.storages,
+                       bytes_written=result.size)
 
 
 def _write_torch(fd: int, tmp: str, out: str, ckpt: Checkpoint, state_dict: OrderedDict[str, Any],
