@@ -56,7 +56,7 @@ from ckptdoctor.formats.pickle.fast import c_unpickler_input, key_tokens
 from ckptdoctor.formats.readers.zip_directory import BadZip, Member, ZipDirectory
 from ckptdoctor.formats.writers.read_back import ReadBackError
 from ckptdoctor.formats.writers.torch_zip import ALIGNMENT, CENTRAL, LOCAL, U32_MAX, ZIP64_END, ZIP64_LOCATOR
-from ckptdoctor.io.atomic import atomic_output
+from ckptdoctor.io.atomic import EarlyWriteback, atomic_output
 from ckptdoctor.io.rangefile import RangeFile
 from ckptdoctor.io.storage import LocalStorage, storage_for
 from ckptdoctor.model.checkpoint import Checkpoint
@@ -64,7 +64,7 @@ from ckptdoctor.model.checkpoint import Checkpoint
 DESCRIPTOR_SIG = b"PK\x07\x08"
 FLAG_DESCRIPTOR = 0x8
 PADDING_ID = b"FB"  # the extra field torch's writer pads local headers with
-COPY_STEP = 256 << 20  # per copy_file_range call (the kernel moves the bytes)
+COPY_STEP = EarlyWriteback.STEP  # per copy_file_range call (the kernel moves the bytes), then writeback starts
 USER_COPY_STEP = 8 << 20  # per read/write when the kernel cannot copy between the two files
 _U32 = struct.Struct("<I")
 REBUILD_FUNCTIONS = frozenset({("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter")})
@@ -469,8 +469,9 @@ def _patched_tail(source: _Source, shift: int) -> bytes:
     return bytes(out)
 
 
-def _copy(src: int, dst: int, src_at: int, dst_at: int, length: int, advance: Callable[[int], None]) -> None:
-    """``length`` bytes from ``src`` at ``src_at`` to ``dst`` at ``dst_at``, in the kernel where it can."""
+def _copy(src: int, dst: int, src_at: int, dst_at: int, length: int, advance: Callable[[int, int], None]) -> None:
+    """``length`` bytes from ``src`` at ``src_at`` to ``dst`` at ``dst_at``, in the kernel where it
+    can; ``advance(n, end)`` after each step (``n`` bytes copied, the output written up to ``end``)."""
     done, kernel = 0, True
     while done < length:
         n = 0
@@ -485,7 +486,7 @@ def _copy(src: int, dst: int, src_at: int, dst_at: int, length: int, advance: Ca
         if n <= 0:
             raise OSError(f"the source ended {length - done} bytes early while it was copied")
         done += n
-        advance(n)
+        advance(n, dst_at + done)
 
 
 # -- the entry point -------------------------------------------------------------------------
@@ -556,16 +557,20 @@ def rename_in_place(ckpt: Checkpoint, new_keys: Sequence[Any], new_values: Seque
     total = sum(s.nbytes for s in storages.values())
     span = source.dir_start - source.pickle_end + source.pickle_start
     copied = 0
+    writeback: EarlyWriteback | None = None
 
-    def advance(n: int) -> None:  # copied bytes, reported as their share of the storage bytes
+    def advance(n: int, end: int) -> None:  # copied bytes, reported as their share of the storage bytes
         nonlocal copied
         copied += n
+        if writeback is not None:
+            writeback.advance(end)  # the disk writes while the kernel copies (see EarlyWriteback)
         if progress is not None:
             progress(total * copied // span if span else total, total)
 
     src = os.open(ckpt.path, os.O_RDONLY)
     try:
         with atomic_output(out, [ckpt.path], force=force) as (fd, tmp):
+            writeback = EarlyWriteback(fd)
             _copy(src, fd, 0, 0, source.pickle_start, advance)
             os.pwrite(fd, record, source.pickle_start)
             _copy(src, fd, source.pickle_end, source.pickle_end + shift, source.dir_start - source.pickle_end,
