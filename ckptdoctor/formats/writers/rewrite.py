@@ -343,13 +343,14 @@ def write_checkpoint(ckpt: Checkpoint, entries: Sequence[tuple[str, TensorRecord
     kind = output_format(out, fmt)
     byteorder = str(ckpt.extra.get("byteorder", "little"))
     state_dict = _new_state_dict(ckpt, list(entries), metadata)
-    notes = _dropped_non_tensors(ckpt, list(entries))
-    if byteorder == "big":
-        notes.append("the source is big-endian; tensor data was converted to little-endian")
-    if kind == TORCH_ZIP and not extract and storage_copy is None and not notes:
+    if kind == TORCH_ZIP and not extract and storage_copy is None and byteorder == "little":
+        # only when every source value is written again: no note to give (key_rename checks)
         renamed = _renamed_in_place(ckpt, state_dict, out, force, progress)
         if renamed is not None:
             return renamed
+    notes = _dropped_non_tensors(ckpt, list(entries))
+    if byteorder == "big":
+        notes.append("the source is big-endian; tensor data was converted to little-endian")
     # gc_paused: the tree, the pickle and the read-back allocate millions of objects and none is
     # garbage; the collector would walk them all again and again (a third of a 200,000-tensor write).
     with atomic_output(out, _input_paths(ckpt), force=force) as (fd, tmp), gc_paused():
