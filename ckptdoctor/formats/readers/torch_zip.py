@@ -21,7 +21,7 @@ from typing import Any
 from ckptdoctor.errors import CorruptCheckpoint, LimitExceeded, UnsafeContent, UnsupportedFormat
 from ckptdoctor.formats.magic import ZIP_LOCAL_HEADER
 from ckptdoctor.formats.pickle.stand_ins import StorageType
-from ckptdoctor.formats.pickle.unpickler import load_pickle
+from ckptdoctor.formats.pickle.unpickler import load_pickle_read
 from ckptdoctor.formats.readers.zip_directory import (
     FLAG_ENCRYPTED,
     STORED,
@@ -314,8 +314,9 @@ def read_torch_zip(path: str, entry: str | None = None) -> Checkpoint:
             infos[at] = info
             return info
 
-        data = archive.read_member("data.pkl")
-        root = load_pickle(data, persistent_load, where=archive.pickle_name, path=path)
+        # Read through a function, so that no reference here keeps the bytes alive during the load.
+        root = load_pickle_read(lambda: archive.read_member("data.pkl"), persistent_load, where=archive.pickle_name,
+                                path=path)
         torchscript = archive.has("constants.pkl") or any(
             map(methodcaller("startswith", archive.prefix + "code/"), archive.members))
         extra: dict[str, Any] = {"archive_prefix": archive.prefix.rstrip("/")}
