@@ -21,7 +21,7 @@ import torch
 from ckptdoctor.errors import CkptDoctorError
 from ckptdoctor.formats.pickle.fast import NOT_FAST, _harmless, fast_load
 from ckptdoctor.formats.pickle.stand_ins import StorageType
-from ckptdoctor.formats.pickle.unpickler import SafeUnpickler, load_pickle
+from ckptdoctor.formats.pickle.unpickler import SafeUnpickler, load_pickle, load_pickle_read
 from ckptdoctor.model.checkpoint import GlobalRef, OpaqueObject, StorageInfo, TensorRecord
 from tests import zoo
 from tests.hostile import build_corpus
@@ -183,6 +183,35 @@ def test_a_large_torch_save_takes_the_c_path(tmp_path: Path, monkeypatch: pytest
     ckpt = open_checkpoint(path)
     assert outcomes == [True]
     assert ckpt.keys() == list(model.state_dict())
+
+
+def test_bytes_the_c_path_let_go_are_read_again_when_it_steps_aside() -> None:
+    """load_pickle_read hands the C path the only reference to the bytes, which it frees as it reads;
+    when it then steps aside (here an OrderedDict whose BUILD sets ``keys``: admitted by the pre-pass,
+    refused after the load), the interpreter must get the whole bytes again, not an empty read."""
+    payload = b"\x80\x02(" + b"K\x01" * 40_000 + b"ccollections\nOrderedDict\n)R}X\x04\x00\x00\x00keysK\x01sbt."
+    assert _harmless(payload) and fast_load(payload, None) is NOT_FAST
+    reads: list[int] = []
+
+    def read() -> bytes:
+        reads.append(len(payload))
+        return payload
+
+    ours = load_pickle_read(read)
+    assert reads == [len(payload)] * 2
+    assert same(ours, load_pickle(payload)) and len(ours) == 40_001 and type(ours[-1]) is OrderedDict
+
+
+def test_c_path_result_equals_whether_it_holds_or_lets_go_of_the_bytes(zoo_pickles: list[tuple[str, bytes]]) -> None:
+    checked = 0
+    for where, data in zoo_pickles:
+        holder = [data]
+        ours = fast_load(holder, _storage)
+        if ours is NOT_FAST:
+            continue
+        checked += 1
+        assert holder == [] and same(ours, fast_load(data, _storage)), where
+    assert checked
 
 
 def test_prepass_alternatives_start_with_distinct_bytes() -> None:

@@ -80,6 +80,48 @@ def c_unpickler_input(data: bytes) -> io.BufferedReader:
     return io.BufferedReader(io.BytesIO(data), buffer_size=C_PREFETCH)
 
 
+RELEASE_PIECE = 1 << 20  # bytes per piece of a pickle let go while it is read (consumed_input)
+
+
+class _Pieces(io.RawIOBase):
+    """Bytes served in order from pieces, each piece let go as soon as it has been read."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        super().__init__()
+        self.pieces = pieces[::-1]  # popped from the end, first piece last
+        self.at = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self.pieces and self.at >= len(self.pieces[-1]):
+            self.pieces.pop()
+            self.at = 0
+        if not self.pieces:
+            return 0
+        piece = self.pieces[-1]
+        n = min(len(buffer), len(piece) - self.at)
+        buffer[:n] = piece[self.at:self.at + n]
+        self.at += n
+        return n
+
+
+def consumed_input(holder: list[bytes]) -> io.BufferedReader:
+    """:func:`c_unpickler_input` of the bytes in ``holder`` (taken out of it), which are let go as
+    the unpickler reads them.
+
+    Why: the C unpickler's peak is at the end of the load, with every memoised object alive; the
+    pickle's bytes are no longer needed by then (a 200,000-tensor data.pkl holds 27 MB). They are
+    copied into pieces of :data:`RELEASE_PIECE` bytes, each freed once read past (the copy is made
+    before anything is unpickled, far below the peak).
+    """
+    data = holder.pop()
+    pieces = [data[at:at + RELEASE_PIECE] for at in range(0, len(data), RELEASE_PIECE)]
+    del data
+    return io.BufferedReader(_Pieces(pieces), buffer_size=C_PREFETCH)
+
+
 class _Fallback(Exception):
     """The C path met something only the interpreter handles exactly."""
 
@@ -246,8 +288,8 @@ def _make_from_type_v2() -> Any:
 class _Loader(pickle.Unpickler):
     """The C unpickler with every global replaced by a stand-in (see the module docstring)."""
 
-    def __init__(self, data: bytes, persistent: Callable[[Any], Any] | None) -> None:
-        super().__init__(c_unpickler_input(data), encoding="latin1")
+    def __init__(self, source: io.BufferedReader, persistent: Callable[[Any], Any] | None) -> None:
+        super().__init__(source, encoding="latin1")
         # Set through the C unpickler's own attribute, not a method override: it then calls the
         # reader's function directly, without a Python frame in between (once per tensor).
         self.persistent_load = persistent if persistent is not None else _no_persistent_ids  # type: ignore[method-assign]
@@ -359,16 +401,21 @@ class _Loader(pickle.Unpickler):
         return any(sys.getrefcount(self.classes[key][0]) > self.classes[key][1] for key in self.classes)
 
 
-def fast_load(data: bytes, persistent_load: Callable[[Any], Any] | None, *, prepass: bool = True) -> Any:
+def fast_load(data: bytes | list[bytes], persistent_load: Callable[[Any], Any] | None, *,
+              prepass: bool = True) -> Any:
     """The unpickled object tree, or :data:`NOT_FAST` when the interpreter must decide.
+
+    ``data`` as a one-item list: once the pre-pass has admitted them, the bytes are taken out of
+    the list and let go as they are read (:func:`consumed_input`); the list is then empty, and a
+    caller that still needs them (NOT_FAST) reads them again.
 
     ``prepass=False`` only for a pickle ckptdoctor's own writer has just produced: the pre-pass
     bounds what a file's author chose (memo indices, EXT, depth), and that writer numbers its
     memo 0, 1, 2... and emits none of the rest; the checks after the load still apply.
     """
-    if prepass and not _harmless(data):
+    if prepass and not _harmless(data[0] if isinstance(data, list) else data):
         return NOT_FAST
-    loader = _Loader(data, persistent_load)
+    loader = _Loader(consumed_input(data) if isinstance(data, list) else c_unpickler_input(data), persistent_load)
     try:
         try:
             result = loader.load()

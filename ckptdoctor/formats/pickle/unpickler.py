@@ -376,17 +376,33 @@ def load_pickle(data: bytes, persistent_load: PersistentLoad | None = None, *, w
     ``own_writer``: the bytes are exactly what ``writers.torch_zip.TreePickler`` produced (a
     read-back that has checked their CRC-32), so the C path needs no pre-pass (see ``fast_load``).
     """
-    if len(data) > MAX_PICKLE_BYTES:
-        raise LimitExceeded(f"pickle of {len(data)} bytes is beyond the {MAX_PICKLE_BYTES}-byte limit", path=path)
+    return _load_pickle(data, lambda: data, persistent_load, where, path, own_writer)
+
+
+def load_pickle_read(read: Callable[[], bytes], persistent_load: PersistentLoad | None = None, *,
+                     where: str = "", path: str | None = None) -> Any:
+    """:func:`load_pickle` of the bytes ``read()`` returns, which the C path lets go of while it
+    reads them (no caller holds them: a 200,000-tensor data.pkl is 27 MB alive at the load's
+    peak otherwise). ``read`` is called again when the interpreter must decide."""
+    return _load_pickle([read()], read, persistent_load, where, path, False)
+
+
+def _load_pickle(data: bytes | list[bytes], read: Callable[[], bytes], persistent_load: PersistentLoad | None,
+                 where: str, path: str | None, own_writer: bool) -> Any:
+    """``data`` as bytes, or as a one-item list the C path may empty (then ``read`` gives them again)."""
+    size = len(data[0]) if isinstance(data, list) else len(data)
+    if size > MAX_PICKLE_BYTES:
+        raise LimitExceeded(f"pickle of {size} bytes is beyond the {MAX_PICKLE_BYTES}-byte limit", path=path)
     with gc_paused():
         # The C unpickler when a bounded pre-pass allows it (fast_pickle); this interpreter
         # for everything else, and to give the exact error whenever the C path fails.
         # An allowance (--allow-global) is applied by the interpreter only.
-        fast = len(data) >= FAST_MIN_BYTES and not current_allowance().names
+        fast = size >= FAST_MIN_BYTES and not current_allowance().names
         result = fast_load(data, persistent_load, prepass=not own_writer) if fast else NOT_FAST
         if result is not NOT_FAST:
             return result
-        return _run(SafeUnpickler(io.BytesIO(data), persistent_load, where=where), lambda u: u.load_bytes(data),
+        whole = read() if data == [] else data[0] if isinstance(data, list) else data
+        return _run(SafeUnpickler(io.BytesIO(whole), persistent_load, where=where), lambda u: u.load_bytes(whole),
                     where, path)
 
 

@@ -13,20 +13,21 @@ import bisect
 import struct
 import sys
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
-from operator import add, itemgetter, methodcaller
+from operator import add, methodcaller
 from typing import Any
 
 from ckptdoctor.errors import CorruptCheckpoint, LimitExceeded, UnsafeContent, UnsupportedFormat
 from ckptdoctor.formats.magic import ZIP_LOCAL_HEADER
 from ckptdoctor.formats.pickle.stand_ins import StorageType
-from ckptdoctor.formats.pickle.unpickler import load_pickle
+from ckptdoctor.formats.pickle.unpickler import load_pickle_read
 from ckptdoctor.formats.readers.zip_directory import (
     FLAG_ENCRYPTED,
     STORED,
     BadZip,
     Member,
+    MemberTable,
     TooManyMembers,
     ZipDirectory,
 )
@@ -59,11 +60,12 @@ class TorchZipArchive:
             raise LimitExceeded(str(exc), path=path) from None
         except (BadZip, UnicodeDecodeError, OSError) as exc:
             raise CorruptCheckpoint(f"not a readable zip archive ({exc})", path=path) from None
-        listed = self.zip.members
-        # Built by C-level passes (no Python step per member: 200,000 of them in a large file).
-        self.members = dict(zip(map(itemgetter(0), listed), listed))
-        if len(self.members) != len(listed):
-            dupes = [name for name, n in Counter(m.name for m in listed).items() if n > 1]
+        # Columns built by C-level passes (no Python step per member: 200,000 of them in a large
+        # file); the directory's list of tuples is let go before the pickle is read (see MemberTable).
+        self.members = MemberTable(self.zip.members)
+        self.zip.members = []
+        if len(self.members) != len(self.members.names):
+            dupes = [name for name, n in Counter(self.members.names).items() if n > 1]
             raise UnsafeContent(f"the archive holds member {dupes[0]!r} more than once, so readers disagree on "
                                 "its contents", path=path)
         pickles = [*filter(methodcaller("endswith", "/data.pkl"), self.members)]
@@ -97,7 +99,7 @@ class TorchZipArchive:
 
         Sorted on first use: a local archive whose headers :meth:`verified_starts` checks never needs it."""
         if self._sorted_starts is None:
-            self._sorted_starts = sorted({*map(itemgetter(2), self.zip.members), self.zip.start_dir})
+            self._sorted_starts = sorted({*self.members.header_offsets, self.zip.start_dir})
         return self._sorted_starts
 
     def has(self, name: str) -> bool:
@@ -157,16 +159,22 @@ class TorchZipArchive:
         each member goes through :meth:`stored_range` when the pickle names it, which raises the
         same error as ever, at the same point.
         """
+        positions, starts = self.verified_positions(names)
+        return dict(zip(map(self.members.names.__getitem__, positions), starts))
+
+    def verified_positions(self, names: Iterable[str]) -> tuple[list[int], list[int]]:
+        """:meth:`verified_starts` as (the members' positions in :attr:`members`, their data offsets)."""
         if self.storage.remote:
-            return {}
-        records = list(map(self.members.__getitem__, names))
-        count = len(records)
-        if not count or any(map(STORED.__ne__, map(itemgetter(3), records))):
-            return {}
-        offsets = list(map(itemgetter(2), records))
+            return [], []
+        table = self.members
+        positions = list(map(table.index.__getitem__, names))
+        count = len(positions)
+        if not count or any(map(STORED.__ne__, map(table.compress_types.__getitem__, positions))):
+            return [], []
+        offsets = list(map(table.header_offsets.__getitem__, positions))
         if offsets != sorted(offsets):  # torch lists members in file order; the windows need it
-            records.sort(key=itemgetter(2))
-            offsets = list(map(itemgetter(2), records))
+            positions.sort(key=table.header_offsets.__getitem__)
+            offsets = list(map(table.header_offsets.__getitem__, positions))
         size = LOCAL_HEADER.size
         heads: list[bytes] = []
         i = 0
@@ -180,14 +188,14 @@ class TorchZipArchive:
         joined = b"".join(heads)
         del heads
         if len(joined) != size * count or any(joined[k::size] != ZIP_LOCAL_HEADER[k:k + 1] * count for k in range(4)):
-            return {}
+            return [], []
         halves = array("H", joined)  # 15 per header: name length at byte 26, extra length at 28
         if sys.byteorder != "little":
             halves.byteswap()
         starts = list(map(add, map(add, offsets, halves[13::15]), map(size.__add__, halves[14::15])))
-        if max(map(add, starts, map(itemgetter(7), records))) > self.file_size:
-            return {}
-        return dict(zip(map(itemgetter(0), records), starts))
+        if max(map(add, starts, map(table.file_sizes.__getitem__, positions))) > self.file_size or min(starts) < 0:
+            return [], []
+        return positions, starts
 
     def _read_window(self, offset: int) -> None:
         """Read the local headers of the records from ``offset`` on in one range.
@@ -261,10 +269,14 @@ def read_torch_zip(path: str, entry: str | None = None) -> Checkpoint:
     archive = TorchZipArchive(path)
     try:
         members, data_prefix = archive.members, archive.prefix + "data/"
-        # Per storage member: its data offset when verified_starts has checked its header, then its
-        # StorageInfo once the pickle has named it (one table: 200,000 entries cost 8 MB a dict).
-        resolved: dict[str, int | StorageInfo] = dict(
-            archive.verified_starts(filter(methodcaller("startswith", data_prefix), members)))
+        position, names, file_sizes, crcs = members.index.get, members.names, members.file_sizes, members.crcs
+        # By member position: its data offset when verified_starts has checked its header (else -1),
+        # then its StorageInfo once the pickle has named it. Columns, not dicts by name: the tables
+        # are alive while the pickle is unpickled, inspect's peak (200,000 entries: 3 MB, not 25).
+        starts = array("q", [-1]) * len(names)
+        deque(map(starts.__setitem__, *archive.verified_positions(
+            filter(methodcaller("startswith", data_prefix), members))), maxlen=0)
+        infos: list[StorageInfo | None] = [None] * len(names)
 
         def persistent_load(pid: Any) -> StorageInfo:
             # Called once per tensor (200,000 times for a large MoE file): torch's own reference
@@ -278,17 +290,17 @@ def read_torch_zip(path: str, entry: str | None = None) -> Checkpoint:
                     storage_type, key, location, numel = storage_reference(pid)
                 except BadReference as exc:
                     raise CorruptCheckpoint(str(exc), path=path) from None
-            member = data_prefix + key
-            known = resolved.get(member)
-            if type(known) is StorageInfo:  # shared: tied weights, views of one storage
-                return known
-            record = members.get(member)
-            if record is None:
+            at = position(data_prefix + key)
+            if at is None:
                 raise CorruptCheckpoint(f"the pickle refers to storage {key!r}, which the archive lacks", path=path)
-            if type(known) is int:
-                offset, length = known, record.file_size
+            known = infos[at]
+            if known is not None:  # shared: tied weights, views of one storage
+                return known
+            offset = starts[at]
+            if offset >= 0:
+                length = file_sizes[at]
             else:
-                offset, length = archive.stored_range(record)
+                offset, length = archive.stored_range(members.member(at))
             dtype = storage_type.dtype
             nbytes = numel * (DTYPE_BITS[dtype] // 8)  # itemsize(), inline
             if numel < 0 or nbytes > length:
@@ -297,13 +309,14 @@ def read_torch_zip(path: str, entry: str | None = None) -> Checkpoint:
             if device is None:
                 device = _location(location)
             # Positional: keyword arguments cost as much as the rest of the construction.
-            info = StorageInfo(key, dtype, nbytes, device, ByteRange(path, offset, nbytes), record.name,
-                               record.crc if nbytes == length else None)
-            resolved[member] = info
+            info = StorageInfo(key, dtype, nbytes, device, ByteRange(path, offset, nbytes), names[at],
+                               crcs[at] if nbytes == length else None)
+            infos[at] = info
             return info
 
-        data = archive.read_member("data.pkl")
-        root = load_pickle(data, persistent_load, where=archive.pickle_name, path=path)
+        # Read through a function, so that no reference here keeps the bytes alive during the load.
+        root = load_pickle_read(lambda: archive.read_member("data.pkl"), persistent_load, where=archive.pickle_name,
+                                path=path)
         torchscript = archive.has("constants.pkl") or any(
             map(methodcaller("startswith", archive.prefix + "code/"), archive.members))
         extra: dict[str, Any] = {"archive_prefix": archive.prefix.rstrip("/")}

@@ -20,7 +20,9 @@ from __future__ import annotations
 import operator
 import struct
 import zlib
-from itertools import repeat
+from array import array
+from collections.abc import Iterator, Mapping
+from itertools import compress, repeat
 from typing import NamedTuple
 
 from ckptdoctor.io.rangefile import RangeFile
@@ -62,6 +64,77 @@ class Member(NamedTuple):
     crc: int
     compress_size: int
     file_size: int
+
+
+def _column(values: list[int], code: str) -> array[int] | list[int]:
+    """``values`` as a typed array (8 bytes or fewer each, no int object per value), or the list
+    itself when one does not fit (a hostile offset beyond 2**63, a negative one)."""
+    try:
+        return array(code, values)
+    except OverflowError:
+        return values
+
+
+class MemberTable(Mapping[str, Member]):
+    """The members by name, kept as columns; each :class:`Member` is made when asked for.
+
+    Why: a 200,000-storage checkpoint's members as tuples cost ~120 bytes each plus an int
+    object per offset and CRC-32 (~37 MB), and they stay alive while its pickle is unpickled,
+    which is when ``inspect`` peaks. Columns cost ~30 bytes a member (name index included);
+    the reader asks for a few fields of each storage by position (:meth:`position`).
+    """
+
+    __slots__ = (
+        "compress_sizes",
+        "compress_types",
+        "crcs",
+        "file_sizes",
+        "flag_bits",
+        "header_offsets",
+        "index",
+        "names",
+        "raw_names",
+    )
+
+    def __init__(self, members: list[Member]) -> None:
+        def field(k: int) -> list[int]:
+            return list(map(operator.itemgetter(k), members))
+
+        self.names: list[str] = list(map(operator.itemgetter(0), members))
+        # A later duplicate wins, as in a dict of the members (the reader refuses duplicates).
+        self.index: dict[str, int] = dict(zip(self.names, range(len(members))))
+        raws = list(map(operator.itemgetter(1), members))
+        differ = list(compress(range(len(members)), map(operator.ne, self.names, raws)))  # names cut at a NUL
+        self.raw_names: dict[int, str] = dict(zip(differ, map(raws.__getitem__, differ)))
+        self.header_offsets = _column(field(2), "q")
+        self.compress_types = _column(field(3), "H")
+        self.flag_bits = _column(field(4), "H")
+        self.crcs = _column(field(5), "L")
+        self.compress_sizes = _column(field(6), "q")
+        self.file_sizes = _column(field(7), "q")
+
+    def member(self, position: int) -> Member:
+        """The member at ``position`` in directory order."""
+        name = self.names[position]
+        return tuple.__new__(Member, (name, self.raw_names.get(position, name), self.header_offsets[position],
+                                      self.compress_types[position], self.flag_bits[position], self.crcs[position],
+                                      self.compress_sizes[position], self.file_sizes[position]))
+
+    def position(self, name: str) -> int | None:
+        """Where the member ``name`` is in the columns, or None."""
+        return self.index.get(name)
+
+    def __getitem__(self, name: str) -> Member:
+        return self.member(self.index[name])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
 
 
 def _end_record(file: RangeFile) -> tuple[list[int], int, bool]:
