@@ -53,9 +53,9 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ckptdoctor.formats.pickle.fast import c_unpickler_input, key_tokens
-from ckptdoctor.formats.readers.zip_directory import BadZip, Member, ZipDirectory
+from ckptdoctor.formats.readers.zip_directory import FLAG_UTF8, BadZip, Member, ZipDirectory
 from ckptdoctor.formats.writers.read_back import ReadBackError
-from ckptdoctor.formats.writers.torch_zip import ALIGNMENT, CENTRAL, LOCAL, U32_MAX, ZIP64_END, ZIP64_LOCATOR
+from ckptdoctor.formats.writers.torch_zip import ALIGNMENT, CENTRAL, END, LOCAL, U32_MAX, ZIP64_END, ZIP64_LOCATOR
 from ckptdoctor.io.atomic import EarlyWriteback, atomic_output
 from ckptdoctor.io.rangefile import RangeFile
 from ckptdoctor.io.storage import LocalStorage, storage_for
@@ -263,6 +263,8 @@ def _walk(directory: bytes, pickle_name: bytes) -> tuple[list[_Entry], tuple[Any
             raise NotEligible("the central directory does not decode, or carries comments")
         name_end = at + CENTRAL.size + fields[10]
         wide = fields[16] == U32_MAX
+        if wide and not fields[11]:
+            raise NotEligible("a zip64 entry without its offset")
         where = _zip64_offset_at(directory, at, fields) if fields[11] else at + 42
         offset = struct.unpack_from("<Q", directory, where)[0] if wide else fields[16]
         size = fields[9]
@@ -312,7 +314,7 @@ def _read_source(path: str, pickle_name: str, storages: Mapping[str, Any]) -> _S
         data = os.pread(fd, usize, data_at)
         if len(data) != usize or (crc and zlib.crc32(data) != crc):
             raise NotEligible("data.pkl does not read as the reader read it")
-        end = min((e.offset for e in entries if e.offset > start), default=zip_dir.start_dir)
+        end = _check_records(fd, entries, pickle_name.encode("utf-8"), data_at, storages, zip_dir.start_dir)
         slack = end - data_at - usize
         descriptor: bytes | None = None
         if flags & FLAG_DESCRIPTOR:
@@ -325,7 +327,6 @@ def _read_source(path: str, pickle_name: str, storages: Mapping[str, Any]) -> _S
         tail_start = zip_dir.start_dir + zip_dir.dir_size
         tail = os.pread(fd, size - tail_start, tail_start)
         _check_tail(tail, zip_dir.end_location - tail_start, zip_dir.zip64)
-        _check_records(fd, entries, pickle_name.encode("utf-8"), data_at, storages, zip_dir.start_dir)
         return _Source(size, start, data_at, end, descriptor, local, name, data, zip_dir.start_dir, directory,
                        entries, tail_start, tail, zip_dir.end_location, zip_dir.zip64)
     finally:
@@ -340,21 +341,24 @@ DESCRIPTORS = {0: (0,), FLAG_DESCRIPTOR: (12, 16, 20, 24)}  # data descriptor: n
 
 
 def _check_records(fd: int, entries: Sequence[_Entry], pickle_name: bytes, pickle_data: int,
-                   storages: Mapping[str, Any], dir_start: int) -> None:
+                   storages: Mapping[str, Any], dir_start: int) -> int:
     """The archive is data.pkl, the storages the pickle names (each record exactly its bytes) and
     torch's small text members, back to back from byte 0 to the central directory: what is
     copied as it is holds nothing the general writer would leave out (a hidden member, bytes
-    between records, an aliased record, a storage record longer than its storage)."""
+    between records, an aliased record, a storage record longer than its storage).
+
+    Returns where the record after data.pkl's starts (the directory when it is the last)."""
     prefix = pickle_name[:-len(b"data.pkl")].decode("utf-8", "replace")
     ordered = sorted(entries, key=operator.attrgetter("offset"))
-    cursor = 0
+    cursor, after_pickle = 0, dir_start
     for k, entry in enumerate(ordered):
         if entry.offset != cursor or entry.method != 0:
             raise NotEligible("the records are not back to back from the start of the file")
         name = entry.name.decode("utf-8", "replace")
         storage = storages.get(name)
+        following = ordered[k + 1].offset if k + 1 < len(ordered) else dir_start
         if entry.name == pickle_name:
-            start = pickle_data
+            start, after_pickle = pickle_data, following
         elif storage is not None:
             if storage.source is None or storage.nbytes != entry.size:
                 raise NotEligible(f"record {name} is not exactly its storage's bytes")
@@ -370,20 +374,20 @@ def _check_records(fd: int, entries: Sequence[_Entry], pickle_name: bytes, pickl
         else:
             raise NotEligible(f"record {name} is one the general writer would not write")
         header_extra = start - entry.offset - LOCAL.size - len(entry.name)
-        following = ordered[k + 1].offset if k + 1 < len(ordered) else dir_start
         if not 0 <= header_extra <= MAX_HEADER_EXTRA or \
                 following - start - entry.size not in DESCRIPTORS[entry.flags & FLAG_DESCRIPTOR]:
             raise NotEligible(f"bytes lie around record {name}")
         cursor = following
     if cursor != dir_start:
         raise NotEligible("bytes lie before the central directory")
+    return after_pickle
 
 
 def _check_tail(tail: bytes, end_at: int, zip64: bool) -> None:
     """After the directory: exactly a zip64 end record (no extensible data) and its locator when
     ``zip64``, then the end record, without a comment, ending the file."""
-    expected = (ZIP64_END.size + ZIP64_LOCATOR.size if zip64 else 0) + 22
-    if len(tail) != expected or end_at != expected - 22 or tail[-2:] != b"\x00\x00":
+    expected = (ZIP64_END.size + ZIP64_LOCATOR.size if zip64 else 0) + END.size
+    if len(tail) != expected or end_at != expected - END.size or tail[-2:] != b"\x00\x00":
         raise NotEligible("bytes or a comment follow the central directory")
     if zip64 and (tail[:4] != b"PK\x06\x06" or struct.unpack_from("<Q", tail, 4)[0] != ZIP64_END.size - 12):
         raise NotEligible("the zip64 end record carries extensible data")
@@ -424,7 +428,8 @@ def _zip64_offset_at(directory: bytes | bytearray, at: int, fields: tuple[Any, .
 
 def _patched_directory(source: _Source, shift: int, crc: int, size: int) -> tuple[bytes, list[int]]:
     """The central directory with the records after data.pkl moved by ``shift`` and data.pkl's
-    CRC-32 and sizes replaced; and each entry's new header offset, in order."""
+    CRC-32 and sizes replaced; and each entry's new header offset, in order. (No record starts
+    inside data.pkl's: :func:`_check_records` found them back to back.)"""
     out = bytearray(source.directory)
     offsets: list[int] = []
     moved, pack32, pack64 = source.pickle_end, struct.Struct("<I").pack_into, struct.Struct("<Q").pack_into
@@ -440,8 +445,6 @@ def _patched_directory(source: _Source, shift: int, crc: int, size: int) -> tupl
                 pack32(out, entry.where, offset)
         elif offset == source.pickle_start:
             struct.pack_into("<3I", out, entry.at + 16, crc, size, size)
-        elif offset > source.pickle_start:
-            raise NotEligible("a record starts inside data.pkl's")
         offsets.append(offset)
     return bytes(out), offsets
 
@@ -589,7 +592,7 @@ def _member(directory: bytes, entry: _Entry, offset: int) -> Member:
     """The reader's view of one directory entry (its header at ``offset``)."""
     fields = CENTRAL.unpack_from(directory, entry.at)
     raw = directory[entry.at + CENTRAL.size:entry.at + CENTRAL.size + fields[10]]
-    name = raw.decode("utf-8" if fields[3] & 0x800 else "cp437")
+    name = raw.decode("utf-8" if fields[3] & FLAG_UTF8 else "cp437")
     return Member(name, name, offset, fields[4], fields[3], fields[7], fields[8], fields[9])
 
 
