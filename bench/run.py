@@ -91,11 +91,15 @@ def _run(cmd: list[str] | str, before: Callable[[], None] | None) -> tuple[float
     return wall, int(proc.stderr.strip().splitlines()[-1]) / 1024
 
 
+def _timing(runs: list[tuple[float, float]]) -> Timing:
+    """Median wall time and max peak RSS of (wall, peak) runs."""
+    return Timing(statistics.median(w for w, _ in runs), max(p for _, p in runs))
+
+
 def measure(cmd: list[str] | str, repeat: int, before: Callable[[], None] | None = None) -> Timing:
     """Median wall time and max peak RSS of ``cmd`` over ``repeat`` runs (after one warm-up)."""
     _run(cmd, before)  # warm-up: page cache, imports compiled
-    runs = [_run(cmd, before) for _ in range(repeat)]
-    return Timing(statistics.median(w for w, _ in runs), max(p for _, p in runs))
+    return _timing([_run(cmd, before) for _ in range(repeat)])
 
 
 def measure_pair(ours: list[str] | str, theirs: list[str] | str, repeat: int,
@@ -108,8 +112,7 @@ def measure_pair(ours: list[str] | str, theirs: list[str] | str, repeat: int,
     for _ in range(repeat):
         a.append(_run(ours, before))
         b.append(_run(theirs, before))
-    return (Timing(statistics.median(w for w, _ in a), max(p for _, p in a)),
-            Timing(statistics.median(w for w, _ in b), max(p for _, p in b)))
+    return _timing(a), _timing(b)
 
 
 def make_inputs(workdir: Path) -> dict[str, Path]:
