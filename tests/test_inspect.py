@@ -272,3 +272,27 @@ def test_tree_groups_interleaved_modules_in_first_seen_order(tmp_path: Path) -> 
         ("top", 1, []),
     ])
     assert shape(build_tree(open_checkpoint(str(path)).tensors, pattern="*")) == shape(tree)
+
+
+def test_tree_of_keys_that_all_share_modules(tmp_path: Path) -> None:
+    """Keys that all start with the same modules (``module.model.``) keep every level of the tree;
+    a tensor named like a module (``module.model.blocks``) sits beside that module's children,
+    and the first and last keys sharing more than the rest does not mislead the tree."""
+    sd = {"module.model.blocks.0.w": torch.ones(2), "module.model.blocks": torch.ones(1),
+          "module.model.blocks.1.w": torch.ones(2), "module.model.head.w": torch.ones(3),
+          "module.model.blocks.2.w": torch.ones(2)}
+    path = tmp_path / "shared.pt"
+    torch.save(sd, path)
+    tree = build_tree(open_checkpoint(str(path)).tensors)
+
+    def shape(node):  # type: ignore[no-untyped-def]
+        return (node.name, node.path, node.tensors, node.tensor is not None, [shape(c) for c in node.children])
+
+    assert shape(tree) == ("", "", 5, False, [
+        ("module", "module", 5, False, [
+            ("model", "module.model", 5, False, [
+                ("blocks", "module.model.blocks", 4, True, [
+                    ("{0..2}", "module.model.blocks.0", 3, False, [("w", "module.model.blocks.0.w", 1, True, [])])]),
+                ("head", "module.model.head", 1, False, [("w", "module.model.head.w", 1, True, [])]),
+            ])])])
+    assert tree.params == 1 + 3 * 2 + 3

@@ -43,35 +43,73 @@ class _Trie:
     def children(self) -> dict[str, _Trie]:
         """The child nodes by name, in key order (split on first use)."""
         if self._children is None:
-            children: dict[str, _Trie] = {}
-            offset = self.offset
-            pending = self.pending
-            dots = list(map(str.find, map(_KEY, pending), repeat("."), repeat(offset)))
-            if -1 not in dots:  # all below a child (the root, modules): C-level passes, a step per run of one name
-                heads = map(operator.getitem, map(_KEY, pending), map(slice, repeat(offset), dots))
-                for head, run in groupby(zip(heads, pending), key=_FIRST):
-                    child = children.get(head)
-                    if child is None:
-                        child = children[head] = _Trie(offset + len(head) + 1)
-                    child.pending.extend(map(_SECOND, run))
-                self._children, self.pending = children, []
-                return children
-            for info in pending:
-                key = info.key
-                dot = key.find(".", offset)
-                head = key[offset:dot] if dot >= 0 else key[offset:]
+            self._children = self._shared_modules() or self._split()
+            self.pending = []
+        return self._children
+
+    def _split(self) -> dict[str, _Trie]:
+        """The pending keys, each handed to the child named by its next segment."""
+        children: dict[str, _Trie] = {}
+        offset = self.offset
+        pending = self.pending
+        dots = list(map(str.find, map(_KEY, pending), repeat("."), repeat(offset)))
+        if -1 not in dots:  # all below a child (the root, modules): C-level passes, a step per run of one name
+            heads = map(operator.getitem, map(_KEY, pending), map(slice, repeat(offset), dots))
+            for head, run in groupby(zip(heads, pending), key=_FIRST):
                 child = children.get(head)
                 if child is None:
                     child = children[head] = _Trie(offset + len(head) + 1)
-                if dot >= 0:
-                    child.pending.append(info)
-                elif child.tensor is None:  # the same key twice cannot come from a dict; keep the first
-                    child.tensor = info
-            self._children, self.pending = children, []
-        return self._children
+                child.pending.extend(map(_SECOND, run))
+            return children
+        for info in pending:
+            key = info.key
+            dot = key.find(".", offset)
+            head = key[offset:dot] if dot >= 0 else key[offset:]
+            child = children.get(head)
+            if child is None:
+                child = children[head] = _Trie(offset + len(head) + 1)
+            if dot >= 0:
+                child.pending.append(info)
+            elif child.tensor is None:  # the same key twice cannot come from a dict; keep the first
+                child.tensor = info
+        return children
+
+    def _shared_modules(self) -> dict[str, _Trie] | None:
+        """The chain of modules every pending key passes through, made without splitting the keys.
+
+        A checkpoint's keys often all start with the same modules (``model.layers.``). Splitting
+        200,000 keys once per such level is a pass over all of them per level; their common
+        prefix gives the whole chain in two C-level passes, and the keys move down to its last
+        node as they are. None when the keys share no module below this node.
+        """
+        pending = self.pending
+        offset = self.offset
+        # The first and last keys share at least what all share: most nodes are told no by them.
+        if len(pending) < 2 or _common_prefix([pending[0].key, pending[-1].key]).rfind(".", offset) < 0:
+            return None
+        common = _common_prefix(list(map(_KEY, pending)))
+        last = common.rfind(".", offset)
+        if last < 0:
+            return None
+        top: dict[str, _Trie] = {}
+        links = top
+        while offset <= last:
+            dot = common.index(".", offset)
+            child = links[common[offset:dot]] = _Trie(dot + 1)
+            links = child._children = {}
+            offset = dot + 1
+        child._children, child.pending = None, pending
+        return top
 
     def has_children(self) -> bool:
         return bool(self._children) if self._children is not None else bool(self.pending)
+
+
+def _common_prefix(texts: list[str]) -> str:
+    """The characters every text starts with: what the smallest and the largest share (two C passes)."""
+    low, high = min(texts), max(texts)
+    same = next((i for i, (a, b) in enumerate(zip(low, high)) if a != b), min(len(low), len(high)))
+    return low[:same]
 
 
 @dataclass(frozen=True, slots=True)
