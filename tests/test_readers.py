@@ -12,7 +12,9 @@ import json
 import pickle
 import shutil
 import struct
+import zipfile
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -376,3 +378,34 @@ def test_dcp_safetensors_format_keeps_metadata_without_bytes(tmp_path: Path) -> 
     assert [(t.key, t.shape) for t in ours] == [("w", (3, 2)), ("b", (2,))]
     assert all(t.tensor.storage is not None and t.tensor.storage.source is None for t in ours)
     assert ours.root["step"] == 4 and "bytes are not mapped" in ours.notes[0]
+
+
+def _with_pickle(src: Path, dst: Path, edit: Callable[[bytes], bytes]) -> None:
+    """``src`` (a torch.save zip) rewritten member by member, its data.pkl passed through ``edit``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            zout.writestr(info.filename, edit(data) if info.filename.endswith("/data.pkl") else data)
+
+
+@pytest.mark.parametrize("position", [0, 37, 79])
+def test_view_beyond_its_storage_is_refused(tmp_path: Path, position: int) -> None:
+    """A tensor whose view reaches past its storage's end (a pickle that lies about the storage's
+    size) is refused by name, wherever it stands among many sound tensors."""
+    sd = {f"w{i}": torch.full((3,), float(i)) for i in range(80)}
+    sd[f"w{position}"] = torch.arange(10.0)[:4]  # a view of a 10-element storage
+    good = tmp_path / "good.pt"
+    torch.save(sd, good)
+    bad = tmp_path / "bad.pt"
+    # the storage's numel in its persistent id: 10 becomes 3 (12 bytes, the view reads 16)
+    _with_pickle(good, bad, _numel_10_to_3)
+    assert len(open_checkpoint(good).tensors) == 80
+    with pytest.raises(CorruptCheckpoint, match=rf"tensor 'w{position}' \(float32\[4\]\) reads bytes 0\.\.16 "
+                                                r"of a storage that holds 12"):
+        open_checkpoint(bad)
+
+
+def _numel_10_to_3(pkl: bytes) -> bytes:
+    """The one persistent id naming 10 elements (``BININT1 10`` then ``TUPLE``) names 3 instead."""
+    assert pkl.count(b"K\nt") == 1
+    return pkl.replace(b"K\nt", b"K\x03t")
