@@ -43,6 +43,13 @@ def _same_as_zipfile(path: Path) -> None:
         assert ours.start_dir == z.start_dir
         for member, info in zip(ours.members, theirs):
             assert ours.read(member) == z.read(info)
+    _same_as_table(ours)
+
+
+def _same_as_table(directory: ZipDirectory) -> None:
+    """The members as a table (what the torch reader asks for) are the members as tuples."""
+    table = directory.table()
+    assert [table.member(i) for i in range(len(table.names))] == directory.members
 
 
 def test_members_offsets_and_bytes_equal_zipfiles(tmp_path: Path) -> None:
@@ -126,6 +133,7 @@ def test_column_parse_equals_the_loop_or_steps_aside(tmp_path: Path) -> None:
     shifted = tmp_path / "shifted.pt"
     shifted.write_bytes(b"x" * 1000 + data)
     assert _directory(shifted).members == _loop_members(shifted)
+    _same_as_table(_directory(shifted))
     assert zip_directory._parse_plain(directory_bytes, 1000, 100) == _directory(shifted).members
     # What the column parse cannot vouch for goes to the loop, which gives the same members or error.
     cut = directory_bytes.index(b"PK\x01\x02", 4)

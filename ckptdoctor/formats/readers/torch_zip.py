@@ -27,7 +27,6 @@ from ckptdoctor.formats.readers.zip_directory import (
     STORED,
     BadZip,
     Member,
-    MemberTable,
     TooManyMembers,
     ZipDirectory,
 )
@@ -55,15 +54,14 @@ class TorchZipArchive:
         if self.storage.remote:
             self.file.prefetch(self.file_size - SUFFIX_GUESS, SUFFIX_GUESS)
         try:
-            self.zip = ZipDirectory(self.file, MAX_MEMBERS)
+            self.zip = ZipDirectory(self.file, MAX_MEMBERS, members=False)
+            # Columns built by C-level passes (no Python step per member: 200,000 of them in a
+            # large file), small while the pickle is unpickled (see MemberTable).
+            self.members = self.zip.table()
         except TooManyMembers as exc:
             raise LimitExceeded(str(exc), path=path) from None
         except (BadZip, UnicodeDecodeError, OSError) as exc:
             raise CorruptCheckpoint(f"not a readable zip archive ({exc})", path=path) from None
-        # Columns built by C-level passes (no Python step per member: 200,000 of them in a large
-        # file); the directory's list of tuples is let go before the pickle is read (see MemberTable).
-        self.members = MemberTable(self.zip.members)
-        self.zip.members = []
         if len(self.members) != len(self.members.names):
             dupes = [name for name, n in Counter(self.members.names).items() if n > 1]
             raise UnsafeContent(f"the archive holds member {dupes[0]!r} more than once, so readers disagree on "

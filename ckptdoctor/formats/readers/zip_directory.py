@@ -113,6 +113,21 @@ class MemberTable(Mapping[str, Member]):
         self.compress_sizes = _column(field(6), "q")
         self.file_sizes = _column(field(7), "q")
 
+    @classmethod
+    def from_columns(cls, columns: Columns) -> MemberTable:
+        """The table of a directory parsed column by column (no name cut at a NUL there)."""
+        table = cls.__new__(cls)
+        table.names = columns.names
+        table.index = dict(zip(columns.names, range(len(columns.names))))
+        table.raw_names = {}
+        table.header_offsets = _column(list(columns.offsets), "q")
+        table.compress_types = _column(list(columns.methods), "H")
+        table.flag_bits = _column(list(columns.flags), "H")
+        table.crcs = _column(list(columns.crcs), "L")
+        table.compress_sizes = _column(list(columns.csizes), "q")
+        table.file_sizes = _column(list(columns.usizes), "q")
+        return table
+
     def member(self, position: int) -> Member:
         """The member at ``position`` in directory order."""
         name = self.names[position]
@@ -203,7 +218,19 @@ def _zip64_extra(extra: bytes, file_size: int, compress_size: int, header_offset
     return file_size, compress_size, header_offset
 
 
-def _parse_plain(data: bytes, concat: int, max_members: int) -> list[Member] | None:
+class Columns(NamedTuple):
+    """The directory's entries field by field (offsets shifted by ``concat``), as the plain parse reads them."""
+
+    names: list[str]
+    offsets: tuple[int, ...]
+    methods: tuple[int, ...]
+    flags: tuple[int, ...]
+    crcs: tuple[int, ...]
+    csizes: tuple[int, ...]
+    usizes: tuple[int, ...]
+
+
+def _plain_columns(data: bytes, concat: int, max_members: int) -> Columns | None:
     """The directory as torch's writer lays it out, parsed column by column at C speed; None
     when anything differs, and then ``ZipDirectory._parse``'s loop reads it (and says what is wrong).
 
@@ -225,7 +252,7 @@ def _parse_plain(data: bytes, concat: int, max_members: int) -> list[Member] | N
     if len(heads) != fixed * count:
         return None
     if count == 0:
-        return []
+        return Columns([], (), (), (), (), (), ())
     flags, methods, crcs, csizes, usizes, name_lens, extra_lens, comment_lens, offsets = zip(
         *CENTRAL_FIXED.iter_unpack(heads))
     if any(extra_lens) or any(comment_lens) or list(map(len, pieces)) != list(map(fixed.__add__, name_lens)):
@@ -243,12 +270,26 @@ def _parse_plain(data: bytes, concat: int, max_members: int) -> list[Member] | N
         return None
     if concat:
         offsets = tuple(map(concat.__add__, offsets))
+    return Columns(names, offsets, methods, flags, crcs, csizes, usizes)
+
+
+def _parse_plain(data: bytes, concat: int, max_members: int) -> list[Member] | None:
+    """:func:`_plain_columns` as one :class:`Member` per entry (None: the loop reads the directory)."""
+    columns = _plain_columns(data, concat, max_members)
+    return None if columns is None else _members(columns)
+
+
+def _members(columns: Columns) -> list[Member]:
+    """The plain parse's columns as one :class:`Member` per entry."""
     # Equal values share one int object (torch's flags 0x808 and a few tensor sizes, all above the
     # small-int cache): 32 bytes per member and field otherwise, 6 MB per field at 200,000 members.
     shared: dict[int, int] = {}
-    flags, csizes, usizes = (tuple(map(shared.setdefault, column, column)) for column in (flags, csizes, usizes))
+    flags, csizes, usizes = (tuple(map(shared.setdefault, column, column))
+                             for column in (columns.flags, columns.csizes, columns.usizes))
+    names = columns.names
     # Member(...) without its Python-level __new__, as in the loop
-    return list(map(tuple.__new__, repeat(Member), zip(names, names, offsets, methods, flags, crcs, csizes, usizes)))
+    return list(map(tuple.__new__, repeat(Member),
+                    zip(names, names, columns.offsets, columns.methods, flags, columns.crcs, csizes, usizes)))
 
 
 class ZipDirectory:
@@ -270,8 +311,24 @@ class ZipDirectory:
             raise BadZip("Truncated central directory")
         self.concat = concat
         self.dir_size, self.end_location, self.zip64 = dir_size, location, zip64
-        # members=False: only where things are (a caller that walks the directory bytes itself)
-        self.members = self._parse(file.read_at(self.start_dir, dir_size), concat, max_members) if members else []
+        self.max_members = max_members
+        # members=False: only where things are (a caller that walks the directory bytes itself,
+        # or one that asks for the members as a table)
+        self.members = self._parse(self._read_directory(), concat, max_members) if members else []
+
+    def _read_directory(self) -> bytes:
+        return self.file.read_at(self.start_dir, self.dir_size)
+
+    def table(self) -> MemberTable:
+        """The members as columns (what ``ZipDirectory(..., members=False)`` left unparsed).
+
+        A plain directory goes from its columns to the table directly: 200,000 entries never
+        become 200,000 :class:`Member` tuples only to be split into columns again."""
+        data = self._read_directory()
+        plain = _plain_columns(data, self.concat, self.max_members)
+        if plain is not None:
+            return MemberTable.from_columns(plain)
+        return MemberTable(self._parse(data, self.concat, self.max_members))
 
     @staticmethod
     def _parse(data: bytes, concat: int, max_members: int) -> list[Member]:
