@@ -19,6 +19,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import torch
 
 from ckptdoctor.errors import UnsafeContent
 from ckptdoctor.formats.pickle.allowance import allowing
@@ -232,3 +234,56 @@ def test_large_pickle_goes_through_the_interpreter() -> None:
         numbers, record = load_pickle(payload)
     assert numbers == list(range(30000)) and record.cls.dotted == MODE and record.args == ("b",)
     assert allowance.used == {MODE}
+
+
+def test_python2_names_are_read_and_allowed_by_their_python3_names(tmp_path: Path) -> None:
+    """torch.save (protocol 2) writes `range` as `__builtin__.xrange`; ckptdoctor names and allows it as
+    `builtins.range`, as scan and torch.serialization.add_safe_globals do (the old name still works),
+    and fix writes it back the way torch.save wrote it."""
+    path = tmp_path / "h.ckpt"
+    torch.save({"state_dict": {"model.w": torch.ones(2)}, "hyper_parameters": {"epochs": range(3)}}, path)
+    assert b"__builtin__\nxrange" in _data_pkl(path)
+    refused = run_cli("inspect", str(path))
+    assert refused.exit_code == 2 and "`builtins.range`" in refused.stderr
+    assert "--allow-global builtins.range" in refused.stderr
+    for name in ("builtins.range", "__builtin__.xrange"):
+        assert run_cli("inspect", str(path), "--allow-global", name).exit_code == 0
+    out = tmp_path / "fixed.ckpt"
+    fixed = run_cli("fix", str(path), "--strip", "model.", "-o", str(out), "--allow-global", "builtins.range")
+    assert fixed.exit_code == 0, fixed.stderr
+    assert _global_call(_data_pkl(out), "__builtin__ xrange") == _global_call(_data_pkl(path), "__builtin__ xrange")
+    loaded = torch.load(out, weights_only=False)
+    assert loaded["hyper_parameters"]["epochs"] == range(3) and list(loaded["state_dict"]) == ["w"]
+
+
+class _Payload:
+    """Pickles as a call of os.system (run only by an unpickler that imports and calls it)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_call_that_runs_code_is_never_invited_and_never_written_back(tmp_path: Path) -> None:
+    """The refusal of `posix.system` does not say "if you trust it"; allowed to salvage the tensors,
+    it is read as a record, never run, and never written into a torch output."""
+    marker = tmp_path / "ran.txt"
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"module.w": torch.arange(3.0)}, "x": _Payload(marker)}, path)
+    name = "posix.system" if os.name == "posix" else "nt.system"
+    refused = run_cli("inspect", str(path))
+    assert refused.exit_code == 2 and f"`{name}`, which runs code" in refused.stderr
+    assert "If you trust" not in refused.stderr
+    out = tmp_path / "fixed.pt"
+    written_back = run_cli("fix", str(path), "--strip", "module.", "-o", str(out), "--allow-global", name)
+    assert written_back.exit_code == 2 and "nothing was written" in written_back.stderr
+    assert not out.exists()
+    extracted = run_cli("fix", str(path), "--strip", "module.", "--extract", "-o", str(out), "--allow-global", name)
+    assert extracted.exit_code == 0, extracted.stderr
+    assert run_cli("scan", str(out)).exit_code == 0
+    salvaged = tmp_path / "salvaged.safetensors"
+    assert run_cli("convert", str(path), str(salvaged), "--allow-global", name).exit_code == 0
+    assert torch.equal(safetensors.torch.load_file(salvaged)["module.w"], torch.arange(3.0))
+    assert not marker.exists()

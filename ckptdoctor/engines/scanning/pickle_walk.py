@@ -14,7 +14,6 @@ and the bytes a single pickle may span, so a crafted file cannot hang or exhaust
 
 from __future__ import annotations
 
-import _compat_pickle
 import io
 import re
 from dataclasses import dataclass, field
@@ -40,12 +39,13 @@ from ckptdoctor.engines.scanning.results import (
     Anomaly,
     GlobalUse,
 )
-from ckptdoctor.engines.scanning.tables import (
+from ckptdoctor.formats.pickle.tables import (
     DATA_CONSTRUCTORS,
     RECONSTRUCTORS,
     WEIGHTS_ONLY_GLOBALS,
     WEIGHTS_ONLY_OPCODES,
     is_denied,
+    python3_name,
 )
 from ckptdoctor.limits import MAX_MARK_DEPTH
 
@@ -183,15 +183,7 @@ def looks_like_pickle(f: IO[bytes], base: int, length: int) -> bool:
 
 def _split_global(arg: str) -> tuple[str, str]:
     module, _, name = arg.partition(" ")
-    return _fix_imports(module, name)
-
-
-def _fix_imports(module: str, name: str) -> tuple[str, str]:
-    """Apply the Python 2 -> 3 renames both ``pickle`` (fix_imports) and torch's
-    ``_read_global_instruction`` apply, so ``__builtin__.eval`` is judged as ``builtins.eval``."""
-    if (module, name) in _compat_pickle.NAME_MAPPING:
-        return _compat_pickle.NAME_MAPPING[(module, name)]
-    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+    return python3_name(module, name)
 
 
 class PickleWalker:
@@ -329,7 +321,7 @@ class PickleWalker:
         elif name == "STACK_GLOBAL":
             qn, mod = self.pop(), self.pop()
             if isinstance(mod, str) and isinstance(qn, str):
-                self.push(self.new_global(*_fix_imports(mod, qn)))
+                self.push(self.new_global(*python3_name(mod, qn)))
             else:
                 self.anomaly("unresolved-global", "STACK_GLOBAL takes its module or name from a computed value")
                 u = self.f.use("", "<unresolved STACK_GLOBAL>", self.where())

@@ -20,6 +20,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from ckptdoctor.errors import UsageError
+from ckptdoctor.formats.pickle.tables import python3_name
 
 # MODULE.NAME: dotted identifiers, at least one dot (what a pickle's GLOBAL names).
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
@@ -58,7 +59,8 @@ def parse_names(values: Iterable[str], *, source: str = "--allow-global") -> fro
         if not isinstance(value, str) or not _DOTTED.fullmatch(value.strip()):
             raise UsageError(f"{source} expects MODULE.NAME (e.g. collections.defaultdict), got {value!r:.80}",
                              hint="Name the global as the refusal message does: the module, a dot, the name.")
-        names.add(value.strip())
+        module, _, name = value.strip().rpartition(".")
+        names.add(".".join(python3_name(module, name)))  # `__builtin__.xrange` is `builtins.range`, as read
     return frozenset(names)
 
 

@@ -56,6 +56,7 @@ from ckptdoctor.formats.pickle.stand_ins import (
     _rebuild_from_type_v2,
     resolve_global,
 )
+from ckptdoctor.formats.pickle.tables import python3_name
 from ckptdoctor.limits import MAX_MARK_DEPTH  # the interpreter's limit too
 from ckptdoctor.model.checkpoint import GlobalRef, OpaqueObject
 
@@ -299,6 +300,7 @@ class _Loader(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if not isinstance(module, str) or not isinstance(name, str) or len(module) + len(name) > 1000:
             raise _Fallback
+        module, name = python3_name(module, name)  # a stand-in class is named as refusals and allowances name it
         target = resolve_global(module, name)
         if isinstance(target, (UnknownGlobal, type)):
             return self._stand_in(module, name, None if isinstance(target, UnknownGlobal) else target)

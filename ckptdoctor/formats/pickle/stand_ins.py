@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from ckptdoctor.errors import CorruptCheckpoint
+from ckptdoctor.formats.pickle.tables import python3_name
 from ckptdoctor.model.checkpoint import DTYPE_ALIASES, DTYPE_BITS, GlobalRef, OpaqueObject, StorageInfo, TensorRecord
 
 MAX_DIMS = 64
@@ -296,12 +297,6 @@ DATA_TYPES: dict[str, Any] = {
     "builtins.bytearray": bytearray,
     "builtins.complex": complex,
     "builtins.slice": slice,
-    # Protocol-2 pickles name builtins `__builtin__` (pickle's fix_imports, as torch.save writes).
-    "__builtin__.set": set,
-    "__builtin__.frozenset": frozenset,
-    "__builtin__.bytearray": bytearray,
-    "__builtin__.complex": complex,
-    "__builtin__.slice": slice,
 }
 
 # Membership sets for the per-call checks (a 20,000-tensor pickle makes 40,000 calls).
@@ -334,7 +329,9 @@ def _dtype_name(value: Any) -> str:
 
 
 def resolve_global(module: str, name: str) -> Any:
-    """The stand-in for ``module.name``; never imports anything."""
+    """The stand-in for ``module.name`` (by its Python 3 name: ``__builtin__.set`` is ``builtins.set``);
+    never imports anything."""
+    module, name = python3_name(module, name)
     dotted = f"{module}.{name}"
     if dotted in TORCH_FUNCTIONS:
         return TORCH_FUNCTIONS[dotted]

@@ -43,6 +43,7 @@ from ckptdoctor.formats.pickle.stand_ins import (
     UnknownGlobal,
     resolve_global,
 )
+from ckptdoctor.formats.pickle.tables import is_denied, python3_name
 from ckptdoctor.limits import MAX_MARK_DEPTH, MAX_PICKLE_BYTES
 from ckptdoctor.model.checkpoint import GlobalRef, OpaqueObject, TensorRecord
 
@@ -70,6 +71,7 @@ class SafeUnpickler(_PyUnpickler):
     def find_class(self, module: str, name: str) -> Any:
         if not isinstance(module, str) or not isinstance(name, str) or len(module) + len(name) > 1000:
             raise CorruptCheckpoint("a pickle global with an invalid name")
+        module, name = python3_name(module, name)  # refusals and allowances use the Python 3 name
         self.globals_seen.append(f"{module}.{name}")
         return resolve_global(module, name)
 
@@ -80,14 +82,19 @@ class SafeUnpickler(_PyUnpickler):
 
     def _refuse_call(self, func: Any) -> None:
         name = func.dotted if isinstance(func, GlobalRef) else type(func).__name__
-        hint = None
-        if isinstance(func, GlobalRef):
+        hint, what = None, "which is not a tensor rebuild function or a plain data type"
+        if isinstance(func, GlobalRef) and is_denied(func.module, func.name):
+            # Never "if you trust it": nobody should trust a call that runs code.
+            what = "which runs code or reaches the system: the file is hostile or damaged"
+            hint = ("Never load it with torch.load(weights_only=False). `ckptdoctor scan PATH` shows every such "
+                    "call. To keep its tensors only, write them out without the call: ckptdoctor convert PATH "
+                    f"OUT.safetensors --allow-global {name} (the call is read as a record, never run, and left out).")
+        elif isinstance(func, GlobalRef):
             hint = (f"If you trust `{name}`, pass --allow-global {name} (or list it under allow-globals in "
                     "[tool.ckptdoctor] of pyproject.toml): its calls are then read as opaque records, never "
                     "imported or run. Run `ckptdoctor scan PATH` for the full safety report.")
-        raise UnsafeContent(
-            f"refused to read: the pickle{' in ' + self.where if self.where else ''} calls `{name}`, "
-            "which is not a tensor rebuild function or a plain data type", hint=hint)
+        raise UnsafeContent(f"refused to read: the pickle{' in ' + self.where if self.where else ''} calls "
+                            f"`{name}`, {what}", hint=hint)
 
     def _call(self, func: Any, args: Any) -> Any:
         if not isinstance(args, tuple):

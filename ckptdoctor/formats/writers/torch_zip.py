@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from ckptdoctor.errors import CorruptCheckpoint, UnsupportedFormat
+from ckptdoctor.errors import CorruptCheckpoint, UnsafeContent, UnsupportedFormat
 from ckptdoctor.formats.magic import ZIP_LOCAL_HEADER
 from ckptdoctor.formats.pickle.allowance import current as current_allowance
 from ckptdoctor.formats.pickle.fast import gc_paused
 from ckptdoctor.formats.pickle.stand_ins import STORAGE_TYPES, TENSOR_LAYOUTS, DtypeRef, LayoutRef, StorageType
+from ckptdoctor.formats.pickle.tables import is_denied, python2_name
 from ckptdoctor.formats.tensor_bytes import iter_tensor_chunks
 from ckptdoctor.io.atomic import (
     CHUNK,
@@ -203,7 +204,9 @@ class TreePickler:
             return
         if "\n" in module or "\n" in name:
             raise UnsupportedFormat(f"cannot write the global {module}.{name!r}")
-        self.out += GLOBAL + f"{module}\n{name}\n".encode()
+        # Named as pickle's protocol 2 names it (fix_imports): the readers resolve it back.
+        written_module, written_name = python2_name(module, name)
+        self.out += GLOBAL + f"{written_module}\n{written_name}\n".encode()
         index = len(self.memo) + len(self.globals)
         self.globals[key] = index
         self._put(index)
@@ -342,6 +345,11 @@ class TreePickler:
         if cls.module == "torch" and cls.name.startswith(("sparse_tensor[", "nested_tensor")):
             raise UnsupportedFormat(f"cannot re-write a {cls.name.split('[')[0].replace('_', ' ')}; "
                                     "only strided tensors can be written")
+        if is_denied(cls.module, cls.name):
+            # Read as a record (allowed, never run), but written back it would run on torch.load.
+            raise UnsafeContent(f"the output would keep {cls.dotted}, which runs code or reaches the "
+                                "system when torch.load(weights_only=False) reads it; nothing was written",
+                                hint="Write the tensors only: `fix ... --extract`, or convert to .safetensors.")
         self.save_global(cls.module, cls.name)
         self.save_tuple(obj.args)
         self.out += REDUCE if obj.via == "reduce" else NEWOBJ

@@ -1,4 +1,7 @@
-"""The tables ``scan`` judges globals by: torch's weights_only allowlist and a deny list.
+"""The tables globals are judged by: torch's weights_only allowlist, a deny list, Python 2 names.
+
+``scan`` gives its verdicts from them; the readers use the deny list and the names too (a
+refusal that names ``posix.system`` must not invite the user to allow it).
 
 The allowlist is copied from ``_get_allowed_globals()`` in ``torch/_weights_only_unpickler.py``
 (torch 2.13) rather than imported, because the scanner must work without torch and must not
@@ -15,6 +18,7 @@ waiting for a later REDUCE on a computed callable).
 
 from __future__ import annotations
 
+import _compat_pickle
 import re
 
 
@@ -392,3 +396,24 @@ def _matches(candidate: str) -> bool:
     if candidate in _DENY_NAMES:
         return True
     return any(candidate == mod or candidate.startswith(mod + ".") for mod in _DENY_MODULES)
+
+
+def python3_name(module: str, name: str) -> tuple[str, str]:
+    """The global a Python 3 unpickler resolves ``module.name`` to.
+
+    Protocol 2 pickles (what ``torch.save`` writes) name some globals as Python 2 did
+    (``__builtin__.xrange`` for ``builtins.range``, ``copy_reg`` for ``copyreg``); both ``pickle``
+    (``fix_imports``) and torch's weights-only unpickler rename them before looking them up, so
+    every judgement, message and allowance here uses the Python 3 name too.
+    """
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+def python2_name(module: str, name: str) -> tuple[str, str]:
+    """How a protocol 2 pickle names the Python 3 global ``module.name`` (``pickle``'s
+    ``fix_imports``, which ``torch.save`` leaves on): the inverse of :func:`python3_name`."""
+    if (module, name) in _compat_pickle.REVERSE_NAME_MAPPING:
+        return _compat_pickle.REVERSE_NAME_MAPPING[(module, name)]
+    return _compat_pickle.REVERSE_IMPORT_MAPPING.get(module, module), name
