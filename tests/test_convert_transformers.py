@@ -88,3 +88,26 @@ def test_llama_training_checkpoint_cast_to_bf16(tmp_path: Path) -> None:
     reference.load_state_dict({k: v.to(torch.bfloat16).float() if "norm" not in k else v
                                for k, v in model.state_dict().items()})
     assert torch.equal(_logits(loaded), _logits(reference))
+
+
+def test_cast_directory_says_its_new_dtype_in_config(tmp_path: Path) -> None:
+    """A save_pretrained directory cast with --dtype bf16 loads back as bfloat16 with dtype="auto":
+    config.json's dtype follows the weights (other fields and the tokenizer files as they were)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path / "src")
+    before = json.loads((tmp_path / "src" / "config.json").read_text())
+    assert before.get("dtype", before.get("torch_dtype")) == "float32"
+    assert run_cli("convert", tmp_path / "src", f"{tmp_path}/out/", "--dtype", "bf16").exit_code == 0
+    after = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert {k: v for k, v in after.items() if k not in ("dtype", "torch_dtype")} == \
+        {k: v for k, v in before.items() if k not in ("dtype", "torch_dtype")}
+    assert after.get("dtype", after.get("torch_dtype")) == "bfloat16"
+    loaded = _from_pretrained(transformers.AutoModelForCausalLM, tmp_path / "out", dtype="auto")
+    assert loaded.dtype == torch.bfloat16
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight.to(torch.bfloat16))
+    # without a cast the config is copied byte for byte
+    assert run_cli("convert", tmp_path / "src", f"{tmp_path}/same/").exit_code == 0
+    assert (tmp_path / "same" / "config.json").read_bytes() == (tmp_path / "src" / "config.json").read_bytes()

@@ -366,7 +366,8 @@ def _write_hf(plan: ConversionPlan, target: str, progress: Progress | None) -> l
         with open(index, "w", encoding="utf-8") as f:
             f.write(hf_shards.index_document(plan.shards, names))
         written.append(index)
-    companions = hf_shards.copy_companions(plan.source, plan.companions, target)
+    companions = hf_shards.copy_companions(plan.source, plan.companions, target,
+                                           plan.dtype if plan.dtype_changed else None)
     for path in written[len(paths):] + companions:  # the shards were fsynced as they were written
         fd = os.open(path, os.O_RDONLY)
         try:

@@ -104,8 +104,12 @@ def companion_files(source: str) -> list[str]:
     return [name for name in store.list(source) if COMPANION_FILES.match(name)]
 
 
-def copy_companions(source: str, names: Sequence[str], directory: str) -> list[str]:
-    """Copy each companion file into ``directory`` (local: the output is built locally, then published)."""
+def copy_companions(source: str, names: Sequence[str], directory: str, dtype: str | None = None) -> list[str]:
+    """Copy each companion file into ``directory`` (local: the output is built locally, then published).
+
+    ``dtype``: the floating tensors were cast to it (``convert --dtype``), so ``config.json``'s
+    ``dtype``/``torch_dtype`` says so too; else ``from_pretrained(dtype="auto")`` would load the
+    model back in the dtype it had before."""
     store = storage_for(source)
     written = []
     for name in names:
@@ -116,7 +120,32 @@ def copy_companions(source: str, names: Sequence[str], directory: str) -> list[s
                              f"file can be ({MAX_COMPANION_BYTES:,})", path=path,
                              hint="move it out of the source directory or convert the weights file itself")
         target = os.path.join(directory, name)
+        data = store.read_range(path, 0, size)
+        if name == "config.json" and dtype is not None:
+            data = config_with_dtype(data, dtype)
         with open(target, "wb") as f:
-            f.write(store.read_range(path, 0, size))
+            f.write(data)
         written.append(target)
     return written
+
+
+DTYPE_FIELDS = ("dtype", "torch_dtype")  # transformers >= 4.56 writes the first, older versions the second
+
+
+def config_with_dtype(data: bytes, dtype: str) -> bytes:
+    """``config.json`` with every dtype field (top level, and in nested configs such as a
+    multimodal model's ``text_config``) set to ``dtype``, written as ``save_pretrained`` writes it
+    (indent 2, keys sorted); the bytes as they were when there is no such field or no JSON object."""
+    try:
+        config = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return data
+    if not isinstance(config, dict):
+        return data
+    changed = False
+    for part in (config, *(v for v in config.values() if isinstance(v, dict))):
+        for field in DTYPE_FIELDS:
+            if isinstance(part.get(field), str) and part[field] != dtype:
+                part[field] = dtype
+                changed = True
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8") if changed else data
