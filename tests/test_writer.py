@@ -18,6 +18,7 @@ from ckptdoctor.errors import CorruptCheckpoint, OutputError, UsageError
 from ckptdoctor.formats import open_checkpoint
 from ckptdoctor.formats.writers.rewrite import write_checkpoint
 from ckptdoctor.model.checkpoint import ByteRange, Checkpoint, TensorInfo
+from tests.cli_helpers import run_cli
 
 
 class Net(torch.nn.Module):
@@ -465,3 +466,28 @@ def test_rewriting_own_output_is_a_fixed_point(dp_file: tuple[Path, Net], tmp_pa
     (tmp_path / "x").mkdir()
     write_checkpoint(again, _entries(again), tmp_path / "x" / "one.pt")
     assert (tmp_path / "one.pt").read_bytes() == (tmp_path / "x" / "one.pt").read_bytes()
+
+
+def test_fixing_a_whole_pickled_module_says_what_the_output_is(tmp_path: Path) -> None:
+    """fix of torch.save(model) writes a plain state dict: its notes say so, and do not claim the
+    output needs weights_only=False (the input did; the output loads with weights_only=True)."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
+    torch.save(model, tmp_path / "model.pt")
+    out = tmp_path / "sd.pt"
+    result = run_cli("fix", tmp_path / "model.pt", "--add-prefix", "net.", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "a plain state dict was written in its place" in text and "weights_only" not in text
+    loaded = torch.load(out, weights_only=True)
+    assert all(torch.equal(loaded["net." + k], v) for k, v in model.state_dict().items())
+
+
+def test_left_out_entries_are_counted_past_the_listed_ones(tmp_path: Path) -> None:
+    """A note that lists the first six entries left out says how many more there are."""
+    names = ("epoch", "global_step", "version", "loops", "callbacks", "optimizer_states", "lr_schedulers",
+             "hparams_name", "hyper_parameters")
+    others = dict.fromkeys(names, 1)
+    torch.save({"state_dict": {"w": torch.ones(2)}, **others}, tmp_path / "train.ckpt")
+    result = run_cli("convert", tmp_path / "train.ckpt", tmp_path / "w.safetensors")
+    assert result.exit_code == 0, result.stderr
+    assert "`optimizer_states` and 3 more" in " ".join((result.stdout + result.stderr).split())

@@ -170,6 +170,7 @@ def plan_conversion(source: str, out: str, keys: KeyEdits, options: ConvertOptio
     """Read ``source`` and decide what ``out`` will hold; nothing is written."""
     from ckptdoctor.engines.doctor.check_fix import repaired_entries  # noqa: PLC0415
     from ckptdoctor.formats import open_checkpoint  # noqa: PLC0415 - the package imports the readers
+    from ckptdoctor.formats.writers.rewrite import listed  # noqa: PLC0415
 
     to = output_kind(out, options.to)
     target = _target_dtype(options.dtype)
@@ -194,13 +195,12 @@ def plan_conversion(source: str, out: str, keys: KeyEdits, options: ConvertOptio
         items, aliases = _dedupe(items)
         skipped = [key for key, value in entries if not isinstance(value, TensorRecord)]
         if skipped:
-            notes.append(f"{to} holds tensors only; non-tensor state-dict entries were left out: "
-                         + ", ".join(f"`{k}`" for k in skipped[:6]))
+            notes.append(f"{to} holds tensors only; non-tensor state-dict entries were left out: {listed(skipped)}")
         others = [str(k) for k in (ckpt.root if isinstance(ckpt.root, dict) else {})
                   if ckpt.state_dict_path and str(k) != ckpt.state_dict_path[0]]
         if others:
             notes.append(f"only the state dict at `{'/'.join(ckpt.state_dict_path)}` was written; the file's other "
-                         "entries were left out: " + ", ".join(f"`{k}`" for k in others[:6]))
+                         f"entries were left out: {listed(others)}")
     uncast = sorted({item.tensor.dtype for item in items if target and item.tensor.dtype not in CASTABLE
                      and item.tensor.dtype.startswith(("float", "complex"))})
     if uncast:
@@ -292,7 +292,11 @@ def _cast_storage(items: Sequence[Item]) -> tuple[dict[str, TensorRecord], dict[
 
 def _write_torch(plan: ConversionPlan, target: str, progress: Progress | None) -> tuple[list[str], list[str]]:
     from ckptdoctor.engines.doctor.check_fix import full_unpickling_notes, remap_metadata  # noqa: PLC0415
-    from ckptdoctor.formats.writers.rewrite import source_metadata, write_checkpoint  # noqa: PLC0415
+    from ckptdoctor.formats.writers.rewrite import (  # noqa: PLC0415
+        source_metadata,
+        write_checkpoint,
+        writes_state_dict_alone,
+    )
     from ckptdoctor.formats.writers.stream import stream_item  # noqa: PLC0415
 
     records, flats = _cast_storage(plan.items)
@@ -310,8 +314,8 @@ def _write_torch(plan: ConversionPlan, target: str, progress: Progress | None) -
     report = write_checkpoint(plan.checkpoint, entries, target, extract=plan.options.extract, force=False,
                               metadata=metadata, storage_copy=storage_copy if flats else None, progress=step)
     notes = list(report.notes)
-    if not plan.options.extract:
-        notes += full_unpickling_notes(plan.checkpoint.root)
+    notes += full_unpickling_notes(entries if writes_state_dict_alone(plan.checkpoint, plan.options.extract)
+                                   else plan.checkpoint.root)
     return [target], notes
 
 

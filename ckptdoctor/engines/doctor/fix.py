@@ -87,7 +87,11 @@ def fix_checkpoint(path: str, out: str | None, keys: KeyEdits, *, entry: str | N
     )
     from ckptdoctor.formats import open_checkpoint  # noqa: PLC0415 - the package imports the readers
     from ckptdoctor.formats.pickle.fast import gc_paused  # noqa: PLC0415
-    from ckptdoctor.formats.writers.rewrite import source_metadata, write_checkpoint  # noqa: PLC0415
+    from ckptdoctor.formats.writers.rewrite import (  # noqa: PLC0415
+        source_metadata,
+        write_checkpoint,
+        writes_state_dict_alone,
+    )
 
     if out is None and not dry_run:
         raise UsageError("fix needs -o OUT (or --dry-run to only print the mapping)")
@@ -110,6 +114,6 @@ def fix_checkpoint(path: str, out: str | None, keys: KeyEdits, *, entry: str | N
         report = write_checkpoint(ckpt, entries, out, extract=extract, force=force, metadata=metadata)
         notes: Sequence[str] = ()
         if report.format == "torch-zip":
-            notes = full_unpickling_notes(ckpt.root if not extract else entries)
+            notes = full_unpickling_notes(entries if writes_state_dict_alone(ckpt, extract) else ckpt.root)
         del ckpt, entries
     return FixResult(plan, report, tuple(notes))

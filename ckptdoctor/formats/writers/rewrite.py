@@ -154,7 +154,8 @@ def _other_entries(root: Any, path: Sequence[str]) -> list[str]:
     return [name for name, _ in children(root) if name != path[0]]
 
 
-def _listed(names: Sequence[str], limit: int = 6) -> str:
+def listed(names: Sequence[str], limit: int = 6) -> str:
+    """Up to ``limit`` names in backquotes, then how many more (a note never hides that it is cut)."""
     shown = ", ".join(f"`{n}`" for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
@@ -168,7 +169,7 @@ def _dropped_non_tensors(ckpt: Checkpoint, entries: Sequence[tuple[str, Any]]) -
     missing = [str(k) for k, v in source.items() if not isinstance(v, TensorRecord) and id(v) not in passed]
     if not missing:
         return []
-    return [f"state-dict entries that are not tensors were not written: {_listed(missing)} "
+    return [f"state-dict entries that are not tensors were not written: {listed(missing)} "
             "(pass them in the new state dict to keep them)"]
 
 
@@ -183,6 +184,13 @@ def _module_note(ckpt: Checkpoint) -> list[str]:
     return []
 
 
+def writes_state_dict_alone(ckpt: Checkpoint, extract: bool) -> bool:
+    """Whether a torch output holds the new state dict alone rather than the source tree with the
+    state dict replaced: with ``--extract``, and when the state dict is the root (a whole pickled
+    module or a TorchScript archive becomes a plain state dict)."""
+    return extract or ckpt.format == "torchscript" or not ckpt.state_dict_path
+
+
 def _torch_root(ckpt: Checkpoint, state_dict: OrderedDict[str, Any], extract: bool) -> tuple[Any, list[str]]:
     """The tree to write and notes: the state dict alone, or the source tree with it replaced."""
     notes = _module_note(ckpt)
@@ -193,7 +201,7 @@ def _torch_root(ckpt: Checkpoint, state_dict: OrderedDict[str, Any], extract: bo
         others = _other_entries(ckpt.root, path)
         if others:
             notes.append(f"extract: only the state dict at `{'/'.join(path)}` was written; the file's other "
-                         f"entries were left out ({_listed(others)})")
+                         f"entries were left out ({listed(others)})")
         return state_dict, notes
     return _replace_at(ckpt.root, path, state_dict), notes
 
@@ -207,11 +215,11 @@ def _safetensors_parts(ckpt: Checkpoint, state_dict: Mapping[str, Any]
     notes = _module_note(ckpt)
     skipped = [k for k, v in state_dict.items() if not isinstance(v, TensorRecord)]
     if skipped:
-        notes.append(f"safetensors holds tensors only; non-tensor entries were left out ({_listed(skipped)})")
+        notes.append(f"safetensors holds tensors only; non-tensor entries were left out ({listed(skipped)})")
     others = _other_entries(ckpt.root, ckpt.state_dict_path)
     if others:
         notes.append(f"safetensors holds one state dict; the file's other entries were left out "
-                     f"({_listed(others)})")
+                     f"({listed(others)})")
     notes.extend(sharing_notes(tensors))
     source = ckpt.extra.get("metadata")
     metadata = {str(k): str(v) for k, v in source.items()} if isinstance(source, Mapping) else {}
