@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from itertools import compress
-from operator import eq, ne
+from itertools import compress, filterfalse
+from operator import attrgetter, eq, ne, not_
 
 from ckptdoctor.engines.matching.rules import KeyShape
 
@@ -19,19 +19,22 @@ from ckptdoctor.engines.matching.rules import KeyShape
 # without a partner). The NUL byte cannot occur in a real state-dict key.
 PARKED = "\0parked:"
 
+_KEY, _SHAPE = attrgetter("key"), attrgetter("shape")
+
 
 class MatchState:
     """Mutable bookkeeping for one ``infer_plan`` run; never escapes the matcher."""
 
     def __init__(self, source: Sequence[KeyShape], target: Sequence[KeyShape]) -> None:
+        # Built by C-level passes (``map``/``zip``): a mixture-of-experts file has 200,000 keys.
         self.src = list(source)
         self.tgt = list(target)
-        self.tgt_shape: dict[str, tuple[int, ...]] = {t.key: tuple(t.shape) for t in target}
-        self.names: list[str] = [s.key for s in source]
-        self.owner: dict[str, int] = {name: i for i, name in enumerate(self.names)}
-        self.shapes: list[tuple[int, ...]] = [tuple(s.shape) for s in source]
+        self.tgt_keys: list[str] = list(map(_KEY, target))
+        self.tgt_shape: dict[str, tuple[int, ...]] = dict(zip(self.tgt_keys, map(tuple, map(_SHAPE, target))))
+        self.names: list[str] = list(map(_KEY, source))
+        self.owner: dict[str, int] = dict(zip(self.names, range(len(self.names))))
+        self.shapes: list[tuple[int, ...]] = list(map(tuple, map(_SHAPE, source)))
         self.matched: list[bool] = list(map(eq, map(self.tgt_shape.get, self.names), self.shapes))
-        self.tgt_keys: list[str] = [t.key for t in target]
         # Per-step views, rebuilt lazily after each apply(): every tier asks for them.
         self._loose: list[int] | None = None
         self._free: dict[str, tuple[int, ...]] | None = None
@@ -49,15 +52,15 @@ class MatchState:
     def unmatched_source(self) -> list[int]:
         """Source indices not yet matched, in file order (shared: do not mutate)."""
         if self._loose is None:
-            self._loose = [i for i, ok in enumerate(self.matched) if not ok]
+            self._loose = list(compress(range(len(self.matched)), map(not_, self.matched)))
         return self._loose
 
     def unmatched_target(self) -> dict[str, tuple[int, ...]]:
         """Target keys no source key currently matches, in model order, with their shapes (shared)."""
-        if self._free is None:
-            owner, matched, shape = self.owner, self.matched, self.tgt_shape
-            self._free = {k: shape[k] for k in self.tgt_keys
-                          if (i := owner.get(k)) is None or not matched[i]}
+        if self._free is None:  # a target key is taken exactly when a matched source key holds its name
+            taken = set(compress(self.names, self.matched))
+            free = list(filterfalse(taken.__contains__, self.tgt_keys))
+            self._free = dict(zip(free, map(self.tgt_shape.__getitem__, free)))
         return self._free
 
     def trim(self, proposal: dict[int, str]) -> dict[int, str]:
@@ -88,9 +91,9 @@ class MatchState:
         counts = Counter(moves.values())
         return {i for i, n in moves.items() if counts[n] > 1 or n in blocked}
 
-    def gain(self, moves: dict[int, str]) -> int:
-        """Shape-consistent pairs gained by ``moves`` (already trimmed)."""
-        return self.landed(moves) - sum(map(self.matched.__getitem__, moves))
+    def gain(self, moves: dict[int, str], landed: int | None = None) -> int:
+        """Shape-consistent pairs gained by ``moves`` (already trimmed); ``landed`` if already counted."""
+        return (self.landed(moves) if landed is None else landed) - sum(map(self.matched.__getitem__, moves))
 
     def landed(self, moves: dict[int, str]) -> int:
         """How many of ``moves`` land (one C-level pass: a move set may hold every key)."""

@@ -142,11 +142,11 @@ def _renumber_one(
     moves = _moves(state, container, [(src[s_idx[i]], t_idx[j]) for i, j in pairs],
                    [src[idx] for idx in set(src) - aligned])
     moves = state.trim(moves)
-    gain = state.gain(moves)
+    count = state.landed(moves)
+    gain = state.gain(moves, count)
     if gain <= 0:
         return None, None
-    rule = Renumber(container, tuple((str(a), str(b)) for a, b in moved),
-                    count=state.landed(moves), total=len(moves))
+    rule = Renumber(container, tuple((str(a), str(b)) for a, b in moved), count=count, total=len(moves))
     return Candidate(rule, moves, gain), None
 
 
