@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import compress, filterfalse
+from operator import attrgetter, ne
 from typing import TYPE_CHECKING, Any
 
 from ckptdoctor.engines.doctor.known_keys import (
@@ -25,6 +27,8 @@ from ckptdoctor.errors import FixRefused, UsageError
 from ckptdoctor.formats.pickle.allowance import current as current_allowance
 from ckptdoctor.model.checkpoint import Checkpoint
 from ckptdoctor.model.locate import opaque_classes, state_dict_metadata, state_dict_order, state_dict_values
+
+_KEY, _SHAPE, _DTYPE = attrgetter("key"), attrgetter("shape"), attrgetter("dtype")
 
 if TYPE_CHECKING:
     # The matcher (behind diagnose) and the spec loader are imported by the functions that use
@@ -163,6 +167,21 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def _dtype_changes(ckpt: Checkpoint, spec: ModelSpec, plan: Plan) -> list[tuple[str, str, str]]:
+    """(new name, file dtype, spec dtype) of each tensor whose dtype the spec has otherwise.
+
+    Column by column (``map`` over names and dtypes), as every tensor of a 200,000-key file passes:
+    a tensor the spec has no entry for is compared with its own dtype, so it never differs.
+    """
+    want: dict[str | None, str] = dict(zip(map(_KEY, spec.tensors), map(_DTYPE, spec.tensors)))
+    renamed = plan.mapping_dict()  # once: building it per tensor made `check` quadratic
+    dtypes: list[str] = list(map(_DTYPE, ckpt.tensors))
+    news = list(map(renamed.get, map(_KEY, ckpt.tensors)))
+    expected = list(map(want.get, news, dtypes))
+    return [(new, dtypes[i], expected[i]) for i in compress(range(len(dtypes)), map(ne, dtypes, expected))
+            if (new := news[i]) is not None]
+
+
 def _dtype_findings(ckpt: Checkpoint, spec: ModelSpec, plan: Plan) -> list[Finding]:
     """Dtype changes matter for pinned specs (released weights), not for model callables.
 
@@ -171,10 +190,7 @@ def _dtype_findings(ckpt: Checkpoint, spec: ModelSpec, plan: Plan) -> list[Findi
     """
     if spec.kind == "callable":
         return []
-    want = {t.key: t.dtype for t in spec.tensors}
-    renamed = plan.mapping_dict()  # once: building it per tensor made `check` quadratic
-    changed = [(new, info.dtype, want[new]) for info in ckpt.tensors
-               for new in [renamed.get(info.key)] if new in want and want[new] != info.dtype]
+    changed = _dtype_changes(ckpt, spec, plan)
     if not changed:
         return []
     first = changed[0]
@@ -284,16 +300,27 @@ def check_checkpoint(ckpt: Checkpoint, spec: ModelSpec, *, spec_arg: str) -> Che
     if suggestion:  # the fix must read the same allowed calls (--allow-global) this check read
         suggestion = [*suggestion, *(arg for name in sorted(current_allowance().used)
                                      for arg in ("--allow-global", name))]
-    have = {s.key: s.shape for s in raw_source}
-    want = {t.key: t.shape for t in target}
+    missing_keys, unexpected_keys, shape_mismatches = _strict_load_errors(raw_source, target)
     return CheckResult(path=ckpt.path, spec_arg=spec_arg, spec_source=spec.source, spec_kind=spec.kind, checkpoint=ckpt,
                        diagnosis=diagnosis, findings=findings, digest_mismatches=digests,
                        suggested_fix=tuple(suggestion) if suggestion else None,
                        notes=(*ckpt.notes, *spec.notes),
-                       missing_keys=tuple(k for k in want if k not in have),
-                       unexpected_keys=tuple(k for k in have if k not in want),
-                       shape_mismatches=tuple((k, have[k], want[k]) for k in have
-                                              if k in want and have[k] != want[k]))
+                       missing_keys=missing_keys, unexpected_keys=unexpected_keys,
+                       shape_mismatches=shape_mismatches)
+
+
+def _strict_load_errors(source: Sequence[KeyShape], target: Sequence[KeyShape]) -> tuple[
+        tuple[str, ...], tuple[str, ...], tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]]:
+    """What ``load_state_dict(strict=True)`` reports for ``source`` as it is: missing, unexpected, mismatched.
+
+    By C-level passes over the keys (``filterfalse``/``compress``), which every key of a large file
+    goes through; a key the model lacks is compared with its own shape, so it never mismatches.
+    """
+    have = dict(zip(map(_KEY, source), map(_SHAPE, source)))
+    want = dict(zip(map(_KEY, target), map(_SHAPE, target)))
+    differs = map(ne, have.values(), map(want.get, have, have.values()))
+    return (tuple(filterfalse(have.__contains__, want)), tuple(filterfalse(want.__contains__, have)),
+            tuple((k, have[k], want[k]) for k in compress(have, differs)))
 
 
 @dataclass(frozen=True)

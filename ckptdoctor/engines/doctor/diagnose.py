@@ -447,7 +447,10 @@ def suggested_fix_args(plan: Plan, path: str, spec: str, non_persistent: Sequenc
         return None
     if not plan.rules and not plan.missing and not plan.unexpected:
         return None
-    if any(leaf(k) == "_flat_param" or is_peft_key(k) for k, _ in plan.mapping):
+    # One text search over the mapped keys first (as in _special_findings): these names are rare.
+    text = "\n".join(k for k, _ in plan.mapping)
+    if ("_flat_param" in text or "lora_" in text or "base_layer" in text) and \
+            any(leaf(k) == "_flat_param" or is_peft_key(k) for k, _ in plan.mapping):
         return None
     extra = (["--drop-unexpected"] if plan.unexpected else []) + (["--allow-missing"] if plan.missing else [])
     # --drop-unexpected / --allow-missing only mean something against a spec: with leftovers,

@@ -29,6 +29,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from itertools import compress, filterfalse
+from operator import gt, not_
 
 from ckptdoctor.engines.matching.edits import AddPrefix, Edit, Rename, Strip, apply_edits, parse_rename
 from ckptdoctor.engines.matching.rules import (
@@ -225,23 +227,21 @@ def _dedupe(items: Sequence[Ambiguity]) -> tuple[Ambiguity, ...]:
 
 
 def _result(state: MatchState, rules: list[Rule], ambiguities: Sequence[Ambiguity]) -> Plan:
-    mapping: list[tuple[str, str]] = []
-    mismatches: list[ShapeMismatch] = []
-    unexpected: list[str] = []
-    claimed: set[str] = set()
-    for i, src in enumerate(state.src):
-        name = state.names[i]
-        if name in state.tgt_shape:
-            claimed.add(name)
-            if state.is_matched(i):
-                mapping.append((src.key, name))
-            else:
-                mismatches.append(ShapeMismatch(src.key, name, state.shape(i), state.tgt_shape[name]))
-        else:
-            unexpected.append(src.key)
-    missing = tuple(t.key for t in state.tgt if t.key not in claimed)
+    """The plan from the final names: matched pairs, shape mismatches, leftovers on either side.
+
+    Built by C-level passes (``compress`` over the per-key flags) since every key of a
+    200,000-key file passes through here; only the (few) shape mismatches are built one by one.
+    """
+    keys = [s.key for s in state.src]
+    names, matched = state.names, state.matched
+    known = list(map(state.tgt_shape.__contains__, names))  # a target has the name (matched or not)
+    claimed = set(compress(names, known))
+    mismatches = tuple(ShapeMismatch(keys[i], names[i], state.shape(i), state.tgt_shape[names[i]])
+                       for i in compress(range(len(keys)), map(gt, known, matched)))  # known, not matched
     return Plan(
-        tuple(rules), tuple(mapping), missing, tuple(unexpected), tuple(mismatches), _dedupe(ambiguities)
+        tuple(rules), tuple(compress(zip(keys, names), matched)),
+        tuple(filterfalse(claimed.__contains__, state.tgt_keys)), tuple(compress(keys, map(not_, known))),
+        mismatches, _dedupe(ambiguities)
     )
 
 

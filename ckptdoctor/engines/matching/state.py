@@ -8,7 +8,10 @@ claimed by at most one source key and the final mapping is injective by construc
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
+from itertools import compress, filterfalse
+from operator import attrgetter, eq, ne, not_
 
 from ckptdoctor.engines.matching.rules import KeyShape
 
@@ -16,19 +19,22 @@ from ckptdoctor.engines.matching.rules import KeyShape
 # without a partner). The NUL byte cannot occur in a real state-dict key.
 PARKED = "\0parked:"
 
+_KEY, _SHAPE = attrgetter("key"), attrgetter("shape")
+
 
 class MatchState:
     """Mutable bookkeeping for one ``infer_plan`` run; never escapes the matcher."""
 
     def __init__(self, source: Sequence[KeyShape], target: Sequence[KeyShape]) -> None:
+        # Built by C-level passes (``map``/``zip``): a mixture-of-experts file has 200,000 keys.
         self.src = list(source)
         self.tgt = list(target)
-        self.tgt_shape: dict[str, tuple[int, ...]] = {t.key: tuple(t.shape) for t in target}
-        self.names: list[str] = [s.key for s in source]
-        self.owner: dict[str, int] = {name: i for i, name in enumerate(self.names)}
-        self.shapes: list[tuple[int, ...]] = [tuple(s.shape) for s in source]
-        self.matched: list[bool] = [self.lands(i, n) for i, n in enumerate(self.names)]
-        self.tgt_keys: list[str] = [t.key for t in target]
+        self.tgt_keys: list[str] = list(map(_KEY, target))
+        self.tgt_shape: dict[str, tuple[int, ...]] = dict(zip(self.tgt_keys, map(tuple, map(_SHAPE, target))))
+        self.names: list[str] = list(map(_KEY, source))
+        self.owner: dict[str, int] = dict(zip(self.names, range(len(self.names))))
+        self.shapes: list[tuple[int, ...]] = list(map(tuple, map(_SHAPE, source)))
+        self.matched: list[bool] = list(map(eq, map(self.tgt_shape.get, self.names), self.shapes))
         # Per-step views, rebuilt lazily after each apply(): every tier asks for them.
         self._loose: list[int] | None = None
         self._free: dict[str, tuple[int, ...]] | None = None
@@ -46,15 +52,15 @@ class MatchState:
     def unmatched_source(self) -> list[int]:
         """Source indices not yet matched, in file order (shared: do not mutate)."""
         if self._loose is None:
-            self._loose = [i for i, ok in enumerate(self.matched) if not ok]
+            self._loose = list(compress(range(len(self.matched)), map(not_, self.matched)))
         return self._loose
 
     def unmatched_target(self) -> dict[str, tuple[int, ...]]:
         """Target keys no source key currently matches, in model order, with their shapes (shared)."""
-        if self._free is None:
-            owner, matched, shape = self.owner, self.matched, self.tgt_shape
-            self._free = {k: shape[k] for k in self.tgt_keys
-                          if (i := owner.get(k)) is None or not matched[i]}
+        if self._free is None:  # a target key is taken exactly when a matched source key holds its name
+            taken = set(compress(self.names, self.matched))
+            free = list(filterfalse(taken.__contains__, self.tgt_keys))
+            self._free = dict(zip(free, map(self.tgt_shape.__getitem__, free)))
         return self._free
 
     def trim(self, proposal: dict[int, str]) -> dict[int, str]:
@@ -63,28 +69,35 @@ class MatchState:
         A move may take a name held by a key that moves away too (a swap); dropping one move
         can make another collide with the name now kept, hence the loop until stable.
         """
-        moves = {i: n for i, n in proposal.items() if n != self.names[i]}
+        names = self.names
+        moves = dict(compress(proposal.items(), map(ne, proposal.values(), map(names.__getitem__, proposal))))
         while True:
-            counts: dict[str, int] = {}
-            for n in moves.values():
-                counts[n] = counts.get(n, 0) + 1
-            bad = {
-                i
-                for i, n in moves.items()
-                if counts[n] > 1 or (n in self.owner and self.owner[n] not in moves)
-            }
+            bad = self._colliding(moves)
             if not bad:
                 return moves
             moves = {i: n for i, n in moves.items() if i not in bad}
 
-    def gain(self, moves: dict[int, str]) -> int:
-        """Shape-consistent pairs gained by ``moves`` (already trimmed)."""
-        matched = self.matched
-        return self.landed(moves) - sum(1 for i in moves if matched[i])
+    def _colliding(self, moves: dict[int, str]) -> set[int]:
+        """Moves taking a name another move takes too, or a name a key that stays holds.
+
+        Set operations answer the common case (no collision: a renumbering of 200,000 keys) without
+        a Python step per move; only when there are collisions are the moves looked at one by one.
+        """
+        targets = set(moves.values())
+        # Names already held, less those whose holder moves away: what stays taken.
+        blocked = (self.owner.keys() & targets).difference(map(self.names.__getitem__, moves))
+        if not blocked and len(targets) == len(moves):
+            return set()
+        counts = Counter(moves.values())
+        return {i for i, n in moves.items() if counts[n] > 1 or n in blocked}
+
+    def gain(self, moves: dict[int, str], landed: int | None = None) -> int:
+        """Shape-consistent pairs gained by ``moves`` (already trimmed); ``landed`` if already counted."""
+        return (self.landed(moves) if landed is None else landed) - sum(map(self.matched.__getitem__, moves))
 
     def landed(self, moves: dict[int, str]) -> int:
-        get, shapes = self.tgt_shape.get, self.shapes
-        return sum(1 for i, n in moves.items() if get(n) == shapes[i])
+        """How many of ``moves`` land (one C-level pass: a move set may hold every key)."""
+        return sum(map(eq, map(self.tgt_shape.get, moves.values()), map(self.shapes.__getitem__, moves)))
 
     def conflicts(self, a: dict[int, str], b: dict[int, str]) -> bool:
         """Do two proposals land the same source key on different targets, or two keys on one target?
@@ -102,9 +115,22 @@ class MatchState:
 
     def apply(self, moves: dict[int, str]) -> None:
         self._loose = self._free = None
+        if len(moves) * 4 > len(self.names):
+            self._rebuild(moves)
+            return
         for i in moves:
             del self.owner[self.names[i]]
         for i, n in moves.items():
             self.names[i] = n
             self.owner[n] = i
             self.matched[i] = self.lands(i, n)
+
+    def _rebuild(self, moves: dict[int, str]) -> None:
+        """Apply a move set holding a good part of all keys by rebuilding the views in C-level passes.
+
+        Cheaper than updating them a move at a time once the moves are many (a prefix strip or a
+        renumbering moves every key); for a few moves the update is cheaper.
+        """
+        self.names = list(map(moves.get, range(len(self.names)), self.names))
+        self.owner = dict(zip(self.names, range(len(self.names))))
+        self.matched = list(map(eq, map(self.tgt_shape.get, self.names), self.shapes))

@@ -8,18 +8,19 @@ alignments are equally good the matcher reports an :class:`Ambiguity` instead of
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ckptdoctor.engines.matching.rules import WRAPPER_SEGMENTS, Ambiguity, RenameGroup, Renumber
+from ckptdoctor.engines.matching.numbered import Child, ChildSignature, SortedKeys, containers
+from ckptdoctor.engines.matching.rules import Ambiguity, RenameGroup, Renumber
 from ckptdoctor.engines.matching.state import PARKED, MatchState
+
+# A subtree's sorted (rest, shape) pairs (group renames).
+Signature = tuple[tuple[str, tuple[int, ...]], ...]
 
 if TYPE_CHECKING:  # numpy is imported by align() when it is needed: every command that plans
     import numpy as np  # keys (convert, fix) imports this module, and numpy's import costs a few tenths of a second
-
-Signature = tuple[tuple[str, tuple[int, ...]], ...]
 
 # Containers with more children than this are not re-aligned (the DP is quadratic).
 MAX_CHILDREN = 4096
@@ -43,110 +44,6 @@ def _join(prefix: str, rest: str) -> str:
 # ---------------------------------------------------------------- renumbering
 
 
-# A numeric path segment (``layers.3.``): at the start or after a dot, followed by a dot.
-_NUMBERED = re.compile(r"(?:^|(?<=\.))(\d+)\.")
-
-
-# Per line, the path before the line's *last* numeric segment ("" when only the first is one).
-_LAST_CONTAINER = re.compile(r"^(?:(.*)\.|)\d+\.", re.MULTILINE)
-
-
-def _containers(names: Iterable[str]) -> set[str]:
-    """Paths directly followed by a numeric segment in any of ``names``.
-
-    One regex pass over all names finds each name's last container; the earlier ones are the
-    containers of those (few, distinct) paths, found the same way until nothing new turns up.
-    """
-    names = list(names)
-    text = "\n".join(names)
-    if text.count("\n") >= len(names):  # a name holds a newline: the line trick does not apply
-        return {name[: m.start() - 1] if m.start() else "" for name in names for m in _NUMBERED.finditer(name)}
-    found: set[str] = set()
-    new = set(_LAST_CONTAINER.findall(text))
-    while new:
-        found |= new
-        new = set(_LAST_CONTAINER.findall("\n".join(f"{c}." for c in new if c))) - found
-    return found
-
-
-Member = tuple[str, str, tuple[int, ...]]  # (key, rest below the group, shape)
-
-
-# Per line: the path up to and including the first numeric segment that a dot follows, and
-# what comes after that dot (both empty when there is no such segment).
-_FIRST_CHILD = re.compile(r"^((?:|.*?\.)\d+)\.(.*)$|^.*$", re.MULTILINE)
-
-
-def _children(
-    items: Iterable[tuple[str, tuple[int, ...]]], wanted: set[str]
-) -> dict[str, dict[int, list[Member]]]:
-    """Numbered children of every container in ``wanted``: container → index → [(key, rest, shape)].
-
-    One regex pass over all keys per level of numbering (``layers.3.experts.7`` has two): the
-    regex engine cuts every key at its next numeric segment; keys are filed under the pieces
-    cut so far, and each distinct child path is resolved to (container, index) once.
-    """
-    pairs = list(items)
-    if sum(k.count("\n") for k, _ in pairs):  # a key holds a newline: cut each key on its own
-        return _children_by_key(pairs, wanted)
-    groups: dict[tuple[str, ...], list[tuple[int, str]]] = {}
-    paths: list[tuple[str, ...]] = [()] * len(pairs)
-    todo, texts = list(range(len(pairs))), [k for k, _ in pairs]
-    while todo:
-        nxt: list[int] = []
-        rests: list[str] = []
-        for k, (child, rest) in zip(todo, _FIRST_CHILD.findall("\n".join(texts)), strict=True):
-            if child:
-                path = paths[k] = (*paths[k], child)
-                groups.setdefault(path, []).append((k, rest))
-                nxt.append(k)
-                rests.append(rest)
-        todo, texts = nxt, rests
-    out: dict[str, dict[int, list[tuple[int, str]]]] = {}
-    for path, members in groups.items():
-        container, _, index = ".".join(path).rpartition(".")
-        if container in wanted:
-            children = out.setdefault(container, {})
-            if int(index) in children:  # `0` and `00` are one index, as int() reads them
-                members = sorted(children[int(index)] + members)
-            children[int(index)] = members
-    return {c: {i: [(pairs[k][0], rest, pairs[k][1]) for k, rest in m] for i, m in children.items()}
-            for c, children in out.items()}
-
-
-def _children_by_key(
-    items: Sequence[tuple[str, tuple[int, ...]]], wanted: set[str]
-) -> dict[str, dict[int, list[Member]]]:
-    out: dict[str, dict[int, list[Member]]] = {}
-    for key, shape in items:
-        for m in _NUMBERED.finditer(key):
-            container = key[: m.start() - 1] if m.start() else ""
-            if container in wanted:
-                out.setdefault(container, {}).setdefault(int(m.group(1)), []).append((key, key[m.end():], shape))
-    return out
-
-
-def _signature(entries: Sequence[tuple[str, str, tuple[int, ...]]]) -> Signature:
-    return tuple(sorted((rest, shape) for _, rest, shape in entries))
-
-
-def _unwrapped(rest: str) -> str:
-    if not any(w in rest for w in WRAPPER_SEGMENTS):
-        return rest  # the common case, without splitting
-    segs = rest.split(".")
-    return ".".join([s for s in segs[:-1] if s not in WRAPPER_SEGMENTS] + segs[-1:])
-
-
-def _child_signature(entries: Sequence[Member]) -> Signature:
-    """A numbered child's signature for alignment, wrapper segments inside it ignored.
-
-    A wrapper around part of a child (``3.enc.module.weight``) is still that child: aligning it
-    lets the renumbering move it (``2.enc.module.weight``) and the wrapper strip land it after.
-    Otherwise the child stays unaligned and its other keys are parked for good.
-    """
-    return tuple(sorted((_unwrapped(rest), shape) for _, rest, shape in entries))
-
-
 def _lcs_prefix(eq: np.ndarray) -> np.ndarray:
     """LCS lengths of every prefix pair, from the equality matrix ``eq[i, j] = a[i] == b[j]``.
 
@@ -164,7 +61,7 @@ def _lcs_prefix(eq: np.ndarray) -> np.ndarray:
     return pre
 
 
-def align(a: Sequence[Signature], b: Sequence[Signature]) -> tuple[list[tuple[int, int]], int]:
+def align(a: Sequence[ChildSignature], b: Sequence[ChildSignature]) -> tuple[list[tuple[int, int]], int]:
     """Order-preserving alignment of equal signatures; returns (usable pairs, best size).
 
     A pair is *usable* when it lies on some maximum alignment. The maximum alignment is unique
@@ -185,7 +82,7 @@ def align(a: Sequence[Signature], b: Sequence[Signature]) -> tuple[list[tuple[in
         return list(zip(ai, bj, strict=True)), len(a)
     import numpy as np  # noqa: PLC0415 - see the module's imports
 
-    codes: dict[Signature, int] = {}
+    codes: dict[ChildSignature, int] = {}
     ca = np.array([codes.setdefault(sig, len(codes)) for sig in a])
     cb = np.array([codes.setdefault(sig, len(codes)) for sig in b])
     eq = ca[:, None] == cb[None, :]
@@ -199,18 +96,38 @@ def align(a: Sequence[Signature], b: Sequence[Signature]) -> tuple[list[tuple[in
     return [(ai[i], bj[j]) for i, j in zip(rows.tolist(), cols.tolist(), strict=True)], best
 
 
-def _same_index_pairs(src: dict[int, list[Member]], tgt: dict[int, list[Member]]) -> int:
+def _same_index_pairs(src: dict[int, Child], tgt: dict[int, Child]) -> int:
     """How many children already line up by keeping their index."""
-    return sum(1 for idx in src if idx in tgt and _child_signature(src[idx]) == _child_signature(tgt[idx]))
+    return sum(1 for idx in src if idx in tgt and src[idx].signature == tgt[idx].signature)
+
+
+def _moves(
+    state: MatchState, container: str, aligned: list[tuple[Child, int]], left: Iterable[Child]
+) -> dict[int, str]:
+    """Each aligned child's keys renamed under its new index; a key of an unaligned child is
+    parked when a moved key takes its name.
+
+    A child may hold thousands of keys (a layer of 64 experts holds 198): its moves are built by
+    maps over the child's lists, not a Python step per key.
+    """
+    owner = state.owner.__getitem__
+    moves: dict[int, str] = {}
+    for child, new in aligned:
+        moves.update(zip(map(owner, child.keys), map(_join(container, f"{new}.").__add__, child.rests)))
+    taken = set(moves.values())
+    for child in left:
+        for i in map(owner, taken.intersection(child.keys)):
+            moves[i] = PARKED + state.src[i].key
+    return moves
 
 
 def _renumber_one(
-    state: MatchState, container: str, src: dict[int, list[Member]], tgt: dict[int, list[Member]]
+    state: MatchState, container: str, src: dict[int, Child], tgt: dict[int, Child]
 ) -> tuple[Candidate | None, Ambiguity | None]:
     if not src or not tgt or len(src) > MAX_CHILDREN or len(tgt) > MAX_CHILDREN:
         return None, None
     s_idx, t_idx = sorted(src), sorted(tgt)
-    pairs, best = align([_child_signature(src[i]) for i in s_idx], [_child_signature(tgt[j]) for j in t_idx])
+    pairs, best = align([src[i].signature for i in s_idx], [tgt[j].signature for j in t_idx])
     unique = len(pairs) == best
     moved = [(s_idx[i], t_idx[j]) for i, j in pairs if s_idx[i] != t_idx[j]]
     if not moved:
@@ -221,45 +138,71 @@ def _renumber_one(
         shown = tuple(_join(container, str(i)) for i in s_idx)
         return None, Ambiguity(shown, tuple(_join(container, str(j)) for j in t_idx),
                                "the children share shapes and their order allows several alignments")
-    moves: dict[int, str] = {}
-    for si, ti in pairs:
-        for key, rest, _ in src[s_idx[si]]:
-            moves[state.owner[key]] = _join(container, f"{t_idx[ti]}.{rest}")
-    taken = set(moves.values())
     aligned = {s_idx[i] for i, _ in pairs}
-    for idx in set(src) - aligned:
-        for key, _, _ in src[idx]:
-            if key in taken:
-                moves[state.owner[key]] = PARKED + state.src[state.owner[key]].key
+    moves = _moves(state, container, [(src[s_idx[i]], t_idx[j]) for i, j in pairs],
+                   [src[idx] for idx in set(src) - aligned])
     moves = state.trim(moves)
-    gain = state.gain(moves)
+    count = state.landed(moves)
+    gain = state.gain(moves, count)
     if gain <= 0:
         return None, None
-    rule = Renumber(container, tuple((str(a), str(b)) for a, b in moved),
-                    count=state.landed(moves), total=len(moves))
+    rule = Renumber(container, tuple((str(a), str(b)) for a, b in moved), count=count, total=len(moves))
     return Candidate(rule, moves, gain), None
 
 
+class _Sides:
+    """Both sides' keys as :class:`SortedKeys`, sorted only when a container needs looking up."""
+
+    def __init__(self, state: MatchState) -> None:
+        self._state = state
+        self._src: SortedKeys | None = None
+        self._tgt: SortedKeys | None = None
+
+    @property
+    def src(self) -> SortedKeys:
+        if self._src is None:
+            self._src = SortedKeys(self._state.names, self._state.shapes)
+        return self._src
+
+    @property
+    def tgt(self) -> SortedKeys:
+        if self._tgt is None:
+            keys = self._state.tgt_keys
+            self._tgt = SortedKeys(keys, list(map(self._state.tgt_shape.__getitem__, keys)))
+        return self._tgt
+
+
+def _wanted(state: MatchState, loose_src: set[str], loose_tgt: set[str], sides: _Sides) -> list[str]:
+    """Containers holding a loose key that both sides have, shallowest first.
+
+    A container of a loose key is on that side; whether the other side has it is known without
+    looking when it holds a loose key there too, or when that side has no matched keys (all its
+    containers are then loose ones). Otherwise one bisection into the sorted keys answers.
+    """
+    src_all_loose = len(state.unmatched_source()) == len(state.names)
+    tgt_all_loose = len(state.unmatched_target()) == len(state.tgt_shape)
+    wanted = loose_src & loose_tgt
+    if not tgt_all_loose:
+        wanted |= {c for c in loose_src - loose_tgt if sides.tgt.holds(c)}
+    if not src_all_loose:
+        wanted |= {c for c in loose_tgt - loose_src if sides.src.holds(c)}
+    return sorted(wanted, key=lambda c: (c.count("."), c))
+
+
 def renumber_candidates(state: MatchState) -> tuple[list[Candidate], list[Ambiguity]]:
-    """Renumberings that gain pairs, for containers holding at least one unmatched key."""
+    """Renumberings that gain pairs, for containers holding at least one unmatched key.
+
+    Children are collected for those containers alone, from each side's keys sorted once (see
+    :mod:`.numbered`): a container's subtree is one slice there, so the cost is the size of the
+    subtrees compared, in C-level passes, never a pass over all keys per container.
+    """
     loose, free = state.unmatched_source(), state.unmatched_target()
-    loose_src = _containers(state.names[i] for i in loose)
-    loose_tgt = _containers(free)
     found: list[Candidate] = []
     ambiguous: list[Ambiguity] = []
-    if not loose_src and not loose_tgt:
-        return found, ambiguous
-    # Only containers with a loose key that both sides have can gain: find them from the names
-    # first (each name scanned once), and collect children for those containers alone.
-    in_src = loose_src | _containers(n for n, ok in zip(state.names, state.matched, strict=True) if ok)
-    in_tgt = loose_tgt | _containers(k for k in state.tgt_keys if k not in free)
-    wanted = (loose_src | loose_tgt) & in_src & in_tgt
-    if not wanted:
-        return found, ambiguous
-    src = _children(zip(state.names, state.shapes, strict=True), wanted)
-    tgt = _children(((k, state.tgt_shape[k]) for k in state.tgt_keys), wanted)
-    for container in sorted(wanted & set(src) & set(tgt), key=lambda c: (c.count("."), c)):
-        cand, amb = _renumber_one(state, container, src[container], tgt[container])
+    sides = _Sides(state)
+    for container in _wanted(state, containers(state.names[i] for i in loose), containers(free), sides):
+        src, tgt = sides.src.children(container), sides.tgt.children(container)
+        cand, amb = _renumber_one(state, container, src, tgt)
         if cand:
             found.append(cand)
         if amb:
@@ -268,6 +211,10 @@ def renumber_candidates(state: MatchState) -> tuple[list[Candidate], list[Ambigu
 
 
 # ---------------------------------------------------------------- group renames
+
+
+def _signature(entries: Sequence[tuple[str, str, tuple[int, ...]]]) -> Signature:
+    return tuple(sorted((rest, shape) for _, rest, shape in entries))
 
 
 @dataclass(frozen=True)
