@@ -296,3 +296,22 @@ def test_tree_of_keys_that_all_share_modules(tmp_path: Path) -> None:
                 ("head", "module.model.head", 1, False, [("w", "module.model.head.w", 1, True, [])]),
             ])])])
     assert tree.params == 1 + 3 * 2 + 3
+
+
+def test_files_without_a_model_state_dict_say_what_they_hold(tmp_path: Path) -> None:
+    """A file of training metadata names its entries (not "run inspect", the command that failed);
+    an optimizer's state dict is called what it is, not read as the first parameter's moments."""
+    torch.save({"epoch": 3, "best_acc": 0.9, "cpu": torch.random.get_rng_state()}, tmp_path / "meta.pt")
+    result = run_cli("inspect", tmp_path / "meta.pt")
+    assert result.exit_code == 2
+    assert "its root holds `epoch`, `best_acc`, `cpu`" in " ".join(result.stderr.split())
+    assert "ckptdoctor inspect PATH" not in result.stderr
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2)).sum().backward()
+    optimizer.step()
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    result = run_cli("inspect", tmp_path / "optimizer.pt")
+    assert result.exit_code == 2 and "optimizer's state dict" in result.stderr
+    moments = run_cli("inspect", tmp_path / "optimizer.pt", "--entry", "state/0", "--keys")
+    assert moments.exit_code == 0 and moments.stdout.split() == ["step", "exp_avg", "exp_avg_sq"]

@@ -153,8 +153,23 @@ def _tensor_like(value: Any) -> bool:
     return isinstance(value, tuple) and any(isinstance(v, TensorRecord) for v in value)
 
 
+def _root_names(root: Any) -> str:
+    """What the root holds, for a message: its first entries' names, or its kind."""
+    names = [name for name, _ in itertools.islice(children(root), 9)]
+    if not names:
+        return f"its root is {type(root).__name__ if not isinstance(root, OpaqueObject) else root.cls.dotted}"
+    return "its root holds " + ", ".join(f"`{n}`" for n in names[:8]) + (", ..." if len(names) > 8 else "")
+
+
 def find_state_dict(root: Any) -> tuple[tuple[str, ...], list[tuple[str, TensorRecord]]]:
     """Locate the state dict: the root itself, a preferred entry, or the largest tensor dict."""
+    if isinstance(root, Mapping) and set(root) == {"state", "param_groups"}:
+        # torch.optim's state_dict(): per-parameter moments keyed by parameter number, not weights;
+        # the largest tensor mapping in it (the first parameter's moments) is no model state dict.
+        raise EntryNotFound("this is an optimizer's state dict (`state`, `param_groups`), not a model's: its "
+                            "tensors are per-parameter optimizer state",
+                            hint="Inspect the model's weights file; or pass --entry state/0 to see the first "
+                                 "parameter's optimizer state.")
     found = tensor_entries(root)
     if found is not None:
         return (), found
@@ -173,7 +188,9 @@ def find_state_dict(root: Any) -> tuple[tuple[str, ...], list[tuple[str, TensorR
     path, entries = _search(root, 0)
     if entries:
         return path, entries
-    raise EntryNotFound("no state dict (a mapping of names to tensors) was found in the file")
+    raise EntryNotFound(f"no state dict (a mapping of names to tensors) was found in the file; {_root_names(root)}",
+                        hint="If the weights sit deeper in one of those entries, give its path with --entry "
+                             "(e.g. --entry NAME/SUB).")
 
 
 def _search(node: Any, depth: int) -> tuple[tuple[str, ...], list[tuple[str, TensorRecord]]]:
