@@ -102,3 +102,26 @@ def test_unmerged_lora_is_never_dropped(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "LoRA" in result.stderr
     assert not out.exists()
+
+
+def test_training_modules_beside_the_model_are_dropped_on_suggestion(tmp_path: Path) -> None:
+    """A Lightning module keeps its loss's class-weight buffer beside the model (`net.*` + `loss.weight`):
+    check says what it is and suggests --drop-unexpected; an extra key inside a module the model has
+    (`net.proj.scale`) is not such a part, and gets no suggestion."""
+    models = _models(tmp_path)
+    plain = _load(models, "Plain")
+    sd = {"net." + k: v for k, v in plain.state_dict().items()} | {"loss.weight": torch.ones(2)}
+    torch.save({"state_dict": sd, "epoch": 1}, tmp_path / "lit.ckpt")
+    spec = f"{models}:Plain"
+    doc = run_cli("check", tmp_path / "lit.ckpt", "--against", spec, "--json").json()
+    assert "extra-modules" in [f["code"] for f in doc["findings"]]
+    assert doc["suggested_fix"] == ["fix", str(tmp_path / "lit.ckpt"), "--against", spec, "--drop-unexpected"]
+    out = tmp_path / "fixed.pt"
+    result = run_cli(*doc["suggested_fix"], "--extract", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    plain.load_state_dict(torch.load(out, weights_only=True), strict=True)
+
+    sd["net.proj.scale"] = torch.ones(1)
+    torch.save({"state_dict": sd}, tmp_path / "odd.ckpt")
+    doc = run_cli("check", tmp_path / "odd.ckpt", "--against", spec, "--json").json()
+    assert doc["suggested_fix"] is None and "unexpected-keys" in [f["code"] for f in doc["findings"]]
