@@ -125,3 +125,48 @@ def test_training_modules_beside_the_model_are_dropped_on_suggestion(tmp_path: P
     torch.save({"state_dict": sd}, tmp_path / "odd.ckpt")
     doc = run_cli("check", tmp_path / "odd.ckpt", "--against", spec, "--json").json()
     assert doc["suggested_fix"] is None and "unexpected-keys" in [f["code"] for f in doc["findings"]]
+
+
+GAN = '''
+from torch import nn
+
+
+class Generator(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(8, 16)
+        self.out = nn.Linear(16, 32)
+
+
+class Discriminator(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.feat = nn.Linear(32, 8)
+        self.cls = nn.Linear(8, 1)
+'''
+
+
+def test_a_file_of_several_state_dicts_is_checked_at_the_one_that_fits(tmp_path: Path) -> None:
+    """A GAN file holds `generator` and `discriminator`: checked against the discriminator, the answer
+    is the discriminator's, with the --entry that reaches it, in the suggested fix too."""
+    (tmp_path / "gan.py").write_text(GAN)
+    generator, discriminator = _load(tmp_path / "gan.py", "Generator"), _load(tmp_path / "gan.py", "Discriminator")
+    torch.save({"generator": generator.state_dict(), "discriminator": discriminator.state_dict(), "epoch": 3},
+               tmp_path / "gan.pt")
+    spec = f"{tmp_path / 'gan.py'}:Discriminator"
+    result = run_cli("check", tmp_path / "gan.pt", "--against", spec, "--json")
+    assert result.exit_code == 0
+    doc = result.json()
+    assert doc["state_dict_path"] == ["discriminator"]
+    assert "other-entry" in [f["code"] for f in doc["findings"]]
+    # wrapped in DataParallel: repairable, and the suggested fix reads the same state dict
+    wrapped = {"module." + k: v for k, v in discriminator.state_dict().items()}
+    torch.save({"generator": generator.state_dict(), "discriminator": wrapped}, tmp_path / "ddp.pt")
+    doc = run_cli("check", tmp_path / "ddp.pt", "--against", spec, "--json").json()
+    assert doc["suggested_fix"][:4] == ["fix", str(tmp_path / "ddp.pt"), "--entry", "discriminator"]
+    out = tmp_path / "d.pt"
+    assert run_cli(*doc["suggested_fix"], "--extract", "-o", out).exit_code == 0
+    discriminator.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    # --entry given: the user's choice is checked, nothing else
+    chosen = run_cli("check", tmp_path / "gan.pt", "--against", spec, "--entry", "generator", "--json").json()
+    assert chosen["ok"] is False and "other-entry" not in [f["code"] for f in chosen["findings"]]

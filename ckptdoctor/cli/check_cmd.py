@@ -24,7 +24,7 @@ def check_command(
 
     Example: ckptdoctor check model.pth --against torchvision_like.models:resnet18
     """
-    from ckptdoctor.engines.doctor.check_fix import check_checkpoint  # noqa: PLC0415 - keep --help fast
+    from ckptdoctor.engines.doctor.sibling_entries import check_file  # noqa: PLC0415 - keep --help fast
     from ckptdoctor.engines.spec import load_spec  # noqa: PLC0415
     from ckptdoctor.formats import open_checkpoint  # noqa: PLC0415
     from ckptdoctor.formats.pickle.fast import gc_paused  # noqa: PLC0415
@@ -36,7 +36,7 @@ def check_command(
     # memory is still freed at once, by reference counting. (fix does the same.)
     with gc_paused():
         ckpt = open_checkpoint(path, entry)
-        result = check_checkpoint(ckpt, load_spec(against), spec_arg=against)
+        result = check_file(ckpt, load_spec(against), spec_arg=against, entry_given=entry is not None)
     if json_out:
         from ckptdoctor.render.console import print_json  # noqa: PLC0415
 

@@ -60,12 +60,12 @@ def report_command(
     ckpt = open_checkpoint(source, entry)
     verdict: bool | None = None
     if against is not None:
-        from ckptdoctor.engines.doctor.check_fix import check_checkpoint  # noqa: PLC0415
+        from ckptdoctor.engines.doctor.sibling_entries import check_file  # noqa: PLC0415
         from ckptdoctor.engines.spec import load_spec  # noqa: PLC0415
 
         spec = load_spec(against)
-        result = check_checkpoint(ckpt, spec, spec_arg=against)
-        html = report_html.check_report(result, overview(ckpt, tree=False), spec)
+        result = check_file(ckpt, spec, spec_arg=against, entry_given=entry is not None)
+        html = report_html.check_report(result, overview(result.checkpoint, tree=False), spec)
         kind, verdict = "check", result.ok
     elif diff_b is not None:
         from ckptdoctor.engines.diff import diff  # noqa: PLC0415
