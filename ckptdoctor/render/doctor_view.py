@@ -73,6 +73,11 @@ def render_check(result: CheckResult) -> None:
     if result.suggested_fix:
         console.print(f"\n[bold]Fix:[/] {escape(suggested_command(result.suggested_fix, result.path))}",
                       soft_wrap=True)
+        if result.checkpoint.state_dict_path and "--extract" not in result.suggested_fix:
+            # The fix keeps the training checkpoint around the state dict (optimizer, epoch...):
+            # say how to get what model.load_state_dict takes directly.
+            console.print("     [dim](it keeps the file's other entries; add --extract to write the bare state "
+                          "dict that model.load_state_dict takes)[/]", soft_wrap=True)
     elif not d.ok:
         console.print("\n[bold]No key-by-key repair[/] can make this load; see the findings above.")
 
