@@ -170,3 +170,19 @@ def test_a_file_of_several_state_dicts_is_checked_at_the_one_that_fits(tmp_path:
     # --entry given: the user's choice is checked, nothing else
     chosen = run_cli("check", tmp_path / "gan.pt", "--against", spec, "--entry", "generator", "--json").json()
     assert chosen["ok"] is False and "other-entry" not in [f["code"] for f in chosen["findings"]]
+
+
+def test_student_and_teacher_are_ambiguous_not_another_variant(tmp_path: Path) -> None:
+    """A distillation checkpoint holds the same architecture twice (`student.*`, `teacher.*`): either
+    strip fits, so the check says it is ambiguous, and not that the file is another variant or that
+    the BatchNorm counters it does hold are harmlessly missing."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 8, 3), torch.nn.BatchNorm2d(8))
+    sd = {f"{who}.{k}": v for who in ("student", "teacher") for k, v in model.state_dict().items()}
+    torch.save({"state_dict": sd}, tmp_path / "distill.ckpt")
+    spec = tmp_path / "spec.pt"
+    torch.save(model.state_dict(), spec)
+    doc = run_cli("check", tmp_path / "distill.ckpt", "--against", spec, "--json").json()
+    codes = [f["code"] for f in doc["findings"]]
+    assert "ambiguous" in codes and "wrong-variant" not in codes and "harmless-missing" not in codes
+    assert doc["suggested_fix"] is None

@@ -307,6 +307,12 @@ def _leftover_findings(plan: Plan, source: Sequence[KeyShape], target: Sequence[
     found: list[Finding] = []
     ok_missing, missing = split_harmless(plan.missing, HARMLESS_MISSING, (t for _, t in plan.mapping))
     ok_unexpected, unexpected = split_harmless(plan.unexpected, HARMLESS_UNEXPECTED, buffers=buffers)
+    if plan.ambiguities:
+        # Equally good renames were not guessed, so their keys are left over on both sides: what
+        # they would add up to (harmless counters, whole blocks of "another variant") is not
+        # what the file is. The ambiguity findings say what would fix it.
+        missing, unexpected = [*ok_missing, *missing], [*ok_unexpected, *unexpected]
+        ok_missing = ok_unexpected = []
     if ok_missing or ok_unexpected:
         keys = (*ok_missing, *ok_unexpected)
         parts = [f"missing {_short(ok_missing)}" if ok_missing else "",
@@ -315,9 +321,10 @@ def _leftover_findings(plan: Plan, source: Sequence[KeyShape], target: Sequence[
                              "known-harmless differences (BatchNorm counters, non-persistent buffers, profiler "
                              "buffers): " + "; ".join(p for p in parts if p),
                              keys, len(keys), {"missing": ok_missing, "unexpected": ok_unexpected}))
-    blocks = _whole_blocks(missing, [t.key for t in target]) + _whole_blocks(unexpected, [s.key for s in source])
+    blocks = [] if plan.ambiguities else \
+        _whole_blocks(missing, [t.key for t in target]) + _whole_blocks(unexpected, [s.key for s in source])
     _, generic = _mismatch_findings(plan, target)
-    if len(blocks) >= 2 or generic >= 3:
+    if len(blocks) >= 2 or (generic >= 3 and not plan.ambiguities):
         what = f"whole blocks present on one side only: {', '.join(f'`{b}`' for b in blocks[:8])}" if blocks \
             else f"{generic} shape mismatches across the network"
         found.append(Finding("wrong-variant", "error",
