@@ -186,3 +186,24 @@ def test_student_and_teacher_are_ambiguous_not_another_variant(tmp_path: Path) -
     codes = [f["code"] for f in doc["findings"]]
     assert "ambiguous" in codes and "wrong-variant" not in codes and "harmless-missing" not in codes
     assert doc["suggested_fix"] is None
+
+
+def test_a_resized_vocabulary_is_named_not_called_a_new_head(tmp_path: Path) -> None:
+    """After resize_token_embeddings (new special tokens) the token embedding and the tied output
+    layer both gained rows: the check says the vocabulary changed, not "a new number of classes"."""
+
+    def lm(vocab: int) -> torch.nn.Module:
+        model = torch.nn.Module()
+        model.embed_tokens = torch.nn.Embedding(vocab, 8)
+        model.norm = torch.nn.LayerNorm(8)
+        model.lm_head = torch.nn.Linear(8, vocab, bias=False)
+        return model
+
+    torch.save(lm(36).state_dict(), tmp_path / "resized.pt")
+    torch.save(lm(32).state_dict(), tmp_path / "spec.pt")
+    doc = run_cli("check", tmp_path / "resized.pt", "--against", tmp_path / "spec.pt", "--json").json()
+    found = {f["code"]: f for f in doc["findings"]}
+    assert "vocab-resized" in found and "head-size-changed" not in found
+    assert set(found["vocab-resized"]["keys"]) == {"embed_tokens.weight", "lm_head.weight"}
+    assert "36 tokens in the checkpoint, 32 in the model" in found["vocab-resized"]["message"]
+    assert doc["suggested_fix"] is None

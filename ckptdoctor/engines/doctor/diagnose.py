@@ -41,6 +41,8 @@ Severity = Literal["error", "warning", "info"]
 
 _HEAD_NAMES = {"fc", "head", "heads", "classifier", "lm_head", "cls", "logits", "last_linear", "score"}
 _POS_EMBED = re.compile(r"(pos_embed|position_embedding|position_embeddings|absolute_pos_embed|pos_emb)")
+# A language model's token embedding (GPT-2, LLaMA, BERT, T5/BART, fairseq, CLIP's text tower).
+_TOKEN_EMBED = re.compile(r"(^|\.)(wte|embed_tokens|word_embeddings|tok_embeddings|token_embedding|shared)\.weight$")
 
 
 @dataclass(frozen=True)
@@ -237,10 +239,20 @@ def _numel(shape: tuple[int, ...]) -> int:
 def _mismatch_findings(plan: Plan, target: Sequence[KeyShape]) -> tuple[list[Finding], int]:
     """One finding per mismatch class; returns them and the count of generic (network-wide) ones."""
     heads = _last_parents(target)
+    # A resized vocabulary (resize_token_embeddings, added special tokens) changes the token
+    # embedding's rows, and the (tied) output layer's by the same count: neither is a new head.
+    vocab = {(m.source_shape[0], m.target_shape[0]) for m in plan.shape_mismatches
+             if _TOKEN_EMBED.search(m.target_key) and _differs_only_in(m.source_shape, m.target_shape, 0)}
     by_code: dict[str, list[ShapeMismatch]] = {}
     for m in plan.shape_mismatches:
-        by_code.setdefault(_classify(m, heads), []).append(m)
+        rows = (m.source_shape[0], m.target_shape[0]) if m.source_shape and m.target_shape else None
+        resized = rows in vocab and _differs_only_in(m.source_shape, m.target_shape, 0)
+        by_code.setdefault("vocab-resized" if resized else _classify(m, heads), []).append(m)
+    sizes = ", ".join(f"{a} tokens in the checkpoint, {b} in the model" for a, b in sorted(vocab))
     texts = {
+        "vocab-resized": f"the vocabulary changed size ({sizes}): resize the model's token embeddings to the "
+                         "checkpoint's before loading (transformers: model.resize_token_embeddings(N)); renaming "
+                         "cannot fix it",
         "head-size-changed": "the output layer has a different size (a new number of classes?); "
                              "it must be re-initialised, not loaded",
         "embedding-grid-changed": "the position embedding has a different number of tokens (image "
@@ -397,6 +409,7 @@ def _ambiguity_findings(plan: Plan) -> list[Finding]:
 
 
 _BLOCKING = {"fsdp-flat-param", "lora-unmerged", "wrong-variant", "head-size-changed", "embedding-grid-changed",
+             "vocab-resized",
              "same-numel-different-shape", "shape-mismatch", "missing-keys", "unexpected-keys"}
 
 
