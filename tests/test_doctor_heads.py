@@ -207,3 +207,30 @@ def test_a_resized_vocabulary_is_named_not_called_a_new_head(tmp_path: Path) -> 
     assert set(found["vocab-resized"]["keys"]) == {"embed_tokens.weight", "lm_head.weight"}
     assert "36 tokens in the checkpoint, 32 in the model" in found["vocab-resized"]["message"]
     assert doc["suggested_fix"] is None
+
+
+def test_peft_modules_to_save_is_explained_not_called_a_missing_head(tmp_path: Path) -> None:
+    """A PEFT classification model keeps its trained head as `classifier.modules_to_save.default.*` beside
+    the untouched `original_module`: the check says where the trained head is, not that the file is a
+    backbone lacking a head."""
+    models = _models(tmp_path)
+    task = _load(models, "ForClassification").state_dict()
+    state = {}
+    for key, value in task.items():
+        if key.startswith("classifier."):
+            leaf_name = key.split(".")[-1]
+            state[f"base_model.model.classifier.original_module.{leaf_name}"] = value
+            state[f"base_model.model.classifier.modules_to_save.default.{leaf_name}"] = value + 1
+        elif key.startswith("bert.pooler."):
+            leaf_name = key.split(".")[-1]
+            state[f"base_model.model.bert.pooler.base_layer.{leaf_name}"] = value
+        else:
+            state[f"base_model.model.{key}"] = value
+    state["base_model.model.bert.pooler.lora_A.default.weight"] = torch.randn(2, 16)
+    state["base_model.model.bert.pooler.lora_B.default.weight"] = torch.randn(16, 2)
+    torch.save(state, tmp_path / "peft_cls.pt")
+    doc = run_cli("check", tmp_path / "peft_cls.pt", "--against", f"{models}:ForClassification", "--json").json()
+    found = {f["code"]: f for f in doc["findings"]}
+    assert "peft-modules-to-save" in found and "lora-unmerged" in found and "new-head" not in found
+    assert found["peft-modules-to-save"]["evidence"]["modules"] == ["classifier"]
+    assert doc["suggested_fix"] is None

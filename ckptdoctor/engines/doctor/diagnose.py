@@ -343,7 +343,8 @@ def _leftover_findings(plan: Plan, source: Sequence[KeyShape], target: Sequence[
                              f"the checkpoint is a different variant of this architecture (depth or width "
                              f"differs): {what}; no renaming can fix that", tuple(blocks), len(blocks) or generic,
                              {"blocks": blocks, "generic_mismatches": generic}))
-    if missing and _head_only(missing):
+    if missing and _head_only(missing) and not any(".modules_to_save." in s.key for s in source):
+        # (a head PEFT trained as a module to save is in the file: peft-modules-to-save says where)
         found.append(Finding("new-head", "error",
                              f"the model has a task head the checkpoint lacks ({_short(missing)}): the checkpoint is "
                              "a backbone / base model; `fix --allow-missing` writes it under the model's names, then "
@@ -392,6 +393,14 @@ def _special_findings(source: Sequence[KeyShape], state_dict_path: Sequence[str]
                              f"{len(flat)} FSDP flat parameter(s) ({_short(flat)}) hold many weights in one "
                              "buffer; they cannot be split back key by key without FSDP's metadata. Save with a "
                              "FULL_STATE_DICT (or torch.distributed.checkpoint) instead", tuple(flat), len(flat)))
+    saved = [s.key for s in source if ".modules_to_save." in s.key] if ".modules_to_save." in text else []
+    if saved:
+        trained = sorted({k.split(".modules_to_save.")[0].removeprefix("base_model.model.") for k in saved})
+        found.append(Finding("peft-modules-to-save", "info",
+                             f"PEFT trained full copies of {', '.join(f'`{m}`' for m in trained[:4])} (its "
+                             "modules_to_save): the trained weights are at `...modules_to_save.<adapter>.*`, the "
+                             "`original_module` beside them is the untouched original; peft's merge_and_unload() "
+                             "keeps the trained copy", tuple(saved), len(saved), {"modules": trained}))
     lora = [s.key for s in source if is_peft_key(s.key)] if "lora_" in text or "base_layer" in text else []
     if lora:
         found.append(Finding("lora-unmerged", "error",
