@@ -303,3 +303,22 @@ def test_markup_names_and_keys_print_verbatim(tmp_path: Path) -> None:
     missing = run_cli("convert", tmp_path / "gone[/x].pt", f"{tmp_path}/o/")
     assert missing.exit_code == 2 and str(tmp_path / "gone[/x].pt") in missing.stderr.replace("\n", "")
     assert "Traceback" not in missing.stderr
+
+
+def test_a_peft_adapter_directory_stays_an_adapter(tmp_path: Path) -> None:
+    """PEFT's save_pretrained(safe_serialization=False) directory converted into the hf layout is what
+    PEFT writes itself: one adapter_model.safetensors (never sharded) beside adapter_config.json."""
+    source = tmp_path / "adapter"
+    source.mkdir()
+    config = {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"], "base_model_name_or_path": None}
+    (source / "adapter_config.json").write_text(json.dumps(config))
+    state = {f"base_model.model.layers.{i}.q_proj.lora_{ab}.weight": torch.randn(2, 8) if ab == "A" else
+             torch.randn(8, 2) for i in range(3) for ab in "AB"}
+    torch.save(state, source / "adapter_model.bin")
+    result = run_cli("convert", source, f"{tmp_path}/out/", "--max-shard-size", "100", "--verify")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text()) == config
+    written = safetensors.torch.load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert written.keys() == state.keys() and all(torch.equal(written[k], v) for k, v in state.items())
+    assert "one adapter_model.safetensors" in " ".join((result.stdout + result.stderr).split())

@@ -205,8 +205,12 @@ def plan_conversion(source: str, out: str, keys: KeyEdits, options: ConvertOptio
                      and item.tensor.dtype.startswith(("float", "complex"))})
     if uncast:
         notes.append(f"--dtype casts float64/32/16 and bfloat16 only; {', '.join(uncast)} tensors were kept")
-    shards = hf_shards.plan_shards(items, max_shard) if to == "hf" else []
     companions = hf_shards.companion_files(source) if to == "hf" else []
+    shards = hf_shards.plan_shards(items, max_shard) if to == "hf" else []
+    if to == "hf" and hf_shards.is_adapter(companions) and len(shards) > 1:
+        shards = [list(items)]  # PEFT loads one adapter file; adapters are small
+        notes.append("a PEFT adapter is written as one adapter_model.safetensors (PEFT reads no shards), "
+                     "whatever --max-shard-size says")
     return ConversionPlan(source=source, out=out.rstrip("/") or out, to=to, checkpoint=ckpt, repair=repair,
                           entries=tuple(entries), items=tuple(items), aliases=tuple(aliases),
                           shards=tuple(tuple(s) for s in shards), companions=tuple(companions), options=options,
@@ -345,7 +349,7 @@ def _write_safetensors_file(path: str, items: Sequence[Item], metadata: dict[str
 
 def _write_hf(plan: ConversionPlan, target: str, progress: Progress | None) -> list[str]:
     os.mkdir(target)
-    names = hf_shards.shard_names(len(plan.shards))
+    names = hf_shards.shard_names(len(plan.shards), adapter=hf_shards.is_adapter(plan.companions))
     paths = [os.path.join(target, name) for name in names]
     metadata = {"format": "pt"}
     if plan.options.workers > 1 and len(plan.shards) > 1:

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from ckptdoctor.formats.writers.stream import Item
 
 WEIGHTS_NAME = "model.safetensors"
+ADAPTER_NAME = "adapter_model.safetensors"  # PEFT's save_pretrained: one file, never sharded
+ADAPTER_CONFIG = "adapter_config.json"
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 # Shards convert writes at once on threads when no cast keeps the cores busy (engines/convert.py).
@@ -33,7 +35,8 @@ SHARD_THREADS = 4
 # huggingface_hub.serialization._base.SIZE_UNITS: decimal units, as parse_size_to_int reads them.
 SIZE_UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3}
 # Files save_pretrained / tokenizers write beside the weights that a converted model still needs.
-COMPANION_FILES = re.compile(r"^(config\.json|generation_config\.json|tokenizer(_config)?\.json|tokenizer\.model|"
+COMPANION_FILES = re.compile(r"^(config\.json|generation_config\.json|adapter_config\.json|"
+                             r"tokenizer(_config)?\.json|tokenizer\.model|"
                              r"special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|"
                              r"spiece\.model|sentencepiece\.bpe\.model|chat_template\.(jinja|json)|"
                              r"preprocessor_config\.json|processor_config\.json)$")
@@ -79,7 +82,15 @@ def plan_shards(items: Sequence[Item], max_shard_size: int) -> list[list[Item]]:
     return shards or [[]]
 
 
-def shard_names(count: int) -> list[str]:
+def is_adapter(companions: Sequence[str]) -> bool:
+    """A PEFT adapter directory (its ``adapter_config.json`` goes along): written as PEFT writes it,
+    one ``adapter_model.safetensors``, so ``PeftModel.from_pretrained`` loads the output."""
+    return ADAPTER_CONFIG in companions and "config.json" not in companions
+
+
+def shard_names(count: int, *, adapter: bool = False) -> list[str]:
+    if adapter:
+        return [ADAPTER_NAME]
     if count == 1:
         return [WEIGHTS_NAME]
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
