@@ -461,3 +461,16 @@ def test_safe_agrees_with_torch_weights_only(corpus: dict[str, Sample], tmp_path
     assert not loads["protocol4"] and not _only(corpus["protocol4"].path).safe
     assert all(s.marker is None or not s.marker.exists() for s in corpus.values())
     assert list(work.iterdir()) == []
+
+
+def test_dcp_metadata_says_it_is_dcps_own(corpus: dict[str, Sample], tmp_path: Path) -> None:
+    """A torch-written DCP .metadata stays unsafe by the weights_only rule, with a note that it holds
+    nothing but DCP's own classes; the same file with any other global gets no such note."""
+    (dcp_file,) = scan(corpus["dcp_directory"].path).files
+    assert not dcp_file.safe and any("nothing but DCP's own classes" in n for n in dcp_file.notes)
+    tampered = tmp_path / "dcp"
+    tampered.mkdir()
+    data = (corpus["dcp_directory"].path / ".metadata").read_bytes()
+    (tampered / ".metadata").write_bytes(data + b"\x80\x02cargparse\nNamespace\n)\x81.")  # a second pickle
+    (other,) = scan(tampered).files
+    assert not any("DCP's own classes" in n for n in other.notes)

@@ -46,6 +46,7 @@ from ckptdoctor.formats.magic import (
     refuse_text,
     refuse_wrapper,
 )
+from ckptdoctor.formats.pickle.tables import DCP_METADATA_GLOBALS
 from ckptdoctor.formats.readers.safetensors import MAX_HEADER_BYTES, safetensors_bits
 from ckptdoctor.io.rangefile import RangeFile
 from ckptdoctor.io.storage import is_url, storage_for
@@ -148,6 +149,12 @@ def _result(path: Path, fmt: str, fd: Findings) -> FileScan:
     globals_ = fd.global_uses()
     anomalies = tuple(fd.anomalies)
     safe = not anomalies and all(g.verdict == WEIGHTS_ONLY for g in globals_)
+    if str(path).replace("\\", "/").rsplit("/", 1)[-1] == ".metadata" and globals_ and all(
+            g.verdict == WEIGHTS_ONLY or g.name in DCP_METADATA_GLOBALS for g in globals_):
+        # Unsafe by the weights_only rule (the contract's), but say what it is: DCP's own file.
+        fd.note("DCP metadata as torch.distributed.checkpoint writes it, nothing but DCP's own classes: "
+                "unsafe only because torch.load(weights_only=True) refuses them; DCP reads this file with plain "
+                "pickle.load, so it is as trustworthy as its source")
     return FileScan(str(path), fmt, safe, globals_, anomalies, tuple(fd.pickles), fd.finish_notes())
 
 

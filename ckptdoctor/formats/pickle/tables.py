@@ -417,3 +417,17 @@ def python2_name(module: str, name: str) -> tuple[str, str]:
     if (module, name) in _compat_pickle.REVERSE_NAME_MAPPING:
         return _compat_pickle.REVERSE_NAME_MAPPING[(module, name)]
     return _compat_pickle.REVERSE_IMPORT_MAPPING.get(module, module), name
+
+
+#: What ``torch.distributed.checkpoint`` pickles into a ``.metadata`` file (``filesystem.py`` writes it
+#: with plain ``pickle.dump`` and reads it with plain ``pickle.load``, never ``weights_only``):
+#: its own dataclasses and enum, and the checkpoint id as a ``pathlib`` path. Building them runs
+#: no code beyond setting fields, so a ``.metadata`` holding only these (and weights-only names)
+#: is what DCP itself writes.
+DCP_METADATA_GLOBALS: frozenset[str] = frozenset(
+    _names("torch.distributed.checkpoint.metadata", "Metadata", "MetadataIndex", "ChunkStorageMetadata",
+           "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties", "StorageMeta",
+           "_MEM_FORMAT_ENCODING")
+    | _names("torch.distributed.checkpoint.filesystem", "_StorageInfo", "_StoragePrefix")
+    | _names("pathlib", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path")
+)
