@@ -380,9 +380,10 @@ def _special_findings(source: Sequence[KeyShape], state_dict_path: Sequence[str]
     found: list[Finding] = []
     if state_dict_path:
         where = "/".join(state_dict_path)
+        steps = "".join(f"[{int(p)}]" if p.isdigit() else f"[{p!r}]" for p in state_dict_path)
         found.append(Finding("nested-state-dict", "info",
                              f"the weights sit at `{where}` inside the file, not at its root (a training "
-                             f"checkpoint): load `torch.load(f)[...]` at that path, or `fix --extract` it",
+                             f"checkpoint): load `torch.load(f){steps}`, or `fix --extract` it",
                              (), 0, {"state_dict_path": list(state_dict_path)}))
     # One text search over all keys first: these names are rare, and a per-key regex is not free.
     text = "\n".join(s.key for s in source)
