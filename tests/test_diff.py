@@ -27,6 +27,7 @@ from ckptdoctor.errors import CorruptCheckpoint
 from ckptdoctor.formats import open_checkpoint
 from ckptdoctor.formats import tensor_bytes as tb
 from ckptdoctor.model.checkpoint import ByteRange, StorageInfo, TensorRecord
+from tests.cli_helpers import run_cli
 
 
 def small_net() -> nn.Module:
@@ -353,3 +354,17 @@ def test_fast_byte_path_agrees_with_the_general_path(tmp_path):  # type: ignore[
         assert tensor_bytes.compare_tensors(a, same).equal
     finally:
         tensor_bytes._WINDOW = old_window
+
+
+def test_a_tied_weight_stored_once_is_explained(tmp_path: Path) -> None:
+    """torch.save keeps a tied lm_head as a second name of the embedding; safetensors stores it once:
+    diff says the key only A has is the same tensor as one both have."""
+    embed = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = embed.weight
+    sd = {"wte.weight": embed.weight.detach(), "lm_head.weight": head.weight.detach(), "ln.weight": torch.ones(4)}
+    torch.save(sd, tmp_path / "a.pt")
+    save_file({"wte.weight": sd["wte.weight"].clone(), "ln.weight": sd["ln.weight"]}, tmp_path / "b.safetensors")
+    doc = run_cli("diff", tmp_path / "a.pt", tmp_path / "b.safetensors", "--json").json()
+    assert doc["only_in_a"] == ["lm_head.weight"]
+    assert any("lm_head.weight` in A is the same tensor as `wte.weight" in line for line in doc["explanations"])
