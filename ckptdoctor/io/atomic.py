@@ -83,8 +83,9 @@ def check_file_output(out: str, inputs: Iterable[str], *, force: bool, example: 
     from ckptdoctor.io.storage import is_url  # noqa: PLC0415
 
     if is_url(out):
-        from ckptdoctor.io.publish import check_remote_output  # noqa: PLC0415
+        from ckptdoctor.io.publish import check_remote_output, refuse_read_only  # noqa: PLC0415
 
+        refuse_read_only(out)
         refuse_directory(out, example)
         check_remote_output(out, inputs, force=force)
     else:
@@ -119,8 +120,9 @@ def _remote_output(out: str, inputs: Iterable[str], *, force: bool) -> Iterator[
     The store publishes the object only when the upload completes, so OUT is never partial; the
     temp file is always removed.
     """
-    from ckptdoctor.io.publish import check_remote_output, publish_file, staged_writes  # noqa: PLC0415
+    from ckptdoctor.io.publish import check_remote_output, publish_file, refuse_read_only, staged_writes  # noqa: PLC0415
 
+    refuse_read_only(out)
     refuse_directory(out)
     check_remote_output(out, inputs, force=force)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX)

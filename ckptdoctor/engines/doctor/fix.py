@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from ckptdoctor.engines.matching.edits import AddPrefix, Edit, Strip, parse_rename
 from ckptdoctor.errors import UsageError
 from ckptdoctor.io.atomic import check_file_output
+from ckptdoctor.io.storage import is_read_only_url
 
 if TYPE_CHECKING:  # the matcher behind check_fix is imported only when a plan is made
     from ckptdoctor.engines.doctor.check_fix import RepairPlan
@@ -79,6 +80,14 @@ def fixed_name(path: str) -> str:
     name = path.rstrip("/").rsplit("/", 1)[-1]
     stem, dot, suffix = name.rpartition(".")
     return f"{stem}.fixed.{suffix}" if dot and stem else f"{name}.fixed.pt"
+
+
+def suggested_output(path: str) -> str:
+    """Where check suggests writing the repair of ``path``: beside it, or in the current directory
+    when ``path`` is on a read-only store (an http(s) URL), since fix could not write beside it."""
+    name = fixed_name(path)
+    directory = path.rstrip("/").rpartition("/")[0]
+    return name if is_read_only_url(path) or not directory else f"{directory}/{name}"
 
 
 def fix_checkpoint(path: str, out: str | None, keys: KeyEdits, *, entry: str | None = None, extract: bool = False,

@@ -46,6 +46,7 @@ from ckptdoctor.formats.magic import (
     refuse_text,
     refuse_wrapper,
 )
+from ckptdoctor.formats.readers.hf_index import INDEX_SUFFIXES
 from ckptdoctor.formats.readers.safetensors import MAX_HEADER_BYTES, safetensors_bits
 from ckptdoctor.io.rangefile import RangeFile
 from ckptdoctor.io.storage import is_url, storage_for
@@ -83,8 +84,11 @@ def scan(path: str | os.PathLike[str]) -> ScanReport:
     :class:`~ckptdoctor.errors.UnsupportedFormat` / :class:`~ckptdoctor.errors.CorruptCheckpoint`
     for a single file that is not a readable checkpoint.
     """
-    if is_url(os.fspath(path)):
-        return ScanReport(_scan_url(os.fspath(path)))
+    path = os.fspath(path)
+    if path.endswith(INDEX_SUFFIXES):  # a shard index names its checkpoint: the directory it sits in
+        path = path.rpartition("/")[0] or "."
+    if is_url(path):
+        return ScanReport(_scan_url(path))
     p = Path(path)
     if not p.exists():
         raise InputNotFound("no such file or directory", path=str(p))
