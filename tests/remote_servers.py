@@ -141,6 +141,16 @@ class RangeServer:
                 hub = HUB_FILE_RE.match(self.path.split("?", 1)[0])
                 if hub is not None:  # /org/name/resolve/revision/path: the Hub's file URL
                     target = server.root / urllib.parse.unquote(hub.group(1)) / urllib.parse.unquote(hub.group(2))
+                path = self.path.split("?", 1)[0]
+                if target.is_dir() and hub is None and not path.endswith("/"):
+                    # as web servers do (nginx, Apache, http.server): a directory's URL without
+                    # the slash redirects to its listing
+                    self.send_response(301)
+                    self.send_header("Location", path + "/")
+                    self.send_header("Content-Length", "0")
+                    self._record(301, 0)
+                    self.end_headers()
+                    return
                 if target.is_dir():
                     names = sorted(p.name for p in target.iterdir() if p.is_file())
                     body = "".join(f'<a href="{n}">{n}</a>\n' for n in names).encode()

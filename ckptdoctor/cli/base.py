@@ -68,6 +68,28 @@ def print_error(message: str, hint: str | None) -> None:
     render_error(message, hint)
 
 
+# The parameters of the commands that name a file, a directory or a spec (PATH, SOURCE, OUT, SPEC, B).
+PATH_PARAMETERS = frozenset({"path", "paths", "a", "b", "source", "out", "against", "diff_b"})
+
+
+def _plain_paths(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``file://`` URLs in path arguments as the plain paths they name, before any command sees them.
+
+    Then a ``file://`` input or output behaves exactly like the path, in every command and every
+    check of an output (directory, existing file, same as the input), which all work on local paths.
+    """
+    from ckptdoctor.io.storage import local_path  # noqa: PLC0415
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, str):
+            return local_path(value)
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    return {name: plain(value) if name in PATH_PARAMETERS else value for name, value in kwargs.items()}
+
+
 def handle_errors(func: F) -> F:
     """Turn ckptdoctor errors (and anything unexpected) into one Error line and an exit code."""
 
@@ -76,6 +98,7 @@ def handle_errors(func: F) -> F:
         from ckptdoctor.io.storage import reset_io  # noqa: PLC0415
 
         reset_io()  # each command's --json reports its own requests and bytes
+        kwargs = _plain_paths(kwargs)
         try:
             if "allow_global" in kwargs:  # every reading command: --allow-global + pyproject.toml
                 from ckptdoctor.cli.allow import allowed_globals  # noqa: PLC0415

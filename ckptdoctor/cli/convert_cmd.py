@@ -44,12 +44,14 @@ def convert_command(
     """
     from ckptdoctor.engines.convert import ConvertOptions, plan_conversion, run_conversion  # noqa: PLC0415
     from ckptdoctor.engines.doctor.fix import KeyEdits  # noqa: PLC0415
+    from ckptdoctor.io.publish import refuse_read_only  # noqa: PLC0415
     from ckptdoctor.render import convert_view  # noqa: PLC0415
     from ckptdoctor.render.progress import byte_progress  # noqa: PLC0415
 
     keys = KeyEdits(tuple(strip), tuple(add_prefix), tuple(rename), against, drop_unexpected, allow_missing)
     options = ConvertOptions(to=to, max_shard_size=max_shard_size, dtype=dtype, keep_dtype=tuple(keep_dtype),
                              entry=entry, extract=extract, verify=verify, workers=workers, force=force)
+    refuse_read_only(out)  # before the read
     plan = plan_conversion(source, out, keys, options)
     with byte_progress("converting", plan.total_bytes) as progress:
         result = run_conversion(plan, progress)

@@ -50,13 +50,15 @@ def report_command(
 
     from ckptdoctor.engines.inspection.overview import overview  # noqa: PLC0415
     from ckptdoctor.formats import open_checkpoint  # noqa: PLC0415
-    from ckptdoctor.io.atomic import check_output  # noqa: PLC0415
+    from ckptdoctor.io.atomic import check_file_output  # noqa: PLC0415
+    from ckptdoctor.io.storage import display_name  # noqa: PLC0415
     from ckptdoctor.render import report_html  # noqa: PLC0415
     from ckptdoctor.render.report_summary import print_summary  # noqa: PLC0415
 
     # overview(tree=False) throughout: the page folds and lays out the key tree itself, in the browser
     inputs = [p for p in (source, against, diff_b) if p is not None]
-    check_output(out, inputs, force=force)  # refuse early, before a long --values pass
+    example = display_name(source).rsplit(".", 1)[0] + ".html"
+    check_file_output(out, inputs, force=force, example=example)  # refuse early, before a long --values pass
     ckpt = open_checkpoint(source, entry)
     verdict: bool | None = None
     if against is not None:

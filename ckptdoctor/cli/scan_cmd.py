@@ -17,15 +17,15 @@ def scan_command(
     """Report every global the files' pickles would import or call, and archive anomalies. Never runs anything.
 
     Exit 0 when every file is loadable under torch.load(weights_only=True) rules and nothing
-    suspicious was seen, 1 otherwise, 2 when a file cannot be read at all.
+    suspicious was seen, 1 otherwise (a file that cannot be read among several, or in a directory,
+    is reported as unreadable), 2 when the one PATH given cannot be read at all.
 
     Example: ckptdoctor scan downloaded.bin ./hf-model/
     """
-    from ckptdoctor.engines.scanning.results import ScanReport  # noqa: PLC0415
-    from ckptdoctor.engines.scanning.scan import scan  # noqa: PLC0415 - keep --help fast
+    from ckptdoctor.engines.scanning.scan import scan_paths  # noqa: PLC0415 - keep --help fast
     from ckptdoctor.render import scan_view  # noqa: PLC0415
 
-    report = ScanReport(files=tuple(f for path in paths for f in scan(path).files))
+    report = scan_paths(paths)
     if json_out:
         from ckptdoctor.render.console import print_json  # noqa: PLC0415
 

@@ -24,10 +24,14 @@ def spec_command(
              ckptdoctor check candidate.safetensors --against released.spec.json
     """
     from ckptdoctor.engines.spec import build_spec, write_spec  # noqa: PLC0415 - keep --help fast
+    from ckptdoctor.io.atomic import check_file_output  # noqa: PLC0415
+    from ckptdoctor.io.storage import display_name  # noqa: PLC0415
     from ckptdoctor.render.console import plain, print_json, stdout_console  # noqa: PLC0415
     from ckptdoctor.render.progress import byte_progress  # noqa: PLC0415
     from ckptdoctor.schema import SCHEMA_VERSION  # noqa: PLC0415
 
+    example = display_name(source.rsplit(":", 1)[-1] if ":" in source and "://" not in source else source)
+    check_file_output(out, (), force=force, example=example.rsplit(".", 1)[0] + ".spec.json")  # before digests
     doc = build_spec(source, digests=digests, progress_for=lambda total: byte_progress("hashing tensors", total))
     write_spec(doc, out, force=force)
     count = len(doc.get("tensors", []))

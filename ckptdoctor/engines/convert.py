@@ -26,7 +26,8 @@ from ckptdoctor.errors import CorruptCheckpoint, OutputError, UsageError
 from ckptdoctor.formats.writers import hf_shards
 from ckptdoctor.formats.writers.cast_names import CASTABLE, TARGETS
 from ckptdoctor.formats.writers.stream import Item
-from ckptdoctor.io.atomic import TEMP_PREFIX, _fsync_directory
+from ckptdoctor.io.atomic import TEMP_PREFIX, _fsync_directory, refuse_directory
+from ckptdoctor.io.storage import display_name
 from ckptdoctor.model.checkpoint import Checkpoint, StorageInfo, TensorRecord, itemsize
 
 if TYPE_CHECKING:  # the matcher behind check_fix is imported when the plan is made
@@ -166,6 +167,12 @@ def _shared_storage_casts(items: list[Item]) -> list[Item]:
             and item.tensor.storage.id in kept else item for item in items]
 
 
+def _one_file_name(source: str, to: str) -> str:
+    """A file name to suggest for a one-file output: the source's stem with the target's suffix."""
+    stem = display_name(source).rsplit(".", 1)[0] or "model"
+    return stem + (".safetensors" if to == "safetensors" else ".pt")
+
+
 def plan_conversion(source: str, out: str, keys: KeyEdits, options: ConvertOptions) -> ConversionPlan:
     """Read ``source`` and decide what ``out`` will hold; nothing is written."""
     from ckptdoctor.engines.doctor.check_fix import repaired_entries  # noqa: PLC0415
@@ -173,6 +180,8 @@ def plan_conversion(source: str, out: str, keys: KeyEdits, options: ConvertOptio
     from ckptdoctor.formats.writers.rewrite import listed  # noqa: PLC0415
 
     to = output_kind(out, options.to)
+    if to in ("torch", "safetensors"):  # one file: never in a directory's place, --force or not
+        refuse_directory(out, _one_file_name(source, to))
     target = _target_dtype(options.dtype)
     check_key_edits(keys)
     if options.workers < 1:
@@ -530,7 +539,6 @@ def _run_remote(plan: ConversionPlan, progress: Progress | None) -> ConvertResul
     leaves nothing at OUT (:mod:`ckptdoctor.io.publish`).
     """
     from ckptdoctor.io.publish import check_remote_output, publish_file, publish_tree, staged_writes  # noqa: PLC0415
-    from ckptdoctor.io.storage import display_name  # noqa: PLC0415
 
     replacing = check_remote_output(plan.out, _input_paths(plan.checkpoint), force=plan.options.force)
     scratch = tempfile.mkdtemp(prefix=TEMP_PREFIX)

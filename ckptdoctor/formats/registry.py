@@ -185,4 +185,7 @@ def open_path(path: str, entry: str | None = None) -> Checkpoint:
         return read_directory(path, entry)
     if kind != "file":
         raise UnsupportedFormat("not a regular file", path=path)
+    hf_index = importlib.import_module("ckptdoctor.formats.readers.hf_index")
+    if path.endswith(hf_index.INDEX_SUFFIXES):  # not in read_file: an index never names another as a shard
+        return hf_index.read_index_file(path, entry)
     return detect_file(path).read(path, entry)

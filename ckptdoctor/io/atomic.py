@@ -39,26 +39,57 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def check_output(out: str, inputs: Iterable[str], *, force: bool) -> str:
+def refuse_directory(out: str, example: str | None = None) -> None:
+    """Refuse a one-file OUT that names a directory: one ending in '/', or an existing local one.
+
+    ``--force`` replaces a file; it never removes a directory to put a file in its place (and
+    ``os.replace`` could not), so this holds with or without it. ``example`` is a file name
+    to suggest inside the directory.
+    """
+    from ckptdoctor.io.storage import is_url  # noqa: PLC0415
+
+    if not (out.endswith(("/", os.sep)) or (not is_url(out) and os.path.isdir(out))):
+        return
+    inside = f", for example {out.rstrip('/' + os.sep)}/{example}" if example else ""
+    raise OutputError("the output path is a directory, and the output is one file", path=out,
+                      hint=f"Name a file inside it{inside}")
+
+
+def check_output(out: str, inputs: Iterable[str], *, force: bool, example: str | None = None) -> str:
     """Refuse OUT when it is an input, a directory, exists without ``force``, or has no directory.
 
     Returns the directory the temp file must be created in (same filesystem as OUT, so the
-    final rename is atomic).
+    final rename is atomic). ``example`` names a file the hint may suggest when OUT is a directory.
     """
     for source in inputs:
         if _same_file(out, source):
             raise OutputError("the output is the input file; ckptdoctor never modifies its input", path=out,
                               hint="Write the repaired checkpoint to a new path.")
+    refuse_directory(out, example)
     directory = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(directory):
         raise OutputError(f"the output directory {directory} does not exist", path=out,
                           hint="Create the directory first, or choose another output path.")
-    if os.path.lexists(out):
-        if os.path.isdir(out):
-            raise OutputError("the output path is a directory", path=out)
-        if not force:
-            raise OutputError("the output file already exists", path=out)
+    if os.path.lexists(out) and not force:
+        raise OutputError("the output file already exists", path=out)
     return directory
+
+
+def check_file_output(out: str, inputs: Iterable[str], *, force: bool, example: str | None = None) -> None:
+    """Refuse a one-file OUT up front, before a long read, for the reasons :func:`atomic_output` would.
+
+    The writer checks again when it opens OUT (the file system may change meanwhile).
+    """
+    from ckptdoctor.io.storage import is_url  # noqa: PLC0415
+
+    if is_url(out):
+        from ckptdoctor.io.publish import check_remote_output, refuse_read_only  # noqa: PLC0415
+
+        refuse_read_only(out)
+        refuse_directory(out, example)
+        check_remote_output(out, inputs, force=force)
+    else:
+        check_output(out, inputs, force=force, example=example)
 
 
 def _fsync_directory(directory: str) -> None:
@@ -89,8 +120,10 @@ def _remote_output(out: str, inputs: Iterable[str], *, force: bool) -> Iterator[
     The store publishes the object only when the upload completes, so OUT is never partial; the
     temp file is always removed.
     """
-    from ckptdoctor.io.publish import check_remote_output, publish_file, staged_writes  # noqa: PLC0415
+    from ckptdoctor.io.publish import check_remote_output, publish_file, refuse_read_only, staged_writes  # noqa: PLC0415
 
+    refuse_read_only(out)
+    refuse_directory(out)
     check_remote_output(out, inputs, force=force)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX)
     closed = False

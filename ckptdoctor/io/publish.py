@@ -22,13 +22,22 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ckptdoctor.errors import CkptDoctorError, OutputError
-from ckptdoctor.io.storage import COUNTERS, display_name, storage_for
+from ckptdoctor.io.storage import COUNTERS, display_name, is_read_only_url, storage_for
 
 NAMES_OTHERS = (".index.json", ".metadata")  # published last: they name the files beside them
 
 
+def refuse_read_only(out: str) -> None:
+    """Refuse an http(s) OUT before anything is read or written: the web is read only here."""
+    if is_read_only_url(out):
+        raise OutputError("http(s) URLs are read only; ckptdoctor cannot write there", path=out,
+                          hint="Write to a local path, or to an object store (s3://, gs://).")
+
+
 def check_remote_output(out: str, inputs: Iterable[str], *, force: bool) -> bool:
-    """Refuse a URL OUT that is (or holds) an input, or exists without ``force``; return whether it exists."""
+    """Refuse a URL OUT that is read only, is (or holds) an input, or exists without ``force``;
+    return whether it exists."""
+    refuse_read_only(out)
     base = out.rstrip("/")
     for source in inputs:
         source = source.rstrip("/")

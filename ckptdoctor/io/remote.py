@@ -75,9 +75,12 @@ def _http_head(url: str) -> dict[str, Any]:
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
             length = response.headers.get("Content-Length")
+            final = response.geturl()
     except urllib.error.HTTPError as exc:
         exc.close()
         raise
+    if final == url + "/":  # a server redirects a directory's URL to its listing, as a browser expects
+        return {"name": url, "type": "directory", "size": None}
     return {"name": url, "type": "file", "size": int(length) if length and length.isdigit() else None}
 
 

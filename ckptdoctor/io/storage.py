@@ -208,6 +208,15 @@ def is_url(path: str | os.PathLike[str]) -> bool:
     return isinstance(path, str) and URL_RE.match(path) is not None and not path.startswith("file://")
 
 
+READ_ONLY_PROTOCOLS = ("http", "https")  # a web server serves files; nothing standard writes them
+
+
+def is_read_only_url(path: str) -> bool:
+    """An http(s) URL: readable by byte ranges, never a place ckptdoctor can write to."""
+    match = URL_RE.match(path) if isinstance(path, str) else None
+    return match is not None and match.group(1).lower() in READ_ONLY_PROTOCOLS
+
+
 def storage_for(path: str) -> Storage:
     """The storage that serves ``path``: the local disk, or fsspec for a URL."""
     match = URL_RE.match(path) if isinstance(path, str) else None

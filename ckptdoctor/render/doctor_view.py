@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ckptdoctor.engines.doctor.check_fix import CheckResult, RepairPlan, group_mapping
 from ckptdoctor.engines.doctor.diagnose import Finding, group_keys
+from ckptdoctor.engines.doctor.fix import suggested_output
 from ckptdoctor.formats.writers.rewrite import WriteReport
 from ckptdoctor.render.console import stderr_console, stdout_console
 from ckptdoctor.schema import SCHEMA_VERSION
@@ -32,8 +33,7 @@ def _patterns(keys: tuple[str, ...] | list[str]) -> str:
 
 
 def suggested_command(args: tuple[str, ...] | list[str], path: str) -> str:
-    out = path.rsplit(".", 1)[0] + ".fixed." + (path.rsplit(".", 1)[1] if "." in path else "pt")
-    return "ckptdoctor " + shlex.join([*args, "-o", out])
+    return "ckptdoctor " + shlex.join([*args, "-o", suggested_output(path)])
 
 
 # Findings whose message names only an example key: their full key list follows, folded into patterns.

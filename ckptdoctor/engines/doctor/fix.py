@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from ckptdoctor.engines.matching.edits import AddPrefix, Edit, Strip, parse_rename
 from ckptdoctor.errors import UsageError
+from ckptdoctor.io.atomic import check_file_output
+from ckptdoctor.io.storage import is_read_only_url
 
 if TYPE_CHECKING:  # the matcher behind check_fix is imported only when a plan is made
     from ckptdoctor.engines.doctor.check_fix import RepairPlan
@@ -73,6 +75,21 @@ def plan_keys(ckpt: Checkpoint, keys: KeyEdits, edits: Sequence[Edit] | None = N
                        allow_missing=keys.allow_missing)
 
 
+def fixed_name(path: str) -> str:
+    """The file name suggested for the repair of ``path``: its name with ``.fixed`` before the suffix."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    stem, dot, suffix = name.rpartition(".")
+    return f"{stem}.fixed.{suffix}" if dot and stem else f"{name}.fixed.pt"
+
+
+def suggested_output(path: str) -> str:
+    """Where check suggests writing the repair of ``path``: beside it, or in the current directory
+    when ``path`` is on a read-only store (an http(s) URL), since fix could not write beside it."""
+    name = fixed_name(path)
+    directory = path.rstrip("/").rpartition("/")[0]
+    return name if is_read_only_url(path) or not directory else f"{directory}/{name}"
+
+
 def fix_checkpoint(path: str, out: str | None, keys: KeyEdits, *, entry: str | None = None, extract: bool = False,
                    dry_run: bool = False, force: bool = False) -> FixResult:
     """Plan the key repair of ``path`` and (unless ``dry_run``) write it to ``out``.
@@ -98,6 +115,8 @@ def fix_checkpoint(path: str, out: str | None, keys: KeyEdits, *, entry: str | N
     check_key_edits(keys)
     if not keys.any:
         raise UsageError("nothing to do: give --strip, --add-prefix, --rename or --against SPEC")
+    if out is not None and not dry_run:
+        check_file_output(out, [path], force=force, example=fixed_name(path))
     edits = keys.edits()
     # Reading, planning and writing allocate millions of objects and free none of the tree until
     # the end: the cyclic collector would only re-walk them (the first allocation after a pause

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, cast
 
@@ -47,6 +48,7 @@ from ckptdoctor.formats.magic import (
     refuse_wrapper,
 )
 from ckptdoctor.formats.pickle.tables import DCP_METADATA_GLOBALS
+from ckptdoctor.formats.readers.hf_index import INDEX_SUFFIXES
 from ckptdoctor.formats.readers.safetensors import MAX_HEADER_BYTES, safetensors_bits
 from ckptdoctor.io.rangefile import RangeFile
 from ckptdoctor.io.storage import is_url, storage_for
@@ -63,6 +65,7 @@ __all__ = [
     "ScanReport",
     "scan",
     "scan_file",
+    "scan_paths",
 ]
 
 # pickle.dumps(0x1950a86a20f9469cfc6c, protocol=2): torch.serialization.MAGIC_NUMBER, the first
@@ -84,14 +87,41 @@ def scan(path: str | os.PathLike[str]) -> ScanReport:
     :class:`~ckptdoctor.errors.UnsupportedFormat` / :class:`~ckptdoctor.errors.CorruptCheckpoint`
     for a single file that is not a readable checkpoint.
     """
-    if is_url(os.fspath(path)):
-        return ScanReport(_scan_url(os.fspath(path)))
+    path = os.fspath(path)
+    if path.endswith(INDEX_SUFFIXES):  # a shard index names its checkpoint: the directory it sits in
+        path = path.rpartition("/")[0] or "."
+    if is_url(path):
+        return ScanReport(_scan_url(path))
     p = Path(path)
     if not p.exists():
         raise InputNotFound("no such file or directory", path=str(p))
     if p.is_dir():
         return ScanReport(_scan_dir(p))
     return ScanReport((scan_file(p),))
+
+
+def scan_paths(paths: Sequence[str]) -> ScanReport:
+    """Scan several files or directories; one that cannot be read is reported, not fatal.
+
+    It becomes an ``unreadable`` entry, as a file in a scanned directory does, so the verdict on
+    the others (an ``os.system`` in one of them) is never lost; the report is then unsafe (exit 1).
+    A single PATH that cannot be read raises, as :func:`scan` does (exit 2: no report to give).
+    """
+    if len(paths) == 1:
+        return scan(paths[0])
+    files: list[FileScan] = []
+    for path in paths:
+        try:
+            files.extend(scan(path).files)
+        except CkptDoctorError as e:
+            files.append(unreadable(e.path or path, e))
+    return ScanReport(tuple(files))
+
+
+def unreadable(path: str, error: CkptDoctorError) -> FileScan:
+    """A file that could not be scanned, among others: never safe, with the reason as an anomaly."""
+    return FileScan(path, "unreadable", False, (), (Anomaly("unreadable", f"{type(error).__name__}: {error.message}",
+                                                            path),), ())
 
 
 def scan_file(path: Path) -> FileScan:
@@ -127,8 +157,7 @@ def _scan_url(url: str) -> tuple[FileScan, ...]:
         try:
             results.append(_scan_remote_file(member))
         except CkptDoctorError as e:
-            results.append(FileScan(member, "unreadable", False, (),
-                                    (Anomaly("unreadable", f"{type(e).__name__}: {e.message}", member),), ()))
+            results.append(unreadable(member, e))
     return tuple(results)
 
 
@@ -384,16 +413,7 @@ def _scan_dir(root: Path) -> tuple[FileScan, ...]:
             try:
                 results.append(scan_file(p))
             except CkptDoctorError as e:
-                results.append(
-                    FileScan(
-                        str(p),
-                        "unreadable",
-                        False,
-                        (),
-                        (Anomaly("unreadable", f"{type(e).__name__}: {e.message}", str(p)),),
-                        (),
-                    )
-                )
+                results.append(unreadable(str(p), e))
     if not results:
         raise UnsupportedFormat("directory holds no checkpoint files", path=str(root))
     return tuple(results)

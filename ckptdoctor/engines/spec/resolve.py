@@ -15,7 +15,7 @@ from typing import Any
 from ckptdoctor.engines.spec.digests import embedded_digest
 from ckptdoctor.engines.spec.document import load_spec_file
 from ckptdoctor.engines.spec.model_spec import ModelSpec, SpecTensor
-from ckptdoctor.engines.spec.user_code import callable_spec, import_file, import_module
+from ckptdoctor.engines.spec.user_code import callable_spec, import_file, import_module, prints_to_stderr
 from ckptdoctor.errors import SpecError
 from ckptdoctor.formats import open_checkpoint
 from ckptdoctor.formats.tensor_bytes import Progress, TensorBytesUnavailable, tensor_digest
@@ -53,9 +53,11 @@ def _resolve(spec: str) -> tuple[ModelSpec, Checkpoint | None]:
         if left.endswith(".py"):
             if not os.path.isfile(left):
                 raise SpecError(f"no such Python file: {left}", path=left)
-            return callable_spec(spec, import_file(left), name), None
+            with prints_to_stderr():
+                return callable_spec(spec, import_file(left), name), None
         if _DOTTED.fullmatch(left) and _DOTTED.fullmatch(name):
-            return callable_spec(spec, import_module(left), name), None
+            with prints_to_stderr():
+                return callable_spec(spec, import_module(left), name), None
     ckpt = open_checkpoint(spec)  # raises InputNotFound with the reader's message
     return _checkpoint_spec(spec, ckpt), ckpt
 

@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from typing import Any
 
 from ckptdoctor.engines.spec.model_spec import ModelSpec, SpecTensor
@@ -34,6 +34,32 @@ def _on_sys_path(directory: str, *, first: bool) -> Iterator[None]:
     finally:
         if added and directory in sys.path:
             sys.path.remove(directory)
+
+
+@contextmanager
+def prints_to_stderr() -> Iterator[None]:
+    """Send what the user's code prints while a spec is built to stderr.
+
+    stdout is the command's data (``--json``: exactly one JSON document, cli-contract.md), and
+    research code prints ("building model...") at import and in factories. Both ``sys.stdout``
+    and file descriptor 1 (C extensions, ``os.system``, subprocesses) point at stderr meanwhile.
+    """
+    sys.stdout.flush()
+    try:
+        saved: int | None = os.dup(1)
+    except OSError:  # no fd 1 (closed): only Python's sys.stdout can be redirected
+        saved = None
+    if saved is not None:
+        sys.stderr.flush()
+        os.dup2(2, 1)
+    try:
+        with redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved is not None:
+            sys.stderr.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 TORCH_HINT = 'Model specs need torch: pip install "ckptdoctor[torch]" (or your own torch >= 2.1).'

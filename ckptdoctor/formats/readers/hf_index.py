@@ -29,6 +29,7 @@ ADAPTER_CONFIG_FIELDS = ("peft_type", "base_model_name_or_path", "task_type")
 MAX_LISTED = 5
 SHARD_WORKERS = 16  # shards' headers are fetched concurrently (remote stores answer in parallel)
 
+INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 read_weight_file = read_file  # one weights file of a directory (shard or single file), whatever its format
 
 
@@ -162,6 +163,13 @@ def read_hf_sharded(directory: str, index_name: str, entry: str | None) -> Check
                             notes=(*notes, *config_notes))
 
 
+def read_index_file(path: str, entry: str | None) -> Checkpoint:
+    """A path to a sharded index names the checkpoint it indexes: the directory it sits in, read
+    through this index (even when the directory holds others)."""
+    directory, _, name = path.rpartition("/")
+    return read_hf_sharded(directory or ".", name, entry)
+
+
 def _listing(directory: str) -> list[str]:
     return storage_for(directory).list(directory)
 
@@ -171,7 +179,7 @@ def pick_index(names: list[str], path: str) -> str | None:
     for preferred in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if preferred in names:
             return preferred
-    indexes = [n for n in names if n.endswith((".safetensors.index.json", ".bin.index.json"))]
+    indexes = [n for n in names if n.endswith(INDEX_SUFFIXES)]
     safetensors_indexes = [n for n in indexes if n.endswith(".safetensors.index.json")]
     candidates = safetensors_indexes or indexes
     if len(candidates) > 1:
