@@ -226,15 +226,17 @@ def _tied_lines(ckpt: Checkpoint, only: Sequence[str], paired: set[str], who: st
         return []
     info = ckpt.by_key()
     by_view: dict[tuple[Any, ...], str] = {}
-    for key in paired:
+    for key in paired & info.keys():  # non-tensor entries (a DCP `step`) are paired by name too
         t = info[key]
         if t.storage_id is not None:
             by_view.setdefault((t.storage_id, t.tensor.storage_offset, t.shape, t.tensor.stride, t.dtype), key)
     lines = []
     for key in only:
-        t = info[key]
-        twin = by_view.get((t.storage_id, t.tensor.storage_offset, t.shape, t.tensor.stride, t.dtype)) \
-            if t.storage_id is not None else None
+        alone = info.get(key)
+        if alone is None:
+            continue
+        twin = by_view.get((alone.storage_id, alone.tensor.storage_offset, alone.shape, alone.tensor.stride,
+                            alone.dtype)) if alone.storage_id is not None else None
         if twin is not None:
             lines.append(f"`{key}` in {who} is the same tensor as `{twin}` (tied weights, one storage); {whom} "
                          "stores it once, as safetensors and save_pretrained do: a model that ties them loads either")
