@@ -234,3 +234,14 @@ def test_peft_modules_to_save_is_explained_not_called_a_missing_head(tmp_path: P
     assert "peft-modules-to-save" in found and "lora-unmerged" in found and "new-head" not in found
     assert found["peft-modules-to-save"]["evidence"]["modules"] == ["classifier"]
     assert doc["suggested_fix"] is None
+
+
+def test_the_fix_line_of_a_training_checkpoint_mentions_extract(tmp_path: Path) -> None:
+    """The suggested fix keeps a training checkpoint's other entries; a note says how to get the bare
+    state dict that model.load_state_dict takes (the Fix line stays the last line of stdout)."""
+    models = _models(tmp_path)
+    sd = {"model." + k: v for k, v in _load(models, "Plain").state_dict().items()}
+    torch.save({"state_dict": sd, "epoch": 2}, tmp_path / "lit.ckpt")
+    result = run_cli("check", tmp_path / "lit.ckpt", "--against", f"{models}:Plain")
+    assert result.stdout.strip().splitlines()[-1].startswith("Fix: ckptdoctor fix ")
+    assert "add --extract" in " ".join(result.stderr.split())

@@ -75,9 +75,9 @@ def render_check(result: CheckResult) -> None:
                       soft_wrap=True)
         if result.checkpoint.state_dict_path and "--extract" not in result.suggested_fix:
             # The fix keeps the training checkpoint around the state dict (optimizer, epoch...):
-            # say how to get what model.load_state_dict takes directly.
-            console.print("     [dim](it keeps the file's other entries; add --extract to write the bare state "
-                          "dict that model.load_state_dict takes)[/]", soft_wrap=True)
+            # say how to get what model.load_state_dict takes directly (a note: the Fix line stays last).
+            stderr_console().print("[dim]Note:[/] the fix keeps the file's other entries; add --extract to write "
+                                   "the bare state dict that model.load_state_dict takes")
     elif not d.ok:
         console.print("\n[bold]No key-by-key repair[/] can make this load; see the findings above.")
 
