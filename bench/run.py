@@ -376,11 +376,12 @@ def s3_hf16_row(workdir: Path, big: Path, repeat: int) -> str:
     try:
         fs = s3fs.S3FileSystem(skip_instance_cache=True,
                                config_kwargs={"read_timeout": 1800, "retries": {"max_attempts": 1}})
-        fs.mkdir("bench")
+        # its own bucket: moto's servers in one process share one backend, and s3_rows made "bench"
+        fs.mkdir("bench-hf16")
         for item in sorted(root.iterdir()):
-            fs.put_file(str(item), f"bench/hf16/{item.name}")
+            fs.put_file(str(item), f"bench-hf16/hf16/{item.name}")
         os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{proxy.port}"  # ckptdoctor goes through the proxy
-        url, shard = "s3://bench/hf16/", "s3://bench/hf16/model-00001-of-00016.safetensors"
+        url, shard = "s3://bench-hf16/hf16/", "s3://bench-hf16/hf16/model-00001-of-00016.safetensors"
         ours = measure([CKPT, "inspect", url], repeat)
         one = measure([CKPT, "inspect", shard], repeat)
         proxy.log.clear()
