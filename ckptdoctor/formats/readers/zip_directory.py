@@ -75,6 +75,18 @@ def _column(values: list[int], code: str) -> array[int] | list[int]:
         return values
 
 
+class Columns(NamedTuple):
+    """The directory's entries field by field (offsets shifted by ``concat``), as the plain parse reads them."""
+
+    names: list[str]
+    offsets: tuple[int, ...]
+    methods: tuple[int, ...]
+    flags: tuple[int, ...]
+    crcs: tuple[int, ...]
+    csizes: tuple[int, ...]
+    usizes: tuple[int, ...]
+
+
 class MemberTable(Mapping[str, Member]):
     """The members by name, kept as columns; each :class:`Member` is made when asked for.
 
@@ -96,37 +108,27 @@ class MemberTable(Mapping[str, Member]):
         "raw_names",
     )
 
-    def __init__(self, members: list[Member]) -> None:
-        def field(k: int) -> list[int]:
-            return list(map(operator.itemgetter(k), members))
-
-        self.names: list[str] = list(map(operator.itemgetter(0), members))
+    def __init__(self, columns: Columns, raw_names: dict[int, str] | None = None) -> None:
+        """``raw_names``: position -> the name as stored, for the names cut at a NUL (none in a plain parse)."""
+        self.names: list[str] = columns.names
         # A later duplicate wins, as in a dict of the members (the reader refuses duplicates).
-        self.index: dict[str, int] = dict(zip(self.names, range(len(members))))
-        raws = list(map(operator.itemgetter(1), members))
-        differ = list(compress(range(len(members)), map(operator.ne, self.names, raws)))  # names cut at a NUL
-        self.raw_names: dict[int, str] = dict(zip(differ, map(raws.__getitem__, differ)))
-        self.header_offsets = _column(field(2), "q")
-        self.compress_types = _column(field(3), "H")
-        self.flag_bits = _column(field(4), "H")
-        self.crcs = _column(field(5), "L")
-        self.compress_sizes = _column(field(6), "q")
-        self.file_sizes = _column(field(7), "q")
+        self.index: dict[str, int] = dict(zip(self.names, range(len(self.names))))
+        self.raw_names: dict[int, str] = raw_names or {}
+        self.header_offsets = _column(list(columns.offsets), "q")
+        self.compress_types = _column(list(columns.methods), "H")
+        self.flag_bits = _column(list(columns.flags), "H")
+        self.crcs = _column(list(columns.crcs), "L")
+        self.compress_sizes = _column(list(columns.csizes), "q")
+        self.file_sizes = _column(list(columns.usizes), "q")
 
     @classmethod
-    def from_columns(cls, columns: Columns) -> MemberTable:
-        """The table of a directory parsed column by column (no name cut at a NUL there)."""
-        table = cls.__new__(cls)
-        table.names = columns.names
-        table.index = dict(zip(columns.names, range(len(columns.names))))
-        table.raw_names = {}
-        table.header_offsets = _column(list(columns.offsets), "q")
-        table.compress_types = _column(list(columns.methods), "H")
-        table.flag_bits = _column(list(columns.flags), "H")
-        table.crcs = _column(list(columns.crcs), "L")
-        table.compress_sizes = _column(list(columns.csizes), "q")
-        table.file_sizes = _column(list(columns.usizes), "q")
-        return table
+    def from_members(cls, members: list[Member]) -> MemberTable:
+        """The table of members the entry-by-entry loop read (a name may be cut at a NUL there)."""
+        names = list(map(operator.itemgetter(0), members))
+        raws = list(map(operator.itemgetter(1), members))
+        differ = list(compress(range(len(members)), map(operator.ne, names, raws)))
+        fields = (tuple(map(operator.itemgetter(k), members)) for k in range(2, 8))  # Member order = Columns order
+        return cls(Columns(names, *fields), dict(zip(differ, map(raws.__getitem__, differ))))
 
     def member(self, position: int) -> Member:
         """The member at ``position`` in directory order."""
@@ -216,18 +218,6 @@ def _zip64_extra(extra: bytes, file_size: int, compress_size: int, header_offset
                 raise BadZip(f"Corrupt zip64 extra field. {field} not found.") from None
         extra = extra[length + 4:]
     return file_size, compress_size, header_offset
-
-
-class Columns(NamedTuple):
-    """The directory's entries field by field (offsets shifted by ``concat``), as the plain parse reads them."""
-
-    names: list[str]
-    offsets: tuple[int, ...]
-    methods: tuple[int, ...]
-    flags: tuple[int, ...]
-    crcs: tuple[int, ...]
-    csizes: tuple[int, ...]
-    usizes: tuple[int, ...]
 
 
 def _plain_columns(data: bytes, concat: int, max_members: int) -> Columns | None:
@@ -327,8 +317,8 @@ class ZipDirectory:
         data = self._read_directory()
         plain = _plain_columns(data, self.concat, self.max_members)
         if plain is not None:
-            return MemberTable.from_columns(plain)
-        return MemberTable(self._parse(data, self.concat, self.max_members))
+            return MemberTable(plain)
+        return MemberTable.from_members(self._parse(data, self.concat, self.max_members))
 
     @staticmethod
     def _parse(data: bytes, concat: int, max_members: int) -> list[Member]:
