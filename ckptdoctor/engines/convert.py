@@ -137,9 +137,7 @@ def _same_bytes(items: list[Item]) -> list[Item]:
 
 
 def _view_key(tensor: TensorRecord) -> tuple[Any, ...] | None:
-    if tensor.storage is None or not tensor.numel:
-        return None
-    return (tensor.storage.id, tensor.storage_offset, tensor.shape, tensor.stride, tensor.dtype)
+    return tensor.view_identity() if tensor.numel else None  # empty tensors are never written as aliases
 
 
 def _dedupe(items: list[Item]) -> tuple[list[Item], list[tuple[str, str]]]:

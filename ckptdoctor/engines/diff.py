@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,24 +219,22 @@ def _sharing_lines(a: Checkpoint, b: Checkpoint, pairs: Sequence[tuple[str, str]
     return lines
 
 
-def _tied_lines(ckpt: Checkpoint, only: Sequence[str], paired: set[str], who: str, whom: str) -> list[str]:
+def _tied_lines(info: Mapping[str, TensorInfo], only: Sequence[str], paired: set[str], who: str,
+                whom: str) -> list[str]:
     """Keys found on one side only that are the same tensor as a key both sides have (tied weights:
-    ``lm_head.weight`` is ``wte.weight``), which safetensors and ``save_pretrained`` store once."""
+    ``lm_head.weight`` is ``wte.weight``), which safetensors and ``save_pretrained`` store once.
+    ``info``: that side's tensors by key (non-tensor entries, a DCP ``step``, are paired by name too)."""
     if not only:
         return []
-    info = ckpt.by_key()
     by_view: dict[tuple[Any, ...], str] = {}
-    for key in paired & info.keys():  # non-tensor entries (a DCP `step`) are paired by name too
-        t = info[key]
-        if t.storage_id is not None:
-            by_view.setdefault((t.storage_id, t.tensor.storage_offset, t.shape, t.tensor.stride, t.dtype), key)
+    for key in paired & info.keys():
+        view = info[key].tensor.view_identity()
+        if view is not None:
+            by_view.setdefault(view, key)
     lines = []
     for key in only:
-        alone = info.get(key)
-        if alone is None:
-            continue
-        twin = by_view.get((alone.storage_id, alone.tensor.storage_offset, alone.shape, alone.tensor.stride,
-                            alone.dtype)) if alone.storage_id is not None else None
+        view = info[key].tensor.view_identity() if key in info else None
+        twin = by_view.get(view) if view is not None else None
         if twin is not None:
             lines.append(f"`{key}` in {who} is the same tensor as `{twin}` (tied weights, one storage); {whom} "
                          "stores it once, as safetensors and save_pretrained do: a model that ties them loads either")
@@ -327,8 +325,8 @@ def diff(a: Checkpoint, b: Checkpoint, *, values: bool = False, rtol: float | No
         explanations.append(f"values of {len(not_compared)} tensors could not be read (no bytes in the file); "
                             "they were compared by key, shape and dtype only")
     explanations += _sharing_lines(a, b, pairing.pairs)
-    explanations += _tied_lines(a, pairing.only_a, {ka for ka, _ in pairing.pairs}, "A", "B")
-    explanations += _tied_lines(b, pairing.only_b, {kb for _, kb in pairing.pairs}, "B", "A")
+    explanations += _tied_lines(info_a, pairing.only_a, {ka for ka, _ in pairing.pairs}, "A", "B")
+    explanations += _tied_lines(info_b, pairing.only_b, {kb for _, kb in pairing.pairs}, "B", "A")
     # Non-tensor state-dict entries (_extra_state, packed params, sparse tensors): the tensors
     # inside them are compared like any other (quantized weights live in packed-params tuples).
     extra_pairs = [(ka, kb) for ka, kb in pairing.pairs if ka in set(a.extra_keys)]

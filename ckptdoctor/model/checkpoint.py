@@ -159,6 +159,13 @@ class TensorRecord:
             expected *= size
         return True
 
+    def view_identity(self) -> tuple[Any, ...] | None:
+        """What makes two records the same tensor (tied weights: one view of one storage under
+        two keys): storage, offset, shape, stride, dtype. None without a storage (meta tensors)."""
+        if self.storage is None:
+            return None
+        return (self.storage.id, self.storage_offset, self.shape, self.stride, self.dtype)
+
     def byte_span(self) -> tuple[int, int]:
         """(first byte, one past last byte) this view touches inside its storage."""
         size = DTYPE_BITS[self.dtype] // 8

@@ -72,9 +72,9 @@ def _checkpoint_spec(source: str, ckpt: Checkpoint) -> ModelSpec:
     tensors = tuple(SpecTensor(t.key, tuple(t.shape), t.dtype) for t in ckpt)
     views: dict[tuple[Any, ...], list[str]] = {}
     for t in ckpt:
-        r = t.tensor
-        if r.storage is not None:
-            views.setdefault((r.storage.id, r.storage_offset, r.shape, r.stride, r.dtype), []).append(t.key)
+        view = t.tensor.view_identity()
+        if view is not None:
+            views.setdefault(view, []).append(t.key)
     tied = tuple(tuple(keys) for keys in views.values() if len(keys) > 1)
     return ModelSpec(source, "checkpoint", tensors, notes=tuple(ckpt.notes), extra_keys=ckpt.extra_keys, tied=tied)
 
