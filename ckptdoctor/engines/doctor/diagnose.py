@@ -278,19 +278,23 @@ def _head_only(keys: Sequence[str]) -> bool:
     return bool(keys) and all(any(seg in _HEAD_NAMES for seg in k.split(".")[:-1]) for k in keys)
 
 
-def _foreign_modules(unexpected: Sequence[str], plan: Plan) -> list[str]:
+def _extra_modules(unexpected: Sequence[str], plan: Plan) -> list[str]:
     """The top-level modules of ``unexpected`` when every one of them is foreign to both sides of the
     mapping (a Lightning module's ``loss.weight`` beside its ``net.*``), else [].
 
     Such keys belong to training-time parts the model does not have (a loss with a class-weight
     buffer, a metric), so dropping them loses nothing the model could load. A key under a module
-    the mapping touches (``net.extra.weight``) is not foreign: it may be a part the model lost."""
+    the mapping touches (``net.extra.weight``) is not foreign: it may be a part the model lost;
+    nor are whole numbered blocks (another variant's). The finding and the suggested fix both
+    ask this one function, so they always agree."""
     if not unexpected or len(unexpected) >= len(plan.mapping):
         return []
     known = {k.partition(".")[0] for k, _ in plan.mapping} | {t.partition(".")[0] for _, t in plan.mapping} | \
         {k.partition(".")[0] for k in plan.missing}
     tops = list(dict.fromkeys(k.partition(".")[0] for k in unexpected))
-    return [] if known.intersection(tops) else tops
+    if known.intersection(tops) or _whole_blocks(unexpected, [*(k for k, _ in plan.mapping), *plan.unexpected]):
+        return []
+    return tops
 
 
 def _whole_blocks(keys: Sequence[str], all_keys: Sequence[str]) -> list[str]:
@@ -357,7 +361,7 @@ def _leftover_findings(plan: Plan, source: Sequence[KeyShape], target: Sequence[
                              "`fix --drop-unexpected` leaves it out and the rest loads strictly",
                              tuple(unexpected), len(unexpected), {"patterns": group_keys(unexpected)}))
         unexpected = []
-    foreign = [] if blocks else _foreign_modules(unexpected, plan)
+    foreign = [] if blocks else _extra_modules(unexpected, plan)
     if foreign:
         names = ", ".join(f"`{m}`" for m in foreign[:6])
         found.append(Finding("extra-modules", "error",
@@ -497,10 +501,7 @@ def suggested_fix_args(plan: Plan, path: str, spec: str, non_persistent: Sequenc
     # A new or dropped task head is repaired with the same flags (the findings say what they do).
     missing = [] if _head_only(missing) and len(missing) < len(plan.mapping) else missing
     head = _head_only(unexpected) and len(unexpected) < len(plan.mapping)
-    foreign = bool(_foreign_modules(unexpected, plan)) and \
-        not _whole_blocks(unexpected, [*(k for k, _ in plan.mapping), *unexpected])
-    droppable = head or foreign
-    unexpected = [] if droppable else unexpected  # a foreign module: what _leftover_findings says
+    unexpected = [] if head or _extra_modules(unexpected, plan) else unexpected
     if missing or unexpected or plan.shape_mismatches or plan.ambiguities:
         return None
     if not plan.rules and not plan.missing and not plan.unexpected:
