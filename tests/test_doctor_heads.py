@@ -32,6 +32,20 @@ class Plain(nn.Module):
         super().__init__()
         self.proj = nn.Linear(8, 8)
         self.out = nn.Linear(8, 2)
+
+
+class Generator(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(8, 16)
+        self.out = nn.Linear(16, 32)
+
+
+class Discriminator(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.feat = nn.Linear(32, 8)
+        self.cls = nn.Linear(8, 1)
 '''
 
 
@@ -127,33 +141,16 @@ def test_training_modules_beside_the_model_are_dropped_on_suggestion(tmp_path: P
     assert doc["suggested_fix"] is None and "unexpected-keys" in [f["code"] for f in doc["findings"]]
 
 
-GAN = '''
-from torch import nn
-
-
-class Generator(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(8, 16)
-        self.out = nn.Linear(16, 32)
-
-
-class Discriminator(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.feat = nn.Linear(32, 8)
-        self.cls = nn.Linear(8, 1)
-'''
 
 
 def test_a_file_of_several_state_dicts_is_checked_at_the_one_that_fits(tmp_path: Path) -> None:
     """A GAN file holds `generator` and `discriminator`: checked against the discriminator, the answer
     is the discriminator's, with the --entry that reaches it, in the suggested fix too."""
-    (tmp_path / "gan.py").write_text(GAN)
-    generator, discriminator = _load(tmp_path / "gan.py", "Generator"), _load(tmp_path / "gan.py", "Discriminator")
+    models = _models(tmp_path)
+    generator, discriminator = _load(models, "Generator"), _load(models, "Discriminator")
     torch.save({"generator": generator.state_dict(), "discriminator": discriminator.state_dict(), "epoch": 3},
                tmp_path / "gan.pt")
-    spec = f"{tmp_path / 'gan.py'}:Discriminator"
+    spec = f"{models}:Discriminator"
     result = run_cli("check", tmp_path / "gan.pt", "--against", spec, "--json")
     assert result.exit_code == 0
     doc = result.json()
