@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from ckptdoctor.engines.scanning.fast_lane import walk_fast
 from ckptdoctor.engines.scanning.opcodes import (
     C_STREAM,
     LINEAR,
@@ -492,7 +493,17 @@ def walk_source(
 
     If its frames are inconsistent (CPython versions disagree on what it runs), walk it again
     under each other reading so that every global any of them imports is reported.
+
+    A pickle in torch.save's plain vocabulary takes the fast lane (:mod:`.fast_lane`): the same
+    findings, from CPython's C unpickler over recording stand-ins.
     """
+    fast = walk_fast(stream, base, length)
+    if fast is not None:
+        findings.pickles.append(name)
+        for module, qualname, offset in fast.globals:
+            use = findings.use(module, qualname, f"{name} @ {offset}")
+            use.flags |= fast.flags.get(use.name, frozenset())
+        return PickleResult(fast.end, fast.protocol)
     res = PickleWalker(findings, name, depth).run(READERS[STRICT](Source(stream, base, length)))
     if res.frame_violation:
         for mode, how in _REREADS:

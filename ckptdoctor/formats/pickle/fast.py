@@ -141,12 +141,12 @@ def _no_persistent_ids(pid: Any) -> Any:
     raise _Fallback  # a pickle without storages names none; the interpreter says what is wrong
 
 
-def _short_strings(lead: bytes) -> bytes:
+def short_strings(lead: bytes) -> bytes:
     """A length byte 0..255 (then zero padding ``lead``) followed by that many bytes."""
     return b"(?:" + b"|".join(re.escape(bytes([n]) + lead) + (b".{%d}" % n) for n in range(256)) + b")"
 
 
-def _below(bits: int) -> bytes:
+def below(bits: int) -> bytes:
     """Four little-endian bytes whose value is below ``2 ** bits``."""
     if bits >= 32:
         return b".{4}"
@@ -163,11 +163,11 @@ def prepass_alternatives(bits: int) -> tuple[tuple[bytes, bytes], ...]:
     changes the time only, never what matches (test_fast_pickle checks the classes are disjoint).
     """
     return (
-        (b"r", _below(bits)),                                  # LONG_BINPUT, bounded
+        (b"r", below(bits)),                                  # LONG_BINPUT, bounded
         (b"[Khq\\x80]", b"."),                                # BININT1 BINGET BINPUT PROTO
         (b"[02NRbas})\\]Q\\x81\\x85\\x86\\x87\\x88\\x89\\x8f\\x92\\x93\\x94]", b""),  # argument-less
-        (b"[XTB\\x8b]", _short_strings(b"\x00\x00\x00")),     # BINUNICODE BINSTRING BINBYTES LONG4
-        (b"[\\x8cCU\\x8a]", _short_strings(b"")),             # SHORT_BINUNICODE ... LONG1
+        (b"[XTB\\x8b]", short_strings(b"\x00\x00\x00")),     # BINUNICODE BINSTRING BINBYTES LONG4
+        (b"[\\x8cCU\\x8a]", short_strings(b"")),             # SHORT_BINUNICODE ... LONG1
         (b"[Jj]", b".{4}"),                                    # BININT LONG_BINGET
         (b"M", b".."),                                         # BININT2
         (b"[G\\x95]", b".{8}"),                                # BINFLOAT FRAME
@@ -190,20 +190,23 @@ def tensor_entry(bits: int) -> bytes:
     fraction of tokenising its ~35 opcodes one at a time. An entry written otherwise is simply
     tokenised opcode by opcode: the entry decides the speed, never what is admitted.
     """
-    return b"X" + _short_strings(b"\x00\x00\x00") + entry_after_key(bits)  # the key, then the rest
+    return b"X" + short_strings(b"\x00\x00\x00") + entry_after_key(bits)  # the key, then the rest
 
 
-def entry_after_key(bits: int) -> bytes:
+def entry_after_key(bits: int, *, capture_puts: bool = False) -> bytes:
     """:func:`tensor_entry` after its key: the key's PUT and the tensor (``fix``'s key rename cuts
-    ``data.pkl`` at the keys and matches these whole in between)."""
-    put = b"(?:r" + _below(bits) + b"|q.)?"
+    ``data.pkl`` at the keys and matches these whole in between). ``capture_puts``: each PUT (or
+    its absence) is a group, in stream order (``scan``'s fast lane checks the memo's numbering)."""
+    put = b"(?:r" + below(bits) + b"|q.)?"
+    if capture_puts:
+        put = b"(" + put + b")"
     get = b"(?:h.|j.{4})"
     integer = b"(?:K.|M..|J.{4})"
     dims = (b"(?:\\)|" + integer + b"\\x85|" + integer + b"{2}\\x86|" + integer + b"{3}\\x87|\\(" + integer
             + b"{4,64}t)" + put)  # (), 1-3 dims by TUPLE1-3, more by MARK ... TUPLE
     return (put  # the key's
             + get + b"\\(\\(" + get + get  # _rebuild_tensor_v2, MARK, MARK, 'storage', the storage type
-            + b"X" + _short_strings(b"\x00\x00\x00") + put + get + integer + b"t" + put + b"Q"  # key, location, numel
+            + b"X" + short_strings(b"\x00\x00\x00") + put + get + integer + b"t" + put + b"Q"  # key, location, numel
             + integer + dims + dims + b"[\\x88\\x89]"  # offset, size, stride, requires_grad
             + get + b"\\)R" + put + b"t" + put + b"R" + put)  # OrderedDict(), the arguments, the call
 
@@ -238,7 +241,7 @@ def _key_pattern(bits: int) -> re.Pattern[bytes]:
         single.append(lead + argument)
     marks = b"[" + re.escape(_OPENS + _CLOSES) + b"]"
     ops = b"|".join((entry_after_key(bits), *single, marks))
-    return re.compile(b"(?s)((?:" + ops + b")*+)(X" + _short_strings(b"\x00\x00\x00") + b"|\\.)")
+    return re.compile(b"(?s)((?:" + ops + b")*+)(X" + short_strings(b"\x00\x00\x00") + b"|\\.)")
 
 
 def key_tokens(data: bytes) -> list[tuple[bytes, bytes]] | None:
