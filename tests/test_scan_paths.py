@@ -92,3 +92,14 @@ def test_one_unreadable_path_is_still_exit_2(files: Path) -> None:
 def test_several_safe_files_are_exit_0(files: Path) -> None:
     torch.save({"v": torch.zeros(3)}, files / "good2.bin")
     assert run_cli("scan", "good.bin", "good2.bin").exit_code == 0
+
+
+def test_scan_json_counts_the_reads_of_a_local_file(tmp_path: Path) -> None:
+    # The contract: every --json document carries io, and local files count too.
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.arange(4096.0)}, path)
+    result = run_cli("scan", "--json", str(path))
+    assert result.exit_code == 0, result.output
+    io = result.json()["io"]
+    assert io["requests"] >= 2 and io["bytes_written"] == 0  # the head, then the archive
+    assert io["bytes_read"] >= path.stat().st_size  # every storage is read for its CRC-32

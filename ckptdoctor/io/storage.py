@@ -12,6 +12,7 @@ day it works locally and every byte is counted once, here (:data:`COUNTERS`, rep
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import stat
@@ -90,6 +91,21 @@ class Storage(Protocol):
         """Names of the regular files directly inside the directory (or prefix) ``path``, sorted."""
 
     def join(self, base: str, *parts: str) -> str: ...
+
+
+class _CountedFile(io.FileIO):
+    """A local file whose reads are counted in :data:`COUNTERS` (one request per read issued)."""
+
+    def readinto(self, buffer: Any) -> int | None:
+        n = super().readinto(buffer)
+        COUNTERS.read(n or 0)
+        return n
+
+
+def open_counted(path: str) -> io.BufferedReader:
+    """``open(path, "rb")`` whose reads count in the ``io`` of ``--json`` documents, for the code
+    that walks a local file through a file object (``scan``) rather than by ranges."""
+    return io.BufferedReader(_CountedFile(path, "rb"))
 
 
 class LocalStorage:

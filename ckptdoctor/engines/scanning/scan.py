@@ -51,7 +51,7 @@ from ckptdoctor.formats.pickle.tables import DCP_METADATA_GLOBALS
 from ckptdoctor.formats.readers.hf_index import INDEX_SUFFIXES
 from ckptdoctor.formats.readers.safetensors import MAX_HEADER_BYTES, safetensors_bits
 from ckptdoctor.io.rangefile import RangeFile
-from ckptdoctor.io.storage import is_url, storage_for
+from ckptdoctor.io.storage import is_url, open_counted, storage_for
 
 __all__ = [
     "DANGEROUS",
@@ -128,7 +128,7 @@ def scan_file(path: Path) -> FileScan:
     """Scan one file (any format, detected from content)."""
     try:
         size = path.stat().st_size
-        f = open(path, "rb")  # noqa: SIM115 - closed below; the helpers take the open handle
+        f = open_counted(str(path))  # closed below; the helpers take the open handle
     except OSError as e:
         raise InputNotFound(f"cannot read: {e.strerror}", path=str(path)) from e
     try:
