@@ -102,10 +102,12 @@ def walk_fast(stream: IO[bytes], base: int, length: int) -> FastWalk | None:
     run past its STOP), or None when the lane does not admit it (see the module docstring): the
     walker decides then. Reads 1 MiB first, and more only while a pickle runs on past what was read."""
     size = min(length, FIRST_READ)
-    bits = memo_bits(min(length, MAX_PICKLE_BYTES))  # one pattern for every read (its bound is loose: the
-    while True:                                      # numbering check below is the exact one)
-        stream.seek(base)
-        data = stream.read(size)
+    # One pattern for every read: its memo bound is loose; the numbering check is the exact one.
+    bits = memo_bits(min(length, MAX_PICKLE_BYTES))
+    stream.seek(base)
+    data = b""
+    while True:
+        data += stream.read(size - len(data))  # only the continuation: a remote pickle travels once
         try:
             tokens = _tokens(data, bits)
             break
