@@ -311,3 +311,28 @@ def test_scan_of_an_index_path_scans_the_checkpoint_it_indexes(served: tuple[Pat
 
 def _without_io(doc: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in doc.items() if k != "io"}
+
+
+def test_a_dcp_checkpoint_opens_by_its_metadata_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`.metadata` is DCP's index of its shards, as model.safetensors.index.json is of Hugging Face's."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    torch.manual_seed(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save({"model": nn.Linear(3, 2).state_dict()}, checkpoint_id=str(tmp_path / "run"))
+    expected = _inspected(str(tmp_path / "run"))
+    assert expected["format"] == "dcp"
+    assert _inspected(str(tmp_path / "run" / ".metadata")) == expected
+    monkeypatch.chdir(tmp_path / "run")
+    assert _inspected(".metadata") == expected
+
+
+def test_a_metadata_file_outside_a_dcp_checkpoint_is_one_error(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(2)}, tmp_path / "w.pt")
+    (tmp_path / "w.pt").rename(tmp_path / ".metadata")  # torch.save refuses that name itself
+    r = run_cli("inspect", str(tmp_path / ".metadata"))
+    assert r.exit_code == 2
+    assert r.stderr.startswith("Error: ") and "Traceback" not in r.stderr

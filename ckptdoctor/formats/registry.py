@@ -178,6 +178,9 @@ def read_directory(path: str, entry: str | None = None) -> Checkpoint:
                             hint=f"ckptdoctor looks for {LOOKED_FOR}; or pass a checkpoint file instead.")
 
 
+DCP_METADATA = ".metadata"  # the file torch.distributed.checkpoint writes beside its .distcp shards
+
+
 def open_path(path: str, entry: str | None = None) -> Checkpoint:
     """Read a checkpoint's metadata (never its tensor bytes, never code) from a file or directory."""
     kind = storage_for(path).kind(path)
@@ -185,6 +188,9 @@ def open_path(path: str, entry: str | None = None) -> Checkpoint:
         return read_directory(path, entry)
     if kind != "file":
         raise UnsupportedFormat("not a regular file", path=path)
+    folder, _, name = path.rpartition("/")
+    if name == DCP_METADATA:  # DCP's index of the checkpoint: read its directory
+        return read_directory(folder or ("/" if path.startswith("/") else "."), entry)
     hf_index = importlib.import_module("ckptdoctor.formats.readers.hf_index")
     if path.endswith(hf_index.INDEX_SUFFIXES):  # not in read_file: an index never names another as a shard
         return hf_index.read_index_file(path, entry)
