@@ -138,7 +138,7 @@ class TensorRecord:
         return math.prod(self.shape) * (DTYPE_BITS[self.dtype] // 8)
 
     # A pickle's BUILD must never rewrite a record (the C unpickler would call __setstate__,
-    # see formats/fast_pickle.py); copies and pickles of records go through __reduce__.
+    # see formats/pickle/fast.py); copies and pickles of records go through __reduce__.
     def __setstate__(self, state: Any) -> None:
         raise TypeError("a TensorRecord takes no pickled state")
 

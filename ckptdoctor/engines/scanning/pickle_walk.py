@@ -467,7 +467,7 @@ class PickleWalker:
             self.anomaly("out-of-band-buffer", "the pickle expects out-of-band buffers from the loader")
             self.push(_Made("buffer"))
         elif name in ("READONLY_BUFFER", "FRAME"):
-            pass  # FRAME is followed by the reader (scan_opcodes)
+            pass  # FRAME is followed by the reader (opcodes.py)
         else:  # pragma: no cover - decode only yields opcodes it knows, all handled above
             self.anomaly("unknown-opcode", f"opcode {name} is not simulated")
 

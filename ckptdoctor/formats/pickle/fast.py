@@ -3,7 +3,7 @@
 Why not just ``pickle.Unpickler``: CPython's C unpickler grows its memo array to the largest
 index a ``PUT``/``LONG_BINPUT`` names, so a 4-byte index is a memory bomb, and it applies a few
 opcodes (``BUILD``, ``EXT*``) in ways the stand-ins cannot intercept. Why not just the
-pure-Python :class:`~.safe_pickle.SafeUnpickler`: it spends ~1 µs per opcode, and a
+pure-Python :class:`~.unpickler.SafeUnpickler`: it spends ~1 µs per opcode, and a
 200,000-tensor pickle holds millions of opcodes.
 
 So :func:`fast_load` runs the C unpickler only on pickles a pre-pass has proved harmless to it,

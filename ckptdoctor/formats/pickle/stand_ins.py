@@ -308,7 +308,7 @@ def _refuse_state(state: Any) -> None:
 
 
 # The C unpickler's BUILD calls an object's `__setstate__` if it has one, else writes into its
-# `__dict__`: a pickle must never rewrite these shared functions (fast_pickle.py), so each
+# `__dict__`: a pickle must never rewrite these shared functions (fast.py), so each
 # refuses. SafeUnpickler never looks this attribute up.
 for _function in STAND_INS:
     _function.__setstate__ = _refuse_state  # type: ignore[attr-defined]
