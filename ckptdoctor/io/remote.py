@@ -231,6 +231,30 @@ class FsspecStorage:
                 self._heads[path] = data
         return data
 
+    def read_window(self, path: str, offset: int, buffer: bytearray) -> memoryview | bytes:
+        """Up to ``len(buffer)`` bytes at ``offset`` (fewer only at the end of the object), for read-ahead.
+
+        Over http(s) the bytes are read from the socket into ``buffer`` and a view of it is
+        returned (:mod:`ckptdoctor.io.http_ranges`: a value pass moves every byte, and this costs a
+        third of fsspec's CPU); other protocols return :meth:`read_range`'s bytes and leave
+        ``buffer`` alone. Counted, retried and classified like every other read.
+        """
+        end = min(offset + len(buffer), self.size(path))
+        if end <= offset:
+            return b""
+        if self.protocol not in ("http", "https"):
+            return self.read_range(path, offset, end - offset)
+        from ckptdoctor.io.http_ranges import read_into  # noqa: PLC0415 - value passes over http(s) only
+
+        view = memoryview(buffer)[:end - offset]
+
+        def fetch() -> None:
+            COUNTERS.request()
+            COUNTERS.read(read_into(path, offset, view, TIMEOUT), requests=0)
+
+        self._call(path, "read it", fetch)
+        return view
+
     def read_ranges(self, path: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         if len(ranges) <= 1:
             return [self.read_range(path, o, n) for o, n in ranges]
