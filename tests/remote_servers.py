@@ -12,6 +12,7 @@ first byte went out made every whole-object GET wait for it (the bench's fsspec 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -61,6 +62,7 @@ class RangeServer:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -68,6 +70,16 @@ class RangeServer:
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                with server._lock:
+                    server._open.add(self.connection)
+
+            def finish(self) -> None:
+                with server._lock:
+                    server._open.discard(self.connection)
+                super().finish()
 
             def do_HEAD(self) -> None:
                 self._serve(head=True)
@@ -239,6 +251,14 @@ class RangeServer:
     def gets(self) -> list[Logged]:
         with self._lock:
             return [e for e in self.log if e.method == "GET"]
+
+    def close_idle(self) -> None:
+        """Close every open connection, as a server does with kept-alive connections left idle too long."""
+        with self._lock:
+            kept = list(self._open)
+        for conn in kept:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     def stop(self) -> None:
         self.httpd.shutdown()

@@ -1,20 +1,24 @@
 """Byte ranges of http(s) objects read straight into the caller's buffer, on kept-alive connections.
 
-Only the value passes' read-ahead windows (:mod:`ckptdoctor.io.sequential`) come here; sizes,
-listings and metadata ranges still go through fsspec. Why a second client for the same protocol:
-a value pass moves every byte of its objects, and fsspec's HTTP backend (aiohttp) hands each range
+Every http(s) range comes here (a size is one HEAD, :func:`ckptdoctor.io.remote._http_head`); only a
+directory's listing page is still parsed by fsspec. Why not fsspec's HTTP backend (aiohttp): a value
+pass (:mod:`ckptdoctor.io.sequential`) moves every byte of its objects, and aiohttp hands each range
 back as a new ``bytes`` joined from the socket's pieces, in freshly faulted-in memory, on one event
 loop thread. Measured on loopback (8 MiB ranges of a 2.4 GB object, the tests' Range server in its
 own process): fsspec ``cat_file`` 3.2 s wall and 2.2 s CPU; ``http.client`` reading into one reused
-buffer 1.7 s and 0.8 s. On a two-core machine that CPU is the wall time of ``diff --values``.
+buffer 1.7 s and 0.8 s. On a two-core machine that CPU is the wall time of ``diff --values``. And
+aiohttp takes ~0.3 s to import, which every ``inspect`` of a URL paid for a few kilobytes.
 
-One connection per (thread, host), reused while the server keeps it alive, dropped after any
-failure (the caller retries on a fresh one). Redirects are followed. A server that ignores
-``Range`` (a 200 for a range not at 0) is an error, as it is for fsspec's reads of the metadata.
+One connection per (thread, host), reused while the server keeps it alive and closed when a
+command starts (:func:`close_connections`); a kept one the server has closed meanwhile is replaced
+once at no cost, as browsers and urllib3 do; after any other failure the connection is dropped and
+the caller retries on a fresh one. Redirects are followed. A server that ignores
+``Range`` (a 200 for a range not at 0) is an error: ckptdoctor reads remote files by ranges only.
 """
 
 from __future__ import annotations
 
+import atexit
 import base64
 import http.client
 import re
@@ -28,7 +32,10 @@ REDIRECTS = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 5
 CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
-_LOCAL = threading.local()
+STALE = (http.client.RemoteDisconnected, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+
+_CONNECTIONS: dict[tuple[int, str, str], http.client.HTTPConnection] = {}
+_LOCK = threading.Lock()
 
 
 class HttpStatusError(OSError):
@@ -44,23 +51,52 @@ class TruncatedResponse(OSError):
 
 
 def _connection(scheme: str, netloc: str, timeout: float) -> http.client.HTTPConnection:
-    kept: dict[tuple[str, str], http.client.HTTPConnection] = getattr(_LOCAL, "connections", None) or {}
-    _LOCAL.connections = kept
-    conn = kept.get((scheme, netloc))
-    if conn is None:
-        if scheme == "https":
-            conn = http.client.HTTPSConnection(netloc, timeout=timeout, context=ssl.create_default_context())
-        else:
-            conn = http.client.HTTPConnection(netloc, timeout=timeout)
-        kept[(scheme, netloc)] = conn
-    return conn
+    """This thread's connection to ``netloc`` (kept in a table, so none is left to the collector)."""
+    key = (threading.get_ident(), scheme, netloc)
+    with _LOCK:
+        conn = _CONNECTIONS.get(key)
+        if conn is None:
+            if scheme == "https":
+                conn = http.client.HTTPSConnection(netloc, timeout=timeout, context=ssl.create_default_context())
+            else:
+                conn = http.client.HTTPConnection(netloc, timeout=timeout)
+            _CONNECTIONS[key] = conn
+        return conn
 
 
 def _drop(scheme: str, netloc: str) -> None:
-    kept = getattr(_LOCAL, "connections", None) or {}
-    conn = kept.pop((scheme, netloc), None)
+    with _LOCK:
+        conn = _CONNECTIONS.pop((threading.get_ident(), scheme, netloc), None)
     if conn is not None:
         conn.close()
+
+
+def close_connections() -> None:
+    """Close every kept connection (no read is in flight: a command starts, or the process ends)."""
+    with _LOCK:
+        kept = list(_CONNECTIONS.values())
+        _CONNECTIONS.clear()
+    for conn in kept:
+        conn.close()
+
+
+atexit.register(close_connections)  # no socket is left to the collector's ResourceWarning at exit
+
+
+def _send(scheme: str, netloc: str, target: str, headers: dict[str, str], timeout: float) -> http.client.HTTPResponse:
+    """The GET's response, on a fresh connection once more if a kept one turns out closed by the server."""
+    conn = _connection(scheme, netloc, timeout)
+    kept = conn.sock is not None
+    try:
+        conn.request("GET", target, headers=headers)
+        return conn.getresponse()
+    except STALE:
+        if not kept:
+            raise
+    _drop(scheme, netloc)
+    conn = _connection(scheme, netloc, timeout)
+    conn.request("GET", target, headers=headers)
+    return conn.getresponse()
 
 
 def _headers(parts: urllib.parse.SplitResult, offset: int, end: int) -> dict[str, str]:
@@ -85,9 +121,7 @@ def read_into(url: str, offset: int, buffer: memoryview, timeout: float) -> int:
             netloc = f"{netloc}:{parts.port}"
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         try:
-            conn = _connection(scheme, netloc, timeout)
-            conn.request("GET", target, headers=_headers(parts, offset, end))
-            response = conn.getresponse()
+            response = _send(scheme, netloc, target, _headers(parts, offset, end), timeout)
             if response.status in REDIRECTS and response.getheader("Location"):
                 response.read()
                 url = urllib.parse.urljoin(url, response.getheader("Location", ""))
@@ -113,6 +147,13 @@ def read_into(url: str, offset: int, buffer: memoryview, timeout: float) -> int:
             raise
     raise RemoteError(f"more than {MAX_REDIRECTS} redirects", path=asked,
                       hint="The server sends the request round in circles; check the URL.")
+
+
+def read(url: str, offset: int, length: int, timeout: float) -> bytes:
+    """``length`` bytes of ``url`` at ``offset`` (one ranged GET), as :func:`read_into` reads them."""
+    buffer = bytearray(length)
+    read_into(url, offset, memoryview(buffer), timeout)
+    return bytes(buffer)
 
 
 def _range_ignored(url: str, answer: str) -> RemoteError:
