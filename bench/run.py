@@ -32,7 +32,7 @@ Cases (targets from the issues):
                   process's main thread, which just waits for the measured command. It sends bodies with
                   sendfile, as web servers do. It used to read a whole object into memory before the first
                   byte went out, which cost fsspec's one GET per file ~1-2 s and hid that our reader spent
-                  over 4x fsspec's CPU (copies of every window) on a machine with two cores.
+                  3.5-4.5x fsspec's CPU (copies of every window) on a machine with two cores.
   check-prefix-N  check of an N-key MoE-like file whose keys carry `model.` against the plain keys (a reference
                   checkpoint) vs inspect of both files: <= 2x, N = 20k, 50k, 200k (the curve)
   check-renum-N   the same for a file whose `layers` are renumbered (a parameter-free layer at index 1 removed,
