@@ -28,6 +28,11 @@ Cases (targets from the issues):
   http-diff-values  diff --values of the two 2.4 GB files over HTTP (the tests' Range server on 127.0.0.1) vs
                   fsspec `get` of both: <= 1.2x, <= 300 MB. (moto's S3 server reads a whole object for every
                   range request, ~3 s per GET of a 2.4 GB object here, so on moto this would time moto.)
+                  One server for both sides, in this process: its threads share a GIL only with this
+                  process's main thread, which just waits for the measured command. It sends bodies with
+                  sendfile, as web servers do. It used to read a whole object into memory before the first
+                  byte went out, which cost fsspec's one GET per file ~1-2 s and hid that our reader spent
+                  3.5-4.5x fsspec's CPU (copies of every window) on a machine with two cores.
   check-prefix-N  check of an N-key MoE-like file whose keys carry `model.` against the plain keys (a reference
                   checkpoint) vs inspect of both files: <= 2x, N = 20k, 50k, 200k (the curve)
   check-renum-N   the same for a file whose `layers` are renumbered (a parameter-free layer at index 1 removed,
@@ -406,7 +411,7 @@ def s3_hf16_row(workdir: Path, big: Path, repeat: int) -> str:
 
 
 def http_diff_row(p: dict[str, Path], repeat: int) -> str:
-    """diff --values over HTTP range requests against the tests' loopback Range server."""
+    """diff --values over HTTP range requests against the tests' loopback Range server (see the module docstring)."""
     sys.path.insert(0, str(HERE.parent))
     from tests.remote_servers import RangeServer  # noqa: PLC0415 - the tests' server, bench only
 

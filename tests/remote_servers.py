@@ -5,11 +5,14 @@ Python's ``http.server`` ignores ``Range``; :class:`RangeServer` serves a direct
 directory listings as HTML links (what fsspec's HTTP ``ls`` parses), and logs every request with
 the bytes it sent, so tests count requests and bytes from the server's side. Faults are injected
 per path: a status code, a truncated body (fewer bytes than ``Content-Length``) or a connection
-reset mid-body.
+reset mid-body; a path can also redirect (302) to another. Bodies are sent with ``sendfile`` from
+the page cache, as web servers send files: reading a whole 2.4 GB object into memory before its
+first byte went out made every whole-object GET wait for it (the bench's fsspec ``get`` baseline).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -55,9 +58,11 @@ class RangeServer:
     log: list[Logged] = field(default_factory=list)
     faults: dict[str, Any] = field(default_factory=dict)
     fail_times: dict[str, int] = field(default_factory=dict)  # a fault for the first N requests only
+    redirects: dict[str, str] = field(default_factory=dict)  # path -> the Location a 302 sends it to
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -65,6 +70,16 @@ class RangeServer:
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                with server._lock:
+                    server._open.add(self.connection)
+
+            def finish(self) -> None:
+                with server._lock:
+                    server._open.discard(self.connection)
+                super().finish()
 
             def do_HEAD(self) -> None:
                 self._serve(head=True)
@@ -127,6 +142,13 @@ class RangeServer:
                 return fault
 
             def _serve(self, head: bool) -> None:
+                if self.path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self._record(302, 0)
+                    self.end_headers()
+                    return
                 fault = self._fault()
                 if isinstance(fault, int):
                     body = b"denied" if fault == 403 else b"failure"
@@ -195,11 +217,10 @@ class RangeServer:
                     self.end_headers()
                     return
                 self.end_headers()
-                with open(target, "rb") as f:
-                    f.seek(start)
-                    data = f.read(end - start)
                 if fault in ("truncate", "reset"):
-                    data = data[: len(data) // 2]
+                    with open(target, "rb") as f:
+                        f.seek(start)
+                        data = f.read((end - start) // 2)
                     self._record(status, len(data))
                     self.wfile.write(data)
                     self.wfile.flush()
@@ -207,8 +228,9 @@ class RangeServer:
                         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.close_connection = True
                     return
-                self._record(status, len(data))  # logged before sending: the client may finish first
-                self.wfile.write(data)
+                self._record(status, end - start)  # logged before sending: the client may finish first
+                with open(target, "rb") as f:  # streamed from the page cache, as web servers do
+                    self.connection.sendfile(f, start, end - start)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -224,10 +246,19 @@ class RangeServer:
             self.log.clear()
             self.faults.clear()
             self.fail_times.clear()
+            self.redirects.clear()
 
     def gets(self) -> list[Logged]:
         with self._lock:
             return [e for e in self.log if e.method == "GET"]
+
+    def close_idle(self) -> None:
+        """Close every open connection, as a server does with kept-alive connections left idle too long."""
+        with self._lock:
+            kept = list(self._open)
+        for conn in kept:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     def stop(self) -> None:
         self.httpd.shutdown()

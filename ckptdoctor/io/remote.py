@@ -14,6 +14,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from ckptdoctor.errors import CkptDoctorError, InputNotFound, OutputError, RemoteError, UsageError
@@ -28,6 +29,7 @@ UPLOAD_ATTEMPTS = 2
 TIMEOUT = 60.0  # seconds per request, where the backend takes one
 HEAD_KEPT = 1 << 20  # a first range of an object up to this size is kept for later reads inside it
 MAX_HEADS = 4096
+MAX_HTTP_THREADS = 16  # ranges of several http(s) objects read at once (shard headers)
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "hf": "hf", "http": "http", "https": "http"}
 
 
@@ -65,15 +67,36 @@ def _aiohttp_timeout() -> Any:
     return aiohttp.ClientTimeout(total=None, sock_connect=TIMEOUT, sock_read=TIMEOUT)
 
 
+_HTTP_POOL: ThreadPoolExecutor | None = None
+
+
+def _http_pool() -> ThreadPoolExecutor:
+    """Threads for concurrent http(s) ranges, kept for the process (so are their connections)."""
+    global _HTTP_POOL  # noqa: PLW0603 - created on the first concurrent read
+    if _HTTP_POOL is None:
+        _HTTP_POOL = ThreadPoolExecutor(MAX_HTTP_THREADS, thread_name_prefix="ckptdoctor-http")
+    return _HTTP_POOL
+
+
 def _http_head(url: str) -> dict[str, Any]:
-    """One HEAD request: fsspec's HTTP ``info`` turns every failure into "not found", losing 403 and 5xx."""
+    """One HEAD request: fsspec's HTTP ``info`` turns every failure into "not found", losing 403 and 5xx.
+
+    urllib follows a redirect with a GET, which starts sending the whole object (gigabytes behind a
+    redirect to a CDN); the redirect handler here keeps it a HEAD.
+    """
+    import urllib.error  # noqa: PLC0415
     import urllib.request  # noqa: PLC0415
 
-    request = urllib.request.Request(url, method="HEAD", headers={"Accept-Encoding": "identity"})
-    import urllib.error  # noqa: PLC0415
+    class KeepHead(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+            new = super().redirect_request(req, fp, code, msg, headers, newurl)
+            if new is not None:
+                new.method = req.get_method()
+            return new
 
+    request = urllib.request.Request(url, method="HEAD", headers={"Accept-Encoding": "identity"})
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+        with urllib.request.build_opener(KeepHead).open(request, timeout=TIMEOUT) as response:
             length = response.headers.get("Content-Length")
             final = response.geturl()
     except urllib.error.HTTPError as exc:
@@ -127,15 +150,28 @@ class FsspecStorage:
     remote = True
 
     def __init__(self, protocol: str, url: str) -> None:
-        self.protocol = protocol
-        self.fs = _fsspec_filesystem(protocol, url)
+        self.protocol, self._url = protocol, url
+        # http(s) sizes and ranges need no fsspec (a HEAD, then http_ranges): its backend, aiohttp,
+        # takes ~0.3 s to import, and only a directory's listing page is parsed by it.
+        self._http = protocol in ("http", "https")
+        self._fs: Any = None if self._http else _fsspec_filesystem(protocol, url)
         self._info: dict[str, dict[str, Any]] = {}
-        # Synchronous backends (HfFileSystem...) read ranges through a buffered file whose default
-        # cache fetches blocks of megabytes; without a cache each read is exactly the range asked for.
-        self._range_options: dict[str, Any] = {} if getattr(self.fs, "async_impl", False) else {"cache_type": "none"}
         self._listings: dict[str, list[str]] = {}
         self._heads: dict[str, bytes] = {}  # the first range read of each object (format detection)
         self._lock = threading.Lock()
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem (created on first use for http(s))."""
+        with self._lock:
+            if self._fs is None:
+                self._fs = _fsspec_filesystem(self.protocol, self._url)
+            return self._fs
+
+    def _range_options(self) -> dict[str, Any]:
+        # Synchronous backends (HfFileSystem...) read ranges through a buffered file whose default
+        # cache fetches blocks of megabytes; without a cache each read is exactly the range asked for.
+        return {} if getattr(self.fs, "async_impl", False) else {"cache_type": "none"}
 
     def forget(self) -> None:
         """Drop cached sizes, listings and heads (objects may have changed since)."""
@@ -143,7 +179,11 @@ class FsspecStorage:
             self._info.clear()
             self._listings.clear()
             self._heads.clear()
-        invalidate = getattr(self.fs, "invalidate_cache", None)
+        if self._http:
+            from ckptdoctor.io.http_ranges import close_connections  # noqa: PLC0415
+
+            close_connections()
+        invalidate = getattr(self._fs, "invalidate_cache", None)
         if invalidate is not None:
             invalidate()
 
@@ -172,7 +212,7 @@ class FsspecStorage:
 
         def lookup() -> dict[str, Any]:
             COUNTERS.request()
-            if self.protocol in ("http", "https"):
+            if self._http:
                 return _http_head(url)
             return dict(self.fs.info(url))
 
@@ -183,7 +223,7 @@ class FsspecStorage:
 
     # -- the Storage verbs --------------------------------------------------------------------
     def kind(self, path: str) -> str:
-        if self.protocol in ("http", "https") and path.endswith("/"):
+        if self._http and path.endswith("/"):
             return "directory"  # HTTP has no directories; a URL ending in / names a listing page
         kind = self._stat(path).get("type")
         return "directory" if kind == "directory" else "file"
@@ -215,7 +255,12 @@ class FsspecStorage:
 
         def fetch() -> bytes:
             COUNTERS.request()
-            data = bytes(self.fs.cat_file(path, start=offset, end=end, **self._range_options))
+            if self._http:
+                from ckptdoctor.io.http_ranges import read  # noqa: PLC0415 - http(s) only
+
+                data = read(path, offset, end - offset, TIMEOUT)
+            else:
+                data = bytes(self.fs.cat_file(path, start=offset, end=end, **self._range_options()))
             COUNTERS.read(len(data), requests=0)
             return data
 
@@ -231,6 +276,30 @@ class FsspecStorage:
                 self._heads[path] = data
         return data
 
+    def read_window(self, path: str, offset: int, buffer: bytearray) -> memoryview | bytes:
+        """Up to ``len(buffer)`` bytes at ``offset`` (fewer only at the end of the object), for read-ahead.
+
+        Over http(s) the bytes are read from the socket into ``buffer`` and a view of it is
+        returned (:mod:`ckptdoctor.io.http_ranges`: a value pass moves every byte, and this costs a
+        third of fsspec's CPU); other protocols return :meth:`read_range`'s bytes and leave
+        ``buffer`` alone. Counted, retried and classified like every other read.
+        """
+        end = min(offset + len(buffer), self.size(path))
+        if end <= offset:
+            return b""
+        if not self._http:
+            return self.read_range(path, offset, end - offset)
+        from ckptdoctor.io.http_ranges import read_into  # noqa: PLC0415 - value passes over http(s) only
+
+        view = memoryview(buffer)[:end - offset]
+
+        def fetch() -> None:
+            COUNTERS.request()
+            COUNTERS.read(read_into(path, offset, view, TIMEOUT), requests=0)
+
+        self._call(path, "read it", fetch)
+        return view
+
     def read_ranges(self, path: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         if len(ranges) <= 1:
             return [self.read_range(path, o, n) for o, n in ranges]
@@ -238,6 +307,8 @@ class FsspecStorage:
 
     def read_many(self, requests: Sequence[tuple[str, int, int]]) -> list[bytes]:
         """Ranges of several objects fetched concurrently (the backend's ``cat_ranges``)."""
+        if self._http:  # one ranged GET each, on threads (each with its own kept-alive connection)
+            return list(_http_pool().map(lambda r: self.read_range(*r), requests))
         wanted = [(p, o, min(o + n, self.size(p))) for p, o, n in requests]
         live = [(i, p, o, e) for i, (p, o, e) in enumerate(wanted) if e > o]
         out = [b""] * len(wanted)
