@@ -474,3 +474,35 @@ def test_dcp_metadata_says_it_is_dcps_own(corpus: dict[str, Sample], tmp_path: P
     (tampered / ".metadata").write_bytes(data + b"\x80\x02cargparse\nNamespace\n)\x81.")  # a second pickle
     (other,) = scan(tampered).files
     assert not any("DCP's own classes" in n for n in other.notes)
+
+
+def test_zip64_offsets_no_file_can_hold_are_corruption_not_a_crash(tmp_path: Path) -> None:
+    """A zip64 locator, or a member's zip64 extra field, naming an offset far past the end
+    (2**62: ext4 refuses to seek there with EINVAL) reads as nothing: a corrupt-archive error or
+    an anomaly, never an OSError escaping as an "unexpected" error."""
+    import struct
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(2)}, buf)
+    z = buf.getvalue()
+    eocd = z.rfind(b"PK\x05\x06")
+    locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, 2**62, 1)
+    with pytest.raises(CorruptCheckpoint, match="zip64 end-of-central-directory locator"):
+        _scan_bytes(tmp_path, z[:eocd] + locator + z[eocd:], "locator.pt")
+
+    # The first central entry's offset moved into a zip64 extra field that says 2**62 (torch's own
+    # zip64 end record and locator are left out: the plain end record describes the archive).
+    cd_size, cd_offset = struct.unpack_from("<II", z, eocd + 12)
+    nlen, xlen, clen = struct.unpack_from("<HHH", z, cd_offset + 28)
+    first = bytearray(z[cd_offset : cd_offset + 46 + nlen])
+    struct.pack_into("<H", first, 30, 12)
+    struct.pack_into("<I", first, 42, 0xFFFFFFFF)
+    first += struct.pack("<HHQ", 1, 8, 2**62)
+    rest = z[cd_offset + 46 + nlen + xlen + clen : cd_offset + cd_size]
+    end = bytearray(z[eocd:])
+    struct.pack_into("<I", end, 12, len(first) + len(rest))
+    f = _scan_bytes(tmp_path, z[:cd_offset] + bytes(first) + rest + bytes(end), "member.pt")
+    assert not f.safe
+    assert "bad-local-header" in {a.code for a in f.anomalies}

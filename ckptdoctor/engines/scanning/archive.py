@@ -83,7 +83,18 @@ def find_eocd(f: IO[bytes], size: int) -> int | None:
 
 
 def _read_at(f: IO[bytes], offset: int, n: int) -> bytes:
-    f.seek(offset)
+    """*n* bytes at *offset*, or fewer past the end of the file.
+
+    Offsets come from the archive itself: a lying zip64 field can name one no file system can
+    seek to (ext4 refuses offsets beyond its largest file with EINVAL), which reads as nothing,
+    like any other offset past the end, so the caller reports it as the corruption it is.
+    """
+    if offset < 0:
+        return b""
+    try:
+        f.seek(offset)
+    except (OSError, OverflowError):
+        return b""
     return f.read(n)
 
 
