@@ -171,6 +171,21 @@ def test_fsdp_flat_param_is_reported_without_repair() -> None:
     assert suggested_fix_args(d.plan, "a.pt", "m:f") is None
 
 
+def test_fsdp_flat_param_is_not_also_called_another_variant() -> None:
+    """The keys a flat parameter leaves missing say nothing about depth or width: no wrong-variant
+    (which blocks look "whole" depends only on which buffers FSDP kept outside the flat buffer)."""
+    model = nn.Module()
+    model.stage1 = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    model.stage2 = nn.Sequential(nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))
+    model.fc = nn.Linear(8, 10)
+    for flat_keys in (["_fsdp_wrapped_module._flat_param"],
+                      ["_fsdp_wrapped_module.stage1._fsdp_wrapped_module._flat_param",
+                       "_fsdp_wrapped_module._flat_param"]):
+        d = diagnose([KeyShape(k, (1000,)) for k in flat_keys], ks(model))
+        assert codes(d) == ["fsdp-flat-param", "harmless-missing", "missing-keys"], codes(d)
+        assert not d.repairable and d.unexpected_keys == tuple(flat_keys)
+
+
 def test_lora_is_reported_without_repair() -> None:
     src = [KeyShape("base_model.model.proj.base_layer.weight", (8, 8)),
            KeyShape("base_model.model.proj.lora_A.default.weight", (2, 8)),

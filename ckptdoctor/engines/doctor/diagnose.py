@@ -337,10 +337,15 @@ def _leftover_findings(plan: Plan, source: Sequence[KeyShape], target: Sequence[
                              "known-harmless differences (BatchNorm counters, non-persistent buffers, profiler "
                              "buffers): " + "; ".join(p for p in parts if p),
                              keys, len(keys), {"missing": ok_missing, "unexpected": ok_unexpected}))
-    blocks = [] if plan.ambiguities else \
+    # FSDP flat parameters hold the model's weights flattened (the fsdp-flat-param finding says so):
+    # the keys they leave missing are not "another variant", and the flat keys are named once.
+    flat = [u for u in unexpected if _is_flat_param(u)]
+    if flat:
+        unexpected = [u for u in unexpected if not _is_flat_param(u)]
+    blocks = [] if plan.ambiguities or flat else \
         _whole_blocks(missing, [t.key for t in target]) + _whole_blocks(unexpected, [s.key for s in source])
     _, generic = _mismatch_findings(plan, target)
-    if len(blocks) >= 2 or (generic >= 3 and not plan.ambiguities):
+    if len(blocks) >= 2 or (generic >= 3 and not plan.ambiguities and not flat):
         what = f"whole blocks present on one side only: {', '.join(f'`{b}`' for b in blocks[:8])}" if blocks \
             else f"{generic} shape mismatches across the network"
         found.append(Finding("wrong-variant", "error",
@@ -380,6 +385,11 @@ def _leftover_findings(plan: Plan, source: Sequence[KeyShape], target: Sequence[
     return found
 
 
+def _is_flat_param(key: str) -> bool:
+    """FSDP's flattened parameter (``_flat_param``, ``flat_param`` in FSDP versions before 1.12)."""
+    return leaf(key) == "_flat_param" or key.endswith("flat_param")
+
+
 def _special_findings(source: Sequence[KeyShape], state_dict_path: Sequence[str]) -> list[Finding]:
     found: list[Finding] = []
     if state_dict_path:
@@ -391,8 +401,7 @@ def _special_findings(source: Sequence[KeyShape], state_dict_path: Sequence[str]
                              (), 0, {"state_dict_path": list(state_dict_path)}))
     # One text search over all keys first: these names are rare, and a per-key regex is not free.
     text = "\n".join(s.key for s in source)
-    flat = [s.key for s in source if leaf(s.key) == "_flat_param" or s.key.endswith("flat_param")] \
-        if "flat_param" in text else []
+    flat = [s.key for s in source if _is_flat_param(s.key)] if "flat_param" in text else []
     if flat:
         found.append(Finding("fsdp-flat-param", "error",
                              f"{len(flat)} FSDP flat parameter(s) ({_short(flat)}) hold many weights in one "
