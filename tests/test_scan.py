@@ -506,3 +506,26 @@ def test_zip64_offsets_no_file_can_hold_are_corruption_not_a_crash(tmp_path: Pat
     f = _scan_bytes(tmp_path, z[:cd_offset] + bytes(first) + rest + bytes(end), "member.pt")
     assert not f.safe
     assert "bad-local-header" in {a.code for a in f.anomalies}
+
+
+@pytest.mark.parametrize("evil_first", [True, False])
+def test_members_that_differ_only_in_case_are_duplicates(tmp_path: Path, evil_first: bool) -> None:
+    """torch's zip reader (miniz, case-insensitive lookup) and zipfile (exact names) can read
+    different bytes for `archive/data.pkl` when `archive/DATA.pkl` is also there: scan calls it a
+    duplicate member, and the readers refuse the file as they refuse an exact duplicate."""
+    import torch
+
+    from ckptdoctor.errors import UnsafeContent
+    from ckptdoctor.formats import open_checkpoint
+    from tests.hostile import inject
+
+    members = torch_members({"w": torch.ones(2)})
+    evil = type(members[0])("archive/DATA.pkl", inject(members[0].data, call("os", "system", uni("true"))))
+    assert members[0].name == "archive/data.pkl"
+    path = tmp_path / "case.pt"
+    path.write_bytes(build_zip([evil, *members] if evil_first else [*members, evil]))
+    f = _only(path)
+    assert not f.safe
+    assert any(a.code == "duplicate-member" and "differ only in case" in a.message for a in f.anomalies)
+    with pytest.raises(UnsafeContent, match="differ only in case"):
+        open_checkpoint(str(path))

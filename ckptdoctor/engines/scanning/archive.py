@@ -240,6 +240,17 @@ class ArchiveAudit:
                     f"{n} members named {name!r}; zipfile reads the last, other readers the first",
                     name,
                 )
+        folded: dict[str, list[str]] = {}
+        for name in names:
+            folded.setdefault(name.lower(), []).append(name)
+        for spellings in folded.values():
+            if len(spellings) > 1:
+                self.anomaly(
+                    "duplicate-member",
+                    f"members {', '.join(map(repr, spellings))} differ only in case: torch's zip reader (miniz) "
+                    "looks names up ignoring case, zipfile does not, so they read different bytes",
+                    spellings[0],
+                )
         # torch's reader takes the archive name from the first record (inline_container.cc).
         prefix = self.prefix = self.members[0].name.split("/", 1)[0] if self.members else ""
         for m in self.members:
