@@ -529,3 +529,45 @@ def test_members_that_differ_only_in_case_are_duplicates(tmp_path: Path, evil_fi
     assert any(a.code == "duplicate-member" and "differ only in case" in a.message for a in f.anomalies)
     with pytest.raises(UnsafeContent, match="differ only in case"):
         open_checkpoint(str(path))
+
+
+def test_hugging_face_cache_snapshots_are_scanned_through_their_blob_links(tmp_path: Path) -> None:
+    """huggingface_hub keeps ``snapshots/<rev>/<file>`` as symlinks into ``../../blobs``, as every
+    loader (and the readers) follow: scan reads the blobs' content instead of calling every file of
+    a cached download "outside the directory"; a link out of the cache is still flagged."""
+    import hashlib
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    repo = tmp_path / "models--org--tiny"
+    snapshot = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+
+    def cache(name: str, data: bytes) -> None:
+        digest = hashlib.sha256(data).hexdigest()
+        (repo / "blobs" / digest).write_bytes(data)
+        os.symlink(f"../../blobs/{digest}", snapshot / name)
+
+    state = torch.nn.Linear(4, 2).state_dict()
+    save_file({"weight": state["weight"]}, str(tmp_path / "shard"))
+    cache("model-00001-of-00002.safetensors", (tmp_path / "shard").read_bytes())
+    buf = io.BytesIO()
+    torch.save({"bias": state["bias"]}, buf)
+    cache("pytorch_model-00002-of-00002.bin", buf.getvalue())
+    cache("model.safetensors.index.json", json.dumps({"metadata": {}, "weight_map": {
+        "weight": "model-00001-of-00002.safetensors", "bias": "pytorch_model-00002-of-00002.bin"}}).encode())
+    files = scan(snapshot).files
+    assert [(Path(f.path).name, f.format, f.safe) for f in files] == [
+        ("model-00001-of-00002.safetensors", "safetensors", True),
+        ("model.safetensors.index.json", "shard-index", True),
+        ("pytorch_model-00002-of-00002.bin", "torch-zip", True)]
+
+    cache("evil.pkl", os_system_pickle(tmp_path / "never"))  # a payload in the blob store is found
+    (tmp_path / "outside.pt").write_bytes(buf.getvalue())
+    os.symlink(tmp_path / "outside.pt", snapshot / "escape.pt")  # not the cache's own layout
+    got = {Path(f.path).name: f for f in scan(snapshot).files}
+    assert "os.system" in {g.name for g in got["evil.pkl"].globals} and not got["evil.pkl"].safe
+    assert [a.code for a in got["escape.pt"].anomalies] == ["outside-directory"]

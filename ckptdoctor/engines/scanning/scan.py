@@ -431,7 +431,7 @@ def _scan_dir(root: Path) -> tuple[FileScan, ...]:
             count += 1
             if count > MAX_DIR_FILES:
                 raise LimitExceeded(f"more than {MAX_DIR_FILES} checkpoint files under the directory", path=str(root))
-            if not _inside(p.resolve(), root_real):
+            if not _inside(p.resolve(), root_real) and not _hf_cache_blob(p):
                 results.append(
                     FileScan(
                         str(p),
@@ -466,6 +466,21 @@ def _scan_or_report(scan_one: Callable[[T], FileScan], where: T) -> FileScan:
         return unreadable(str(where), e)
 
 
+def _hf_cache_blob(link: Path) -> bool:
+    """Is *link* a Hugging Face cache snapshot file pointing at its repository's blob store?
+
+    huggingface_hub keeps ``<repo>/snapshots/<revision>/<file>`` as a symlink to
+    ``<repo>/blobs/<hash>`` (every loader follows it, and so do the readers): that is the cache's
+    layout, not a file escaping the scanned directory. Its content is scanned like any other file.
+    """
+    parts = link.absolute().parts
+    if "snapshots" not in parts[:-1] or not link.is_symlink():
+        return False
+    at = len(parts) - 1 - parts[::-1].index("snapshots")
+    blobs = Path(*parts[:at], "blobs").resolve()
+    return link.resolve().parent == blobs
+
+
 def _inside(p: Path, root: Path) -> bool:
     return p == root or root in p.parents
 
@@ -481,7 +496,8 @@ def _scan_index(p: Path, root: Path) -> FileScan:
 
     def problem(shard: str) -> str | None:
         target = (p.parent / shard).resolve()
-        if os.path.isabs(shard) or not _inside(target, root):
+        if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/") or \
+                not (_inside(target, root) or _hf_cache_blob(p.parent / shard)):
             return "outside"
         return None if target.is_file() else "missing"
 
