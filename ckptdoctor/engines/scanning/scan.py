@@ -490,8 +490,8 @@ def _scan_index(p: Path, root: Path) -> FileScan:
     fd = Findings()
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        fd.anomaly("bad-index", f"index is not valid JSON ({e})", str(p))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        fd.anomaly("bad-index", f"index is not valid JSON ({e})"[:300], str(p))
         return _result(p, "shard-index", fd)
 
     def problem(shard: str) -> str | None:

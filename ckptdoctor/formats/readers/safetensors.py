@@ -120,7 +120,7 @@ def _read_json_header(path: str) -> tuple[dict[str, Any], int, int]:
         raw += store.read_range(path, 8 + len(raw), header_len - len(raw))
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise _bad(f"not valid JSON ({exc})"[:300], path) from None
     if not isinstance(header, dict):
         raise _bad(f"the JSON is a {type(header).__name__}, not an object", path)
