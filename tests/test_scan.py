@@ -571,3 +571,21 @@ def test_hugging_face_cache_snapshots_are_scanned_through_their_blob_links(tmp_p
     got = {Path(f.path).name: f for f in scan(snapshot).files}
     assert "os.system" in {g.name for g in got["evil.pkl"].globals} and not got["evil.pkl"].safe
     assert [a.code for a in got["escape.pt"].anomalies] == ["outside-directory"]
+
+
+@pytest.mark.parametrize("shape", [[True], [0, 2**63], [1.0]])
+def test_safetensors_shapes_no_loader_accepts_are_bad_shapes(tmp_path: Path, shape: list[Any]) -> None:
+    """JSON ``true`` is a Python int, and a dimension of 2**63 fits safetensors' u64 but not torch's
+    int64 sizes: scan used to call such a file safe while every reader refused it."""
+    import struct
+
+    from ckptdoctor.formats import open_checkpoint
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}}).encode()
+    header += b" " * (-len(header) % 8)
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    f = _only(path)
+    assert not f.safe and "bad-shape" in {a.code for a in f.anomalies}
+    with pytest.raises(CorruptCheckpoint, match="invalid dimension"):
+        open_checkpoint(str(path))

@@ -50,7 +50,7 @@ from ckptdoctor.formats.magic import (
 from ckptdoctor.formats.pickle.tables import DCP_METADATA_GLOBALS
 from ckptdoctor.formats.readers.hf_index import INDEX_SUFFIXES
 from ckptdoctor.formats.readers.members import member_path, read_json_file
-from ckptdoctor.formats.readers.safetensors import MAX_HEADER_BYTES, safetensors_bits
+from ckptdoctor.formats.readers.safetensors import MAX_DIM, MAX_HEADER_BYTES, safetensors_bits
 from ckptdoctor.io.rangefile import RangeFile
 from ckptdoctor.io.storage import is_url, storage_for
 
@@ -385,13 +385,13 @@ def _check_tensor_entry(key: str, info: object, data_len: int, fd: Findings) -> 
     bits = safetensors_bits(dtype)
     if bits is None:
         fd.anomaly("bad-dtype", f"unknown dtype {dtype!r}", key)
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
         fd.anomaly("bad-shape", f"shape {shape!r} is not a list of non-negative integers", key)
         shape = None
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or not all(type(o) is int and o >= 0 for o in offsets)
         or offsets[0] > offsets[1]
     ):
         fd.anomaly("bad-offsets", f"data_offsets {offsets!r} is not [begin, end] with begin <= end", key)
