@@ -155,6 +155,23 @@ def _is_wrapper(path: str) -> bool:
     return bool(segs) and all(s in WRAPPER_SEGMENTS for s in segs)
 
 
+_OLD_WEIGHT_NORM = re.compile(r"(?:^|.*\.)(\w+)_([gv])$")
+_NEW_WEIGHT_NORM = re.compile(r"(?:^|.*\.)parametrizations\.(\w+)\.original([01])$")
+_WEIGHT_NORM_APIS = ("torch.nn.utils.weight_norm (`weight_g`/`weight_v`)",
+                     "torch.nn.utils.parametrizations.weight_norm (`parametrizations.weight.original0/1`)")
+
+
+def _weight_norm_apis(old: str, new: str) -> tuple[str, str] | None:
+    """(file's API, model's API) when a rename is weight norm's two spellings of one parameter
+    (``weight_g`` ↔ ``parametrizations.weight.original0``, ``weight_v`` ↔ ``...original1``)."""
+    for a, b, apis in ((old, new, _WEIGHT_NORM_APIS), (new, old, _WEIGHT_NORM_APIS[::-1])):
+        legacy, modern = _OLD_WEIGHT_NORM.match(a), _NEW_WEIGHT_NORM.match(b)
+        if legacy and modern and legacy.group(1) == modern.group(1) and "gv".index(legacy.group(2)) == int(
+                modern.group(2)):
+            return apis
+    return None
+
+
 def _rule_finding(rule: Rule, n_source: int) -> Finding:
     evidence = {"rule": rule.kind, "matched": rule.count, "touched": rule.total}
     carry = f"all {n_source}" if rule.total == n_source else f"{rule.total} of {n_source}"
@@ -191,6 +208,10 @@ def _rule_finding(rule: Rule, n_source: int) -> Finding:
                        {**evidence, "moves": [list(m) for m in rule.moves]})
     assert isinstance(rule, RenameGroup)
     msg = f"submodules were renamed, shapes and order agree: {rule.describe()}"
+    api = _weight_norm_apis(rule.old, rule.new)
+    if api:
+        msg = f"weight norm saved by {api[0]}, the model uses {api[1]}; same tensors, other names: " \
+              f"{rule.describe()}"
     return Finding("renamed-submodule", "error", msg, tuple(a for a, _ in rule.pairs), rule.count,
                    {**evidence, "pairs": [list(p) for p in rule.pairs]})
 
