@@ -476,21 +476,27 @@ def test_dcp_metadata_says_it_is_dcps_own(corpus: dict[str, Sample], tmp_path: P
     assert not any("DCP's own classes" in n for n in other.notes)
 
 
-def test_zip64_offsets_no_file_can_hold_are_corruption_not_a_crash(tmp_path: Path) -> None:
+@pytest.mark.parametrize("far", [2**62, 2**64 - 16])
+def test_zip64_offsets_no_file_can_hold_are_corruption_not_a_crash(tmp_path: Path, far: int) -> None:
     """A zip64 locator, or a member's zip64 extra field, naming an offset far past the end
-    (2**62: ext4 refuses to seek there with EINVAL) reads as nothing: a corrupt-archive error or
-    an anomaly, never an OSError escaping as an "unexpected" error."""
+    (2**62: ext4 refuses to seek there with EINVAL; past 2**63 Python refuses with ValueError)
+    reads as nothing: a corrupt-archive error or an anomaly, never an OSError or ValueError
+    escaping as an "unexpected" error; the readers say the same of the file."""
     import struct
 
     import torch
+
+    from ckptdoctor.formats import open_checkpoint
 
     buf = io.BytesIO()
     torch.save({"w": torch.zeros(2)}, buf)
     z = buf.getvalue()
     eocd = z.rfind(b"PK\x05\x06")
-    locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, 2**62, 1)
+    locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, far, 1)
     with pytest.raises(CorruptCheckpoint, match="zip64 end-of-central-directory locator"):
         _scan_bytes(tmp_path, z[:eocd] + locator + z[eocd:], "locator.pt")
+    with pytest.raises(CkptDoctorError):
+        open_checkpoint(str(tmp_path / "locator.pt"))
 
     # The first central entry's offset moved into a zip64 extra field that says 2**62 (torch's own
     # zip64 end record and locator are left out: the plain end record describes the archive).
@@ -499,13 +505,15 @@ def test_zip64_offsets_no_file_can_hold_are_corruption_not_a_crash(tmp_path: Pat
     first = bytearray(z[cd_offset : cd_offset + 46 + nlen])
     struct.pack_into("<H", first, 30, 12)
     struct.pack_into("<I", first, 42, 0xFFFFFFFF)
-    first += struct.pack("<HHQ", 1, 8, 2**62)
+    first += struct.pack("<HHQ", 1, 8, far)
     rest = z[cd_offset + 46 + nlen + xlen + clen : cd_offset + cd_size]
     end = bytearray(z[eocd:])
     struct.pack_into("<I", end, 12, len(first) + len(rest))
     f = _scan_bytes(tmp_path, z[:cd_offset] + bytes(first) + rest + bytes(end), "member.pt")
     assert not f.safe
     assert "bad-local-header" in {a.code for a in f.anomalies}
+    with pytest.raises(CkptDoctorError):
+        open_checkpoint(str(tmp_path / "member.pt"))
 
 
 @pytest.mark.parametrize("evil_first", [True, False])

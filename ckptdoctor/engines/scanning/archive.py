@@ -86,14 +86,15 @@ def _read_at(f: IO[bytes], offset: int, n: int) -> bytes:
     """*n* bytes at *offset*, or fewer past the end of the file.
 
     Offsets come from the archive itself: a lying zip64 field can name one no file system can
-    seek to (ext4 refuses offsets beyond its largest file with EINVAL), which reads as nothing,
+    seek to (ext4 refuses offsets beyond its largest file with EINVAL, Python any past 2**63),
+    which reads as nothing,
     like any other offset past the end, so the caller reports it as the corruption it is.
     """
     if offset < 0:
         return b""
     try:
         f.seek(offset)
-    except (OSError, OverflowError):
+    except (OSError, OverflowError, ValueError):  # ValueError: past 2**63, no off_t holds it
         return b""
     return f.read(n)
 

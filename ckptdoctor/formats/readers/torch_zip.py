@@ -134,7 +134,7 @@ class TorchZipArchive:
                                     path=self.path, hint="Run `ckptdoctor scan PATH` to see the archive's anomalies.")
         try:
             return self.zip.read(info)
-        except (BadZip, UnicodeDecodeError, OSError) as exc:
+        except (BadZip, UnicodeDecodeError, OSError, ValueError, OverflowError) as exc:  # offsets past 2**63
             raise CorruptCheckpoint(f"member {info.name} cannot be read ({exc})", path=self.path) from None
 
     def data_offset(self, name: str) -> tuple[int, int]:
