@@ -109,6 +109,31 @@ def test_renamed_submodule() -> None:
     assert set(codes(d)) == {"renamed-submodule"} and d.repairable
 
 
+def test_weight_norm_spellings_are_named_as_weight_norm() -> None:
+    """``weight_g``/``weight_v`` (torch.nn.utils.weight_norm) and ``parametrizations.weight.original0/1``
+    (its replacement) are one rename each way, and the finding says it is weight norm."""
+    import warnings
+
+    def conv(new_api: bool) -> nn.Module:
+        model = nn.Module()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.nn.utils.weight_norm is deprecated; old files use it
+            wrap = nn.utils.parametrizations.weight_norm if new_api else nn.utils.weight_norm
+            model.conv = wrap(nn.Conv1d(4, 4, 3))
+        model.out = nn.Linear(4, 2)
+        return model
+
+    for old_file in (True, False):
+        d = diagnose(ks(conv(not old_file)), ks(conv(old_file)))
+        assert codes(d) == ["renamed-submodule", "renamed-submodule"] and d.repairable
+        first, second = (f.message for f in d.findings)
+        assert first.startswith("weight norm saved by torch.nn.utils." + ("weight_norm" if old_file else
+                                                                         "parametrizations.weight_norm"))
+        assert "`weight_g` → `parametrizations.weight.original0`" in first if old_file else \
+            "`parametrizations.weight.original0` → `weight_g`" in first
+        assert "original1" in second and "weight_v" in second
+
+
 def test_head_size_changed_is_not_repairable() -> None:
     d = diagnose(ks(TinyResNet(classes=1000)), ks(TinyResNet(classes=10)))
     assert codes(d) == ["head-size-changed"]
@@ -169,6 +194,21 @@ def test_fsdp_flat_param_is_reported_without_repair() -> None:
     d = diagnose(src, ks(TinyResNet()))
     assert "fsdp-flat-param" in codes(d) and not d.repairable
     assert suggested_fix_args(d.plan, "a.pt", "m:f") is None
+
+
+def test_fsdp_flat_param_is_not_also_called_another_variant() -> None:
+    """The keys a flat parameter leaves missing say nothing about depth or width: no wrong-variant
+    (which blocks look "whole" depends only on which buffers FSDP kept outside the flat buffer)."""
+    model = nn.Module()
+    model.stage1 = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    model.stage2 = nn.Sequential(nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))
+    model.fc = nn.Linear(8, 10)
+    for flat_keys in (["_fsdp_wrapped_module._flat_param"],
+                      ["_fsdp_wrapped_module.stage1._fsdp_wrapped_module._flat_param",
+                       "_fsdp_wrapped_module._flat_param"]):
+        d = diagnose([KeyShape(k, (1000,)) for k in flat_keys], ks(model))
+        assert codes(d) == ["fsdp-flat-param", "harmless-missing", "missing-keys"], codes(d)
+        assert not d.repairable and d.unexpected_keys == tuple(flat_keys)
 
 
 def test_lora_is_reported_without_repair() -> None:

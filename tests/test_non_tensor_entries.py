@@ -105,6 +105,35 @@ def test_sparse_buffers_are_keys(tmp_path: Path, models: dict[str, object]) -> N
     assert written["net.adj"].is_sparse and torch.equal(written["net.adj"].to_dense(), torch.eye(3))
 
 
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_sparse_buffers_are_refused_by_tensor_only_outputs_not_dropped(tmp_path: Path, models: dict[str, object],
+                                                                       layout: str) -> None:
+    """safetensors (and HF, DCP outputs) hold dense tensors only: a sparse buffer is a weight the
+    model needs, so writing the file without it under a success message would lie; torch outputs
+    keep it."""
+    model = models["Sparse"]()  # type: ignore[operator]
+    if layout == "csr":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            model.adj = torch.eye(3).to_sparse_csr()
+    src = tmp_path / "sparse.pt"
+    torch.save(model.state_dict(), src)
+    for args, out in [(("convert", src), tmp_path / "c.safetensors"), (("convert", src), f"{tmp_path}/hf/"),
+                      (("convert", src, "--to", "dcp"), tmp_path / "dcp_out"),
+                      (("fix", src, "--add-prefix", "net.", "-o"), tmp_path / "f.safetensors")]:
+        result = run_cli(*args, out)
+        assert result.exit_code == 2, (args, result.stdout)
+        assert f"'{'net.' if args[0] == 'fix' else ''}adj' is a sparse_{layout} tensor" in result.stderr
+        assert not Path(out).exists() or not any(Path(out).iterdir())
+    result = run_cli("convert", src, tmp_path / "c.pt")
+    assert result.exit_code == 0, result.stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        written = torch.load(tmp_path / "c.pt", weights_only=True)
+        assert torch.equal(written["adj"].to_dense(), torch.eye(3))
+        assert written["adj"].layout == model.adj.layout
+
+
 def test_quantized_packed_params_are_refused_not_dropped(tmp_path: Path, models: dict[str, object]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated; the files still exist

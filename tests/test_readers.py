@@ -409,3 +409,26 @@ def _numel_10_to_3(pkl: bytes) -> bytes:
     """The one persistent id naming 10 elements (``BININT1 10`` then ``TUPLE``) names 3 instead."""
     assert pkl.count(b"K\nt") == 1
     return pkl.replace(b"K\nt", b"K\x03t")
+
+
+@pytest.mark.parametrize(("count", "message"), [(-5, r"declares a negative element count \(-5\)"),
+                                                (2**60, r"declares 1152921504606846976 elements \(4611686018427387904 "
+                                                        r"bytes\), which run \d+ bytes past the end of the file")])
+def test_legacy_storage_counts_that_lie_are_named_as_such(tmp_path: Path, count: int, message: str) -> None:
+    """The 8-byte element count before each legacy storage is read from the file: a negative one
+    used to be reported as "declares -20 bytes past the end of the file"."""
+    import io
+    import pickletools
+
+    buf = io.BytesIO()
+    torch.save({"a": torch.ones(3)}, buf, _use_new_zipfile_serialization=False)
+    data = bytearray(buf.getvalue())
+    pos = 0
+    for _ in range(5):  # magic number, protocol, sys info, the object, the storage keys
+        pos += list(pickletools.genops(bytes(data[pos:])))[-1][2] + 1
+    assert struct.unpack_from("<q", data, pos)[0] == 3
+    struct.pack_into("<q", data, pos, count)
+    path = tmp_path / "legacy.pt"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint, match=message):
+        open_checkpoint(str(path))

@@ -345,3 +345,43 @@ def test_scan_of_a_big_remote_zip_fetches_the_directory_and_pickles_only(zoo_roo
     sent = sum(e.sent for e in http.gets())
     assert sent < size // 20, (sent, size)  # 16 MB of weights: only the directory and data.pkl travel
     assert doc["io"]["bytes_read"] == sent
+
+
+def test_scan_of_a_remote_prefix_walks_its_folders_like_a_local_directory(s3: str, tmp_path: Path) -> None:
+    """A payload one folder down, and a shard index naming a file outside its folder, are found under
+    an S3 prefix as they are in the same local tree (the scan used to list only the prefix's own
+    files and said "safe", exit 0)."""
+    import s3fs
+
+    from tests.hostile import os_system_pickle
+
+    tree = tmp_path / "tree"
+    (tree / "runs" / "epoch1").mkdir(parents=True)
+    (tree / "shards").mkdir()
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tree / "clean.pt")
+    (tree / "runs" / "epoch1" / "model.pkl").write_bytes(os_system_pickle(tmp_path / "never"))
+    from safetensors.torch import save_file
+
+    save_file({"v": torch.zeros(1)}, str(tree / "shards" / "model-00001-of-00002.safetensors"))
+    (tree / "shards" / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"v": "model-00001-of-00002.safetensors", "w": "../../../etc/passwd",
+                                        "x": "model-00002-of-00002.safetensors"}}))
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    for p in sorted(tree.rglob("*")):
+        if p.is_file():
+            fs.put_file(str(p), f"{BUCKET}/walk/{p.relative_to(tree).as_posix()}")
+
+    local = run_cli("scan", str(tree), "--json")
+    remote = run_cli("scan", f"{s3}/walk", "--json")
+    assert local.exit_code == remote.exit_code == 1, remote.stderr
+
+    def verdicts(doc: dict[str, Any], root: str) -> list[tuple[str, bool, list[str], list[str]]]:
+        return [(f["path"].replace(root, "ROOT"), f["safe"], sorted(g["name"] for g in f["globals"]),
+                 sorted(a["code"] for a in f.get("anomalies", []))) for f in doc["files"]]
+
+    want = verdicts(local.json(), str(tree))
+    assert verdicts(remote.json(), f"{s3}/walk") == want
+    assert ("ROOT/runs/epoch1/model.pkl", False, ["os.system"], []) in want
+    assert ("ROOT/shards/model.safetensors.index.json", False, [],
+            ["missing-shard", "shard-outside-directory"]) in want
+    assert not (tmp_path / "never").exists()

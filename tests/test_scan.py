@@ -474,3 +474,126 @@ def test_dcp_metadata_says_it_is_dcps_own(corpus: dict[str, Sample], tmp_path: P
     (tampered / ".metadata").write_bytes(data + b"\x80\x02cargparse\nNamespace\n)\x81.")  # a second pickle
     (other,) = scan(tampered).files
     assert not any("DCP's own classes" in n for n in other.notes)
+
+
+@pytest.mark.parametrize("far", [2**62, 2**64 - 16])
+def test_zip64_offsets_no_file_can_hold_are_corruption_not_a_crash(tmp_path: Path, far: int) -> None:
+    """A zip64 locator, or a member's zip64 extra field, naming an offset far past the end
+    (2**62: ext4 refuses to seek there with EINVAL; past 2**63 Python refuses with ValueError)
+    reads as nothing: a corrupt-archive error or an anomaly, never an OSError or ValueError
+    escaping as an "unexpected" error; the readers say the same of the file."""
+    import struct
+
+    import torch
+
+    from ckptdoctor.formats import open_checkpoint
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(2)}, buf)
+    z = buf.getvalue()
+    eocd = z.rfind(b"PK\x05\x06")
+    locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, far, 1)
+    with pytest.raises(CorruptCheckpoint, match="zip64 end-of-central-directory locator"):
+        _scan_bytes(tmp_path, z[:eocd] + locator + z[eocd:], "locator.pt")
+    with pytest.raises(CkptDoctorError):
+        open_checkpoint(str(tmp_path / "locator.pt"))
+
+    # The first central entry's offset moved into a zip64 extra field that says 2**62 (torch's own
+    # zip64 end record and locator are left out: the plain end record describes the archive).
+    cd_size, cd_offset = struct.unpack_from("<II", z, eocd + 12)
+    nlen, xlen, clen = struct.unpack_from("<HHH", z, cd_offset + 28)
+    first = bytearray(z[cd_offset : cd_offset + 46 + nlen])
+    struct.pack_into("<H", first, 30, 12)
+    struct.pack_into("<I", first, 42, 0xFFFFFFFF)
+    first += struct.pack("<HHQ", 1, 8, far)
+    rest = z[cd_offset + 46 + nlen + xlen + clen : cd_offset + cd_size]
+    end = bytearray(z[eocd:])
+    struct.pack_into("<I", end, 12, len(first) + len(rest))
+    f = _scan_bytes(tmp_path, z[:cd_offset] + bytes(first) + rest + bytes(end), "member.pt")
+    assert not f.safe
+    assert "bad-local-header" in {a.code for a in f.anomalies}
+    with pytest.raises(CkptDoctorError):
+        open_checkpoint(str(tmp_path / "member.pt"))
+
+
+@pytest.mark.parametrize("evil_first", [True, False])
+def test_members_that_differ_only_in_case_are_duplicates(tmp_path: Path, evil_first: bool) -> None:
+    """torch's zip reader (miniz, case-insensitive lookup) and zipfile (exact names) can read
+    different bytes for `archive/data.pkl` when `archive/DATA.pkl` is also there: scan calls it a
+    duplicate member, and the readers refuse the file as they refuse an exact duplicate."""
+    import torch
+
+    from ckptdoctor.errors import UnsafeContent
+    from ckptdoctor.formats import open_checkpoint
+    from tests.hostile import inject
+
+    members = torch_members({"w": torch.ones(2)})
+    evil = type(members[0])("archive/DATA.pkl", inject(members[0].data, call("os", "system", uni("true"))))
+    assert members[0].name == "archive/data.pkl"
+    path = tmp_path / "case.pt"
+    path.write_bytes(build_zip([evil, *members] if evil_first else [*members, evil]))
+    f = _only(path)
+    assert not f.safe
+    assert any(a.code == "duplicate-member" and "differ only in case" in a.message for a in f.anomalies)
+    with pytest.raises(UnsafeContent, match="differ only in case"):
+        open_checkpoint(str(path))
+
+
+def test_hugging_face_cache_snapshots_are_scanned_through_their_blob_links(tmp_path: Path) -> None:
+    """huggingface_hub keeps ``snapshots/<rev>/<file>`` as symlinks into ``../../blobs``, as every
+    loader (and the readers) follow: scan reads the blobs' content instead of calling every file of
+    a cached download "outside the directory"; a link out of the cache is still flagged."""
+    import hashlib
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    repo = tmp_path / "models--org--tiny"
+    snapshot = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+
+    def cache(name: str, data: bytes) -> None:
+        digest = hashlib.sha256(data).hexdigest()
+        (repo / "blobs" / digest).write_bytes(data)
+        os.symlink(f"../../blobs/{digest}", snapshot / name)
+
+    state = torch.nn.Linear(4, 2).state_dict()
+    save_file({"weight": state["weight"]}, str(tmp_path / "shard"))
+    cache("model-00001-of-00002.safetensors", (tmp_path / "shard").read_bytes())
+    buf = io.BytesIO()
+    torch.save({"bias": state["bias"]}, buf)
+    cache("pytorch_model-00002-of-00002.bin", buf.getvalue())
+    cache("model.safetensors.index.json", json.dumps({"metadata": {}, "weight_map": {
+        "weight": "model-00001-of-00002.safetensors", "bias": "pytorch_model-00002-of-00002.bin"}}).encode())
+    files = scan(snapshot).files
+    assert [(Path(f.path).name, f.format, f.safe) for f in files] == [
+        ("model-00001-of-00002.safetensors", "safetensors", True),
+        ("model.safetensors.index.json", "shard-index", True),
+        ("pytorch_model-00002-of-00002.bin", "torch-zip", True)]
+
+    cache("evil.pkl", os_system_pickle(tmp_path / "never"))  # a payload in the blob store is found
+    (tmp_path / "outside.pt").write_bytes(buf.getvalue())
+    os.symlink(tmp_path / "outside.pt", snapshot / "escape.pt")  # not the cache's own layout
+    got = {Path(f.path).name: f for f in scan(snapshot).files}
+    assert "os.system" in {g.name for g in got["evil.pkl"].globals} and not got["evil.pkl"].safe
+    assert [a.code for a in got["escape.pt"].anomalies] == ["outside-directory"]
+
+
+@pytest.mark.parametrize("shape", [[True], [0, 2**63], [1.0]])
+def test_safetensors_shapes_no_loader_accepts_are_bad_shapes(tmp_path: Path, shape: list[Any]) -> None:
+    """JSON ``true`` is a Python int, and a dimension of 2**63 fits safetensors' u64 but not torch's
+    int64 sizes: scan used to call such a file safe while every reader refused it."""
+    import struct
+
+    from ckptdoctor.formats import open_checkpoint
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}}).encode()
+    header += b" " * (-len(header) % 8)
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    f = _only(path)
+    assert not f.safe and "bad-shape" in {a.code for a in f.anomalies}
+    with pytest.raises(CorruptCheckpoint, match="invalid dimension"):
+        open_checkpoint(str(path))

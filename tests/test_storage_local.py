@@ -17,3 +17,19 @@ def test_replaced_file_is_read_anew(tmp_path: Path) -> None:
     os.replace(replacement, path)  # what every atomic writer does
     assert LOCAL.read_range(str(path), 0, 11) == b'{"new": 22}'
     LOCAL.close_all()
+
+
+def test_offsets_outside_the_file_read_as_nothing(tmp_path: Path) -> None:
+    """Zip fields can make an offset negative (far below -2**63 after zip64 arithmetic) or past
+    2**63: reading there is reading past the end (the callers report the archive as corrupt), not an
+    OverflowError from os.pread escaping as an "unexpected" error."""
+    import torch
+
+    from ckptdoctor.io.rangefile import RangeFile
+
+    path = tmp_path / "m.pt"
+    torch.save({"w": torch.arange(4.0)}, path)
+    f = RangeFile(LOCAL, str(path))
+    for offset in (-5, -(2**64), 2**63 + 7, 2**70):
+        assert f.read_at(offset, 16) == b""
+    assert f.read_at(0, 4) == path.read_bytes()[:4]

@@ -25,6 +25,7 @@ from ckptdoctor.engines.doctor.fix import KeyEdits, check_key_edits, plan_keys
 from ckptdoctor.errors import CorruptCheckpoint, OutputError, UsageError
 from ckptdoctor.formats.writers import hf_shards
 from ckptdoctor.formats.writers.cast_names import CASTABLE, TARGETS
+from ckptdoctor.formats.writers.safetensors import refuse_sparse
 from ckptdoctor.formats.writers.stream import Item
 from ckptdoctor.io.atomic import TEMP_PREFIX, _fsync_directory, refuse_directory
 from ckptdoctor.io.storage import display_name
@@ -200,6 +201,8 @@ def plan_conversion(source: str, out: str, keys: KeyEdits, options: ConvertOptio
         items = _shared_storage_casts(items)
     else:
         items, aliases = _dedupe(items)
+        refuse_sparse([(key, value) for key, value in entries if not isinstance(value, TensorRecord)],
+                      "safetensors" if to != "dcp" else "this DCP output")
         skipped = [key for key, value in entries if not isinstance(value, TensorRecord)]
         if skipped:
             notes.append(f"{to} holds tensors only; non-tensor state-dict entries were left out: {listed(skipped)}")

@@ -67,7 +67,12 @@ class RangeFile(io.RawIOBase):
         return None
 
     def read_at(self, offset: int, length: int) -> bytes:
-        """``length`` bytes at ``offset`` (fewer at the end of the file), from the cache if there."""
+        """``length`` bytes at ``offset`` (fewer at the end of the file), from the cache if there.
+
+        An offset outside the file (negative, as a lying zip field can make one) reads as nothing.
+        """
+        if offset < 0:
+            return b""
         length = max(0, min(length, self.size - offset))
         if length == 0:
             return b""

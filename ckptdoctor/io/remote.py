@@ -156,7 +156,7 @@ class FsspecStorage:
         self._http = protocol in ("http", "https")
         self._fs: Any = None if self._http else _fsspec_filesystem(protocol, url)
         self._info: dict[str, dict[str, Any]] = {}
-        self._listings: dict[str, list[str]] = {}
+        self._listings: dict[str, tuple[list[str], list[str]]] = {}
         self._heads: dict[str, bytes] = {}  # the first range read of each object (format detection)
         self._lock = threading.Lock()
 
@@ -333,30 +333,44 @@ class FsspecStorage:
             out[i] = data
         return out
 
-    def list(self, path: str) -> list[str]:
+    def _listing(self, path: str) -> tuple[list[str], list[str]]:
+        """(files, subdirectories) directly under ``path``, sorted, from one listing request."""
         url = path.rstrip("/")
         with self._lock:
             cached = self._listings.get(url)
         if cached is not None:
-            return list(cached)
+            return list(cached[0]), list(cached[1])
 
         def listing() -> list[dict[str, Any]]:
             COUNTERS.request()
             return list(self.fs.ls(url, detail=True))
 
-        names = []
+        names: list[str] = []
+        dirs: list[str] = []
         for entry in self._call(url, "list it", listing):
+            name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
+            if entry.get("type") == "directory":
+                if name and name not in (".", ".."):
+                    dirs.append(name)
+                continue
             if entry.get("type") != "file":
                 continue
-            name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
             full = self.join(url, name)
             if isinstance(entry.get("size"), int):  # HTTP listings carry no sizes
                 with self._lock:
                     self._info.setdefault(full, dict(entry))
             names.append(name)
+        names.sort()
+        dirs.sort()
         with self._lock:
-            self._listings[url] = sorted(names)
-        return sorted(names)
+            self._listings[url] = (names, dirs)
+        return list(names), list(dirs)
+
+    def subdirectories(self, path: str) -> list[str]:
+        return self._listing(path)[1]
+
+    def list(self, path: str) -> list[str]:
+        return self._listing(path)[0]
 
     def join(self, base: str, *parts: str) -> str:
         return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts if p]])

@@ -87,6 +87,9 @@ class Storage(Protocol):
     def read_ranges(self, path: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """Several ``(offset, length)`` ranges of one file, fetched concurrently where that helps."""
 
+    def subdirectories(self, path: str) -> list[str]:
+        """Names of the directories (or sub-prefixes) directly inside ``path``, sorted."""
+
     def list(self, path: str) -> list[str]:
         """Names of the regular files directly inside the directory (or prefix) ``path``, sorted."""
 
@@ -184,6 +187,13 @@ class LocalStorage:
 
     def read_ranges(self, path: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         return [self.read_range(path, offset, length) for offset, length in ranges]
+
+    def subdirectories(self, path: str) -> list[str]:
+        try:
+            with os.scandir(path) as entries:
+                return sorted(e.name for e in entries if e.is_dir())
+        except OSError as exc:
+            raise CorruptCheckpoint(f"the directory cannot be listed ({exc.strerror})", path=path) from None
 
     def list(self, path: str) -> list[str]:
         try:

@@ -155,6 +155,23 @@ def _is_wrapper(path: str) -> bool:
     return bool(segs) and all(s in WRAPPER_SEGMENTS for s in segs)
 
 
+_OLD_WEIGHT_NORM = re.compile(r"(?:^|.*\.)(\w+)_([gv])$")
+_NEW_WEIGHT_NORM = re.compile(r"(?:^|.*\.)parametrizations\.(\w+)\.original([01])$")
+_WEIGHT_NORM_APIS = ("torch.nn.utils.weight_norm (`weight_g`/`weight_v`)",
+                     "torch.nn.utils.parametrizations.weight_norm (`parametrizations.weight.original0/1`)")
+
+
+def _weight_norm_apis(old: str, new: str) -> tuple[str, str] | None:
+    """(file's API, model's API) when a rename is weight norm's two spellings of one parameter
+    (``weight_g`` ↔ ``parametrizations.weight.original0``, ``weight_v`` ↔ ``...original1``)."""
+    for a, b, apis in ((old, new, _WEIGHT_NORM_APIS), (new, old, _WEIGHT_NORM_APIS[::-1])):
+        legacy, modern = _OLD_WEIGHT_NORM.match(a), _NEW_WEIGHT_NORM.match(b)
+        if legacy and modern and legacy.group(1) == modern.group(1) and "gv".index(legacy.group(2)) == int(
+                modern.group(2)):
+            return apis
+    return None
+
+
 def _rule_finding(rule: Rule, n_source: int) -> Finding:
     evidence = {"rule": rule.kind, "matched": rule.count, "touched": rule.total}
     carry = f"all {n_source}" if rule.total == n_source else f"{rule.total} of {n_source}"
@@ -191,6 +208,10 @@ def _rule_finding(rule: Rule, n_source: int) -> Finding:
                        {**evidence, "moves": [list(m) for m in rule.moves]})
     assert isinstance(rule, RenameGroup)
     msg = f"submodules were renamed, shapes and order agree: {rule.describe()}"
+    api = _weight_norm_apis(rule.old, rule.new)
+    if api:
+        msg = f"weight norm saved by {api[0]}, the model uses {api[1]}; same tensors, other names: " \
+              f"{rule.describe()}"
     return Finding("renamed-submodule", "error", msg, tuple(a for a, _ in rule.pairs), rule.count,
                    {**evidence, "pairs": [list(p) for p in rule.pairs]})
 
@@ -337,10 +358,15 @@ def _leftover_findings(plan: Plan, source: Sequence[KeyShape], target: Sequence[
                              "known-harmless differences (BatchNorm counters, non-persistent buffers, profiler "
                              "buffers): " + "; ".join(p for p in parts if p),
                              keys, len(keys), {"missing": ok_missing, "unexpected": ok_unexpected}))
-    blocks = [] if plan.ambiguities else \
+    # FSDP flat parameters hold the model's weights flattened (the fsdp-flat-param finding says so):
+    # the keys they leave missing are not "another variant", and the flat keys are named once.
+    flat = [u for u in unexpected if _is_flat_param(u)]
+    if flat:
+        unexpected = [u for u in unexpected if not _is_flat_param(u)]
+    blocks = [] if plan.ambiguities or flat else \
         _whole_blocks(missing, [t.key for t in target]) + _whole_blocks(unexpected, [s.key for s in source])
     _, generic = _mismatch_findings(plan, target)
-    if len(blocks) >= 2 or (generic >= 3 and not plan.ambiguities):
+    if len(blocks) >= 2 or (generic >= 3 and not plan.ambiguities and not flat):
         what = f"whole blocks present on one side only: {', '.join(f'`{b}`' for b in blocks[:8])}" if blocks \
             else f"{generic} shape mismatches across the network"
         found.append(Finding("wrong-variant", "error",
@@ -380,6 +406,11 @@ def _leftover_findings(plan: Plan, source: Sequence[KeyShape], target: Sequence[
     return found
 
 
+def _is_flat_param(key: str) -> bool:
+    """FSDP's flattened parameter (``_flat_param``, ``flat_param`` in FSDP versions before 1.12)."""
+    return leaf(key) == "_flat_param" or key.endswith("flat_param")
+
+
 def _special_findings(source: Sequence[KeyShape], state_dict_path: Sequence[str]) -> list[Finding]:
     found: list[Finding] = []
     if state_dict_path:
@@ -391,8 +422,7 @@ def _special_findings(source: Sequence[KeyShape], state_dict_path: Sequence[str]
                              (), 0, {"state_dict_path": list(state_dict_path)}))
     # One text search over all keys first: these names are rare, and a per-key regex is not free.
     text = "\n".join(s.key for s in source)
-    flat = [s.key for s in source if leaf(s.key) == "_flat_param" or s.key.endswith("flat_param")] \
-        if "flat_param" in text else []
+    flat = [s.key for s in source if _is_flat_param(s.key)] if "flat_param" in text else []
     if flat:
         found.append(Finding("fsdp-flat-param", "error",
                              f"{len(flat)} FSDP flat parameter(s) ({_short(flat)}) hold many weights in one "

@@ -83,7 +83,19 @@ def find_eocd(f: IO[bytes], size: int) -> int | None:
 
 
 def _read_at(f: IO[bytes], offset: int, n: int) -> bytes:
-    f.seek(offset)
+    """*n* bytes at *offset*, or fewer past the end of the file.
+
+    Offsets come from the archive itself: a lying zip64 field can name one no file system can
+    seek to (ext4 refuses offsets beyond its largest file with EINVAL, Python any past 2**63),
+    which reads as nothing,
+    like any other offset past the end, so the caller reports it as the corruption it is.
+    """
+    if offset < 0:
+        return b""
+    try:
+        f.seek(offset)
+    except (OSError, OverflowError, ValueError):  # ValueError: past 2**63, no off_t holds it
+        return b""
     return f.read(n)
 
 
@@ -228,6 +240,17 @@ class ArchiveAudit:
                     "duplicate-member",
                     f"{n} members named {name!r}; zipfile reads the last, other readers the first",
                     name,
+                )
+        folded: dict[str, list[str]] = {}
+        for name in names:
+            folded.setdefault(name.lower(), []).append(name)
+        for spellings in folded.values():
+            if len(spellings) > 1:
+                self.anomaly(
+                    "duplicate-member",
+                    f"members {', '.join(map(repr, spellings))} differ only in case: torch's zip reader (miniz) "
+                    "looks names up ignoring case, zipfile does not, so they read different bytes",
+                    spellings[0],
                 )
         # torch's reader takes the archive name from the first record (inline_container.cc).
         prefix = self.prefix = self.members[0].name.split("/", 1)[0] if self.members else ""

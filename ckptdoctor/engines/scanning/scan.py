@@ -20,9 +20,9 @@ import io
 import json
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, TypeVar, cast
 
 from ckptdoctor.engines.scanning.archive import audit_zip, find_eocd, is_torchscript_member
 from ckptdoctor.engines.scanning.payloads import NPY_HEADER_LIMIT, npy_pickle_offset
@@ -49,7 +49,8 @@ from ckptdoctor.formats.magic import (
 )
 from ckptdoctor.formats.pickle.tables import DCP_METADATA_GLOBALS
 from ckptdoctor.formats.readers.hf_index import INDEX_SUFFIXES
-from ckptdoctor.formats.readers.safetensors import MAX_HEADER_BYTES, safetensors_bits
+from ckptdoctor.formats.readers.members import member_path, read_json_file
+from ckptdoctor.formats.readers.safetensors import MAX_DIM, MAX_HEADER_BYTES, safetensors_bits
 from ckptdoctor.io.rangefile import RangeFile
 from ckptdoctor.io.storage import is_url, open_counted, storage_for
 
@@ -73,6 +74,7 @@ __all__ = [
 LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
 LEGACY_PICKLES = ("magic number", "protocol version", "sys info", "data", "storage keys")
 MAX_EXTRA_PICKLES = 8
+T = TypeVar("T", str, Path)
 SAFETENSORS_MAX_HEADER = MAX_HEADER_BYTES  # the safetensors crate refuses larger headers too
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors", ".pkl", ".pickle")
 MAX_DIR_FILES = 10_000
@@ -142,23 +144,58 @@ def scan_file(path: Path) -> FileScan:
 
 
 def _scan_url(url: str) -> tuple[FileScan, ...]:
-    """A remote file, or the checkpoint files directly under a remote prefix, read by ranges."""
+    """A remote file, or every checkpoint file under a remote prefix, read by ranges.
+
+    A prefix is walked like a local directory (same depth and file bounds, shard indexes checked
+    for escapes and missing shards): a payload one folder down is found remotely as it is locally.
+    """
     store = storage_for(url)
     if store.kind(url) != "directory":
         return (_scan_remote_file(url),)
-    names = [n for n in store.list(url) if n == ".metadata" or n.lower().endswith(CHECKPOINT_SUFFIXES)]
-    if not names:
+    results: list[FileScan] = []
+    pending = [(url.rstrip("/"), 0)]
+    visited = 0
+    while pending:
+        folder, depth = pending.pop()
+        visited += 1
+        if visited > MAX_DIR_FILES:
+            raise LimitExceeded(f"more than {MAX_DIR_FILES} folders under the prefix", path=url)
+        for name in store.list(folder):
+            if not _is_scanned(name):
+                continue
+            if len(results) >= MAX_DIR_FILES:
+                raise LimitExceeded(f"more than {MAX_DIR_FILES} checkpoint files under the prefix", path=url)
+            member = store.join(folder, name)
+            results.append(_scan_remote_index(folder, name) if _is_index(name)
+                           else _scan_or_report(_scan_remote_file, member))
+        if depth + 1 < MAX_DIR_DEPTH:
+            pending.extend((store.join(folder, d), depth + 1) for d in reversed(store.subdirectories(folder)))
+    if not results:
         raise UnsupportedFormat("directory holds no checkpoint files", path=url)
-    if len(names) > MAX_DIR_FILES:
-        raise LimitExceeded(f"more than {MAX_DIR_FILES} checkpoint files under the directory", path=url)
-    results = []
-    for name in names:
-        member = store.join(url, name)
-        try:
-            results.append(_scan_remote_file(member))
-        except CkptDoctorError as e:
-            results.append(unreadable(member, e))
     return tuple(results)
+
+
+def _scan_remote_index(folder: str, name: str) -> FileScan:
+    """A remote shard index: names that could leave *folder* (lexically, as the readers refuse
+    them) and shards that are not there."""
+    store = storage_for(folder)
+    where = store.join(folder, name)
+    fd = Findings()
+    try:
+        doc = read_json_file(where, name)
+    except CkptDoctorError as e:
+        fd.anomaly("bad-index", e.message, where)
+        return _result(cast(Path, where), "shard-index", fd)
+
+    def problem(shard: str) -> str | None:
+        try:
+            target = member_path(folder, shard, name)
+        except CkptDoctorError:
+            return "outside"
+        return None if store.is_file(target) else "missing"
+
+    _check_weight_map(doc, fd, where, problem)
+    return _result(cast(Path, where), "shard-index", fd)
 
 
 def _scan_remote_file(url: str) -> FileScan:
@@ -348,13 +385,13 @@ def _check_tensor_entry(key: str, info: object, data_len: int, fd: Findings) -> 
     bits = safetensors_bits(dtype)
     if bits is None:
         fd.anomaly("bad-dtype", f"unknown dtype {dtype!r}", key)
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
         fd.anomaly("bad-shape", f"shape {shape!r} is not a list of non-negative integers", key)
         shape = None
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or not all(type(o) is int and o >= 0 for o in offsets)
         or offsets[0] > offsets[1]
     ):
         fd.anomaly("bad-offsets", f"data_offsets {offsets!r} is not [begin, end] with begin <= end", key)
@@ -389,13 +426,12 @@ def _scan_dir(root: Path) -> tuple[FileScan, ...]:
         dirnames.sort()
         for name in sorted(filenames):
             p = Path(dirpath) / name
-            is_index = name.endswith(".index.json")
-            if not (is_index or name == ".metadata" or name.lower().endswith(CHECKPOINT_SUFFIXES)):
+            if not _is_scanned(name):
                 continue
             count += 1
             if count > MAX_DIR_FILES:
                 raise LimitExceeded(f"more than {MAX_DIR_FILES} checkpoint files under the directory", path=str(root))
-            if not _inside(p.resolve(), root_real):
+            if not _inside(p.resolve(), root_real) and not _hf_cache_blob(p):
                 results.append(
                     FileScan(
                         str(p),
@@ -407,16 +443,42 @@ def _scan_dir(root: Path) -> tuple[FileScan, ...]:
                     )
                 )
                 continue
-            if is_index:
-                results.append(_scan_index(p, root_real))
-                continue
-            try:
-                results.append(scan_file(p))
-            except CkptDoctorError as e:
-                results.append(unreadable(str(p), e))
+            results.append(_scan_index(p, root_real) if _is_index(name) else _scan_or_report(scan_file, p))
     if not results:
         raise UnsupportedFormat("directory holds no checkpoint files", path=str(root))
     return tuple(results)
+
+
+def _is_index(name: str) -> bool:
+    return name.endswith(".index.json")
+
+
+def _is_scanned(name: str) -> bool:
+    """Is a file of this name in a directory scanned: checkpoints by suffix, DCP metadata, shard indexes."""
+    return _is_index(name) or name == ".metadata" or name.lower().endswith(CHECKPOINT_SUFFIXES)
+
+
+def _scan_or_report(scan_one: Callable[[T], FileScan], where: T) -> FileScan:
+    """One file of a directory: scanned, or an ``unreadable`` entry (never fatal to the others)."""
+    try:
+        return scan_one(where)
+    except CkptDoctorError as e:
+        return unreadable(str(where), e)
+
+
+def _hf_cache_blob(link: Path) -> bool:
+    """Is *link* a Hugging Face cache snapshot file pointing at its repository's blob store?
+
+    huggingface_hub keeps ``<repo>/snapshots/<revision>/<file>`` as a symlink to
+    ``<repo>/blobs/<hash>`` (every loader follows it, and so do the readers): that is the cache's
+    layout, not a file escaping the scanned directory. Its content is scanned like any other file.
+    """
+    parts = link.absolute().parts
+    if "snapshots" not in parts[:-1] or not link.is_symlink():
+        return False
+    at = len(parts) - 1 - parts[::-1].index("snapshots")
+    blobs = Path(*parts[:at], "blobs").resolve()
+    return link.resolve().parent == blobs
 
 
 def _inside(p: Path, root: Path) -> bool:
@@ -428,19 +490,32 @@ def _scan_index(p: Path, root: Path) -> FileScan:
     fd = Findings()
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        fd.anomaly("bad-index", f"index is not valid JSON ({e})", str(p))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        fd.anomaly("bad-index", f"index is not valid JSON ({e})"[:300], str(p))
         return _result(p, "shard-index", fd)
+
+    def problem(shard: str) -> str | None:
+        target = (p.parent / shard).resolve()
+        if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/") or \
+                not (_inside(target, root) or _hf_cache_blob(p.parent / shard)):
+            return "outside"
+        return None if target.is_file() else "missing"
+
+    _check_weight_map(doc, fd, str(p), problem)
+    return _result(p, "shard-index", fd)
+
+
+def _check_weight_map(doc: object, fd: Findings, where: str, problem: Callable[[str], str | None]) -> None:
+    """The anomalies of an index document: no ``weight_map``, shards outside, shards missing."""
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict):
-        fd.anomaly("bad-index", "index has no weight_map object", str(p))
-        return _result(p, "shard-index", fd)
+        fd.anomaly("bad-index", "index has no weight_map object", where)
+        return
     for shard in sorted({v for v in weight_map.values() if isinstance(v, str)}):
-        target = (p.parent / shard).resolve()
-        if os.path.isabs(shard) or not _inside(target, root):
-            fd.anomaly("shard-outside-directory", f"shard {shard!r} resolves outside the checkpoint directory", str(p))
-        elif not target.is_file():
-            fd.anomaly("missing-shard", f"shard {shard!r} does not exist", str(p))
+        found = problem(shard)
+        if found == "outside":
+            fd.anomaly("shard-outside-directory", f"shard {shard!r} resolves outside the checkpoint directory", where)
+        elif found == "missing":
+            fd.anomaly("missing-shard", f"shard {shard!r} does not exist", where)
     if any(not isinstance(v, str) for v in weight_map.values()):
-        fd.anomaly("bad-index", "weight_map values must be file names", str(p))
-    return _result(p, "shard-index", fd)
+        fd.anomaly("bad-index", "weight_map values must be file names", where)

@@ -38,8 +38,8 @@ def load_spec_file(path: str) -> ModelSpec:
         raise _fail(path, f"larger than {MAX_SPEC_BYTES >> 20} MiB")
     try:
         doc = json.loads(store.read_range(path, 0, size).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(path, f"not valid JSON ({exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, huge ints
+        raise _fail(path, f"not valid JSON ({exc})"[:300]) from None
     return parse_spec_document(doc, path)
 
 

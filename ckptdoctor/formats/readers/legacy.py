@@ -86,8 +86,11 @@ def read_legacy(path: str, entry: str | None = None) -> Checkpoint:
                     raise CorruptCheckpoint("the file ends before all storages (truncated)", path=path)
                 (count,) = struct.unpack("<q" if little_endian else ">q", header)
             nbytes = count * itemsize(dtype)
-            if count < 0 or offset + 8 + nbytes > file_size:
-                raise CorruptCheckpoint(f"storage {key!r} declares {nbytes} bytes past the end of the file",
+            if count < 0:
+                raise CorruptCheckpoint(f"storage {key!r} declares a negative element count ({count})", path=path)
+            if offset + 8 + nbytes > file_size:
+                raise CorruptCheckpoint(f"storage {key!r} declares {count} elements ({nbytes} bytes), which run "
+                                        f"{offset + 8 + nbytes - file_size} bytes past the end of the file",
                                         path=path)
             location = info["location"]
             location = location.decode("ascii", "replace") if isinstance(location, bytes) else str(location)

@@ -56,5 +56,5 @@ def read_json_file(path: str, what: str) -> Any:
         raise CorruptCheckpoint(f"{what} cannot be read ({exc.message})", path=path) from None
     try:
         return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise CorruptCheckpoint(f"{what} is not valid JSON ({exc})"[:300], path=path) from None

@@ -30,6 +30,7 @@ from ckptdoctor.model.locate import build_checkpoint
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own MAX_HEADER_SIZE (src/tensor.rs)
 MAX_DIMS = 64
+MAX_DIM = 2**63 - 1  # torch sizes are int64: a larger dimension is no tensor torch (or safetensors) can load
 FIRST_GUESS = 64 << 10  # remote: the length field and (usually) the whole header in one range, as the Hub reads
 BAD_HEADER_HINT = "The safetensors header is malformed; the file is damaged, truncated or not safetensors."
 
@@ -120,7 +121,7 @@ def _read_json_header(path: str) -> tuple[dict[str, Any], int, int]:
         raw += store.read_range(path, 8 + len(raw), header_len - len(raw))
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise _bad(f"not valid JSON ({exc})"[:300], path) from None
     if not isinstance(header, dict):
         raise _bad(f"the JSON is a {type(header).__name__}, not an object", path)
@@ -139,7 +140,7 @@ def _dims(name: str, shape: Any, path: str) -> tuple[int, ...]:
     if not isinstance(shape, list) or len(shape) > MAX_DIMS:
         raise _bad(f"tensor {name!r} has shape {shape!r:.60}, not a list of at most {MAX_DIMS} integers", path)
     for n in shape:
-        if type(n) is not int or n < 0:
+        if type(n) is not int or not 0 <= n <= MAX_DIM:
             raise _bad(f"tensor {name!r} has an invalid dimension {n!r:.30} in its shape", path)
     return tuple(shape)
 

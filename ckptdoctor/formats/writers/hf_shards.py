@@ -149,7 +149,7 @@ def config_with_dtype(data: bytes, dtype: str) -> bytes:
     (indent 2, keys sorted); the bytes as they were when there is no such field or no JSON object."""
     try:
         config = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return data
     if not isinstance(config, dict):
         return data

@@ -209,11 +209,15 @@ def _torch_root(ckpt: Checkpoint, state_dict: OrderedDict[str, Any], extract: bo
 def _safetensors_parts(ckpt: Checkpoint, state_dict: Mapping[str, Any]
                        ) -> tuple[list[tuple[str, TensorRecord]], dict[str, str], list[str]]:
     """Tensors, metadata and notes for a safetensors output (tensors only, no other entries)."""
-    from ckptdoctor.formats.writers.safetensors import sharing_notes  # noqa: PLC0415 - only this output needs it
+    from ckptdoctor.formats.writers.safetensors import (  # noqa: PLC0415 - only this output needs them
+        refuse_sparse,
+        sharing_notes,
+    )
 
     tensors = [(k, v) for k, v in state_dict.items() if isinstance(v, TensorRecord)]
     notes = _module_note(ckpt)
     skipped = [k for k, v in state_dict.items() if not isinstance(v, TensorRecord)]
+    refuse_sparse([(k, state_dict[k]) for k in skipped], "safetensors")
     if skipped:
         notes.append(f"safetensors holds tensors only; non-tensor entries were left out ({listed(skipped)})")
     others = _other_entries(ckpt.root, ckpt.state_dict_path)

@@ -23,7 +23,7 @@ from ckptdoctor.errors import UnsupportedFormat
 from ckptdoctor.formats.readers.safetensors import SAFETENSORS_DTYPES
 from ckptdoctor.formats.tensor_bytes import iter_tensor_chunks
 from ckptdoctor.io.atomic import CHUNK, EarlyWriteback, SourceFiles, copy_range, write_all
-from ckptdoctor.model.checkpoint import TensorRecord, itemsize
+from ckptdoctor.model.checkpoint import OpaqueObject, TensorRecord, itemsize
 
 # torch dtype name -> safetensors dtype: the reader's table inverted, without float4 (its
 # element count differs between the two libraries, see safetensors_format).
@@ -36,9 +36,30 @@ def check_tensor(key: str, tensor: TensorRecord) -> None:
                                 hint="Write a torch.save file instead (an OUT not ending in .safetensors).")
     if tensor.layout != "strided" or (tensor.storage is None and tensor.numel):
         raise UnsupportedFormat(f"tensor {key!r} is a {tensor.layout} tensor without data in the file; "
-                                "safetensors stores only dense tensors")
+                                "safetensors stores only dense tensors",
+                                hint="Save a full, plain state dict first (a DTensor: torch.distributed.checkpoint."
+                                     "state_dict.get_model_state_dict with full_state_dict=True), then convert that.")
     if tensor.storage is not None and tensor.storage.source is None and tensor.numel:
         raise UnsupportedFormat(f"tensor {key!r} has no data in the file")
+
+
+SPARSE_REBUILD = "torch._utils._rebuild_sparse_tensor"  # torch.save's record of every sparse layout
+
+
+def refuse_sparse(entries: Sequence[tuple[str, Any]], container: str) -> None:
+    """Refuse a sparse tensor among a state dict's non-tensor entries.
+
+    Non-tensor entries (``_extra_state``, counters) are left out of a tensors-only container
+    with a note, as ``save_pretrained`` does; a sparse tensor is a weight: leaving it out
+    would write a file that no longer loads into the model, under a success message.
+    """
+    for key, value in entries:
+        if isinstance(value, OpaqueObject) and value.cls.dotted == SPARSE_REBUILD:
+            layout = str(value.args[0]) if value.args else "sparse"
+            raise UnsupportedFormat(f"tensor {key!r} is a {layout} tensor, which {container} cannot store "
+                                    "(dense tensors only)",
+                                    hint="Write a torch.save file instead (an OUT ending in .pt), or save the "
+                                         "tensor densified (tensor.to_dense()) first.")
 
 
 def layout_entries(entries: Sequence[tuple[str, TensorRecord]]) -> list[tuple[str, TensorRecord, int, int]]:
