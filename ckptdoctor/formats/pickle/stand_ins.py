@@ -15,7 +15,6 @@ from dataclasses import replace
 from typing import Any
 
 from ckptdoctor.errors import CorruptCheckpoint
-from ckptdoctor.formats.pickle.tables import python3_name
 from ckptdoctor.model.checkpoint import DTYPE_ALIASES, DTYPE_BITS, GlobalRef, OpaqueObject, StorageInfo, TensorRecord
 
 MAX_DIMS = 64
@@ -329,9 +328,9 @@ def _dtype_name(value: Any) -> str:
 
 
 def resolve_global(module: str, name: str) -> Any:
-    """The stand-in for ``module.name`` (by its Python 3 name: ``__builtin__.set`` is ``builtins.set``);
-    never imports anything."""
-    module, name = python3_name(module, name)
+    """The stand-in for ``module.name``, by its Python 3 name (the unpicklers' ``find_class`` map
+    ``__builtin__.set`` to ``builtins.set`` first, as refusals and allowances name it); never
+    imports anything."""
     dotted = f"{module}.{name}"
     if dotted in TORCH_FUNCTIONS:
         return TORCH_FUNCTIONS[dotted]
