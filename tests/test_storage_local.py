@@ -33,3 +33,12 @@ def test_offsets_outside_the_file_read_as_nothing(tmp_path: Path) -> None:
     for offset in (-5, -(2**64), 2**63 + 7, 2**70):
         assert f.read_at(offset, 16) == b""
     assert f.read_at(0, 4) == path.read_bytes()[:4]
+
+
+def test_the_folder_a_path_sits_in() -> None:
+    from ckptdoctor.io.storage import folder_of
+
+    assert folder_of("ckpt/model.safetensors.index.json") == "ckpt"
+    assert folder_of(".metadata") == "."
+    assert folder_of("/model.safetensors.index.json") == "/"  # the root, not the working directory
+    assert folder_of("s3://bucket/run/.metadata") == "s3://bucket/run"

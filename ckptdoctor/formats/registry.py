@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ckptdoctor.errors import CorruptCheckpoint, UnsupportedFormat
 from ckptdoctor.formats.magic import refuse_text, refuse_wrapper
-from ckptdoctor.io.storage import storage_for
+from ckptdoctor.io.storage import folder_of, storage_for
 from ckptdoctor.model.checkpoint import Checkpoint
 
 HEAD_BYTES = 264  # enough for every sniff (a tar's "ustar" sits at 257); remote reads fetch more at once
@@ -188,9 +188,8 @@ def open_path(path: str, entry: str | None = None) -> Checkpoint:
         return read_directory(path, entry)
     if kind != "file":
         raise UnsupportedFormat("not a regular file", path=path)
-    folder, _, name = path.rpartition("/")
-    if name == DCP_METADATA:  # DCP's index of the checkpoint: read its directory
-        return read_directory(folder or ("/" if path.startswith("/") else "."), entry)
+    if path.rpartition("/")[2] == DCP_METADATA:  # DCP's index of the checkpoint: read its directory
+        return read_directory(folder_of(path), entry)
     hf_index = importlib.import_module("ckptdoctor.formats.readers.hf_index")
     if path.endswith(hf_index.INDEX_SUFFIXES):  # not in read_file: an index never names another as a shard
         return hf_index.read_index_file(path, entry)

@@ -243,6 +243,15 @@ def is_read_only_url(path: str) -> bool:
     return match is not None and match.group(1).lower() in READ_ONLY_PROTOCOLS
 
 
+def folder_of(path: str) -> str:
+    """The directory (or prefix) a file path or URL sits in: ``.`` for a bare name, ``/`` at the root.
+
+    For a path naming a whole checkpoint through its index (``model.safetensors.index.json``, DCP's
+    ``.metadata``), which stands for that folder."""
+    folder, _, _ = path.rpartition("/")
+    return folder or ("/" if path.startswith("/") else ".")
+
+
 def storage_for(path: str) -> Storage:
     """The storage that serves ``path``: the local disk, or fsspec for a URL."""
     match = URL_RE.match(path) if isinstance(path, str) else None

@@ -52,7 +52,7 @@ from ckptdoctor.formats.readers.hf_index import INDEX_SUFFIXES
 from ckptdoctor.formats.readers.members import member_path, read_json_file
 from ckptdoctor.formats.readers.safetensors import MAX_DIM, MAX_HEADER_BYTES, safetensors_bits
 from ckptdoctor.io.rangefile import RangeFile
-from ckptdoctor.io.storage import is_url, open_counted, storage_for
+from ckptdoctor.io.storage import folder_of, is_url, open_counted, storage_for
 
 __all__ = [
     "DANGEROUS",
@@ -91,7 +91,7 @@ def scan(path: str | os.PathLike[str]) -> ScanReport:
     """
     path = os.fspath(path)
     if path.endswith(INDEX_SUFFIXES):  # a shard index names its checkpoint: the directory it sits in
-        path = path.rpartition("/")[0] or "."
+        path = folder_of(path)
     if is_url(path):
         return ScanReport(_scan_url(path))
     p = Path(path)

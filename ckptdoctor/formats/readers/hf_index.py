@@ -20,7 +20,7 @@ from typing import Any
 from ckptdoctor.errors import CkptDoctorError, CorruptCheckpoint, UnsupportedFormat
 from ckptdoctor.formats.readers.members import member_path, read_json_file
 from ckptdoctor.formats.registry import DirectoryLayout, read_file
-from ckptdoctor.io.storage import storage_for
+from ckptdoctor.io.storage import folder_of, storage_for
 from ckptdoctor.model.checkpoint import Checkpoint, StorageInfo, TensorInfo, TensorRecord
 from ckptdoctor.model.locate import build_checkpoint
 
@@ -166,8 +166,7 @@ def read_hf_sharded(directory: str, index_name: str, entry: str | None) -> Check
 def read_index_file(path: str, entry: str | None) -> Checkpoint:
     """A path to a sharded index names the checkpoint it indexes: the directory it sits in, read
     through this index (even when the directory holds others)."""
-    directory, _, name = path.rpartition("/")
-    return read_hf_sharded(directory or ".", name, entry)
+    return read_hf_sharded(folder_of(path), path.rpartition("/")[2], entry)
 
 
 def _listing(directory: str) -> list[str]:
