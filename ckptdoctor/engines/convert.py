@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptdoctor.engines.doctor.fix import KeyEdits, check_key_edits, plan_keys
 from ckptdoctor.errors import CorruptCheckpoint, OutputError, UsageError
+from ckptdoctor.formats.registry import DCP_METADATA
 from ckptdoctor.formats.writers import hf_shards
 from ckptdoctor.formats.writers.cast_names import CASTABLE, TARGETS
 from ckptdoctor.formats.writers.safetensors import refuse_sparse
@@ -417,7 +418,7 @@ def _write_shards_on_threads(jobs: Sequence[tuple[str, Sequence[Item]]], metadat
 
 
 def _write_dcp(plan: ConversionPlan, target: str, progress: Progress | None) -> list[str]:
-    from ckptdoctor.formats.writers.dcp import METADATA_FILE, data_file, metadata_bytes, write_dcp_data  # noqa: PLC0415
+    from ckptdoctor.formats.writers.dcp import data_file, metadata_bytes, write_dcp_data  # noqa: PLC0415
 
     os.mkdir(target)
     groups = _balanced(plan.items, plan.options.workers)
@@ -438,7 +439,7 @@ def _write_dcp(plan: ConversionPlan, target: str, progress: Progress | None) -> 
     where = {item.key: (name, offset, length) for item, name, offset, length in records}
     items = {item.key: item for item in plan.items}
     records += [(replace(items[real], key=alias), *where[real]) for alias, real in plan.aliases]
-    meta = os.path.join(target, METADATA_FILE)
+    meta = os.path.join(target, DCP_METADATA)
     with open(meta, "wb") as f:
         f.write(metadata_bytes(records))
         f.flush()

@@ -51,6 +51,7 @@ from ckptdoctor.formats.pickle.tables import DCP_METADATA_GLOBALS
 from ckptdoctor.formats.readers.hf_index import INDEX_SUFFIXES
 from ckptdoctor.formats.readers.members import member_path, read_json_file
 from ckptdoctor.formats.readers.safetensors import MAX_DIM, MAX_HEADER_BYTES, safetensors_bits
+from ckptdoctor.formats.registry import DCP_METADATA
 from ckptdoctor.io.rangefile import RangeFile
 from ckptdoctor.io.storage import folder_of, is_url, open_counted, storage_for
 
@@ -215,7 +216,7 @@ def _result(path: Path, fmt: str, fd: Findings) -> FileScan:
     globals_ = fd.global_uses()
     anomalies = tuple(fd.anomalies)
     safe = not anomalies and all(g.verdict == WEIGHTS_ONLY for g in globals_)
-    if str(path).replace("\\", "/").rsplit("/", 1)[-1] == ".metadata" and globals_ and all(
+    if str(path).replace("\\", "/").rsplit("/", 1)[-1] == DCP_METADATA and globals_ and all(
             g.verdict == WEIGHTS_ONLY or g.name in DCP_METADATA_GLOBALS for g in globals_):
         # Unsafe by the weights_only rule (the contract's), but say what it is: DCP's own file.
         fd.note("DCP metadata as torch.distributed.checkpoint writes it, nothing but DCP's own classes: "
@@ -455,7 +456,7 @@ def _is_index(name: str) -> bool:
 
 def _is_scanned(name: str) -> bool:
     """Is a file of this name in a directory scanned: checkpoints by suffix, DCP metadata, shard indexes."""
-    return _is_index(name) or name == ".metadata" or name.lower().endswith(CHECKPOINT_SUFFIXES)
+    return _is_index(name) or name == DCP_METADATA or name.lower().endswith(CHECKPOINT_SUFFIXES)
 
 
 def _scan_or_report(scan_one: Callable[[T], FileScan], where: T) -> FileScan:

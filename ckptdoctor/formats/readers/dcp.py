@@ -52,7 +52,7 @@ from ckptdoctor.formats.readers.dcp_metadata import (
 from ckptdoctor.formats.readers.dcp_records import new_record, new_storage
 from ckptdoctor.formats.readers.members import member_path
 from ckptdoctor.formats.readers.torch_zip import LOCAL_HEADER
-from ckptdoctor.formats.registry import DirectoryLayout
+from ckptdoctor.formats.registry import DCP_METADATA, DirectoryLayout
 from ckptdoctor.io.rangefile import RangeFile
 from ckptdoctor.io.storage import Storage, storage_for
 from ckptdoctor.model.checkpoint import (
@@ -116,7 +116,7 @@ class DcpFiles:
 
     def _file(self, relative_path: str) -> tuple[IO[bytes], int, str]:
         if relative_path not in self._open:
-            path = member_path(self.directory, relative_path, ".metadata")
+            path = member_path(self.directory, relative_path, DCP_METADATA)
             try:
                 opened: IO[bytes] = RangeFile(storage_for(path), path)  # type: ignore[assignment]
             except CkptDoctorError as exc:
@@ -320,7 +320,7 @@ class ItemResolver:
 
     def resolve_file(self, relative_path: str) -> None:
         """Read every pending item of one file in offset order, with a few small reads each."""
-        path = member_path(self.directory, relative_path, ".metadata")
+        path = member_path(self.directory, relative_path, DCP_METADATA)
         pending = self.pending.get(relative_path, [])
         ranges = sorted(pending, key=lambda r: r._item.offset)
         pending.clear()  # emptied, not removed: the reader keeps appending to this list
@@ -594,7 +594,7 @@ def _items(storage: StorageIndex) -> Iterator[Item]:
 
 def _file_size(directory: str, name: str) -> int:
     try:
-        path = member_path(directory, name, ".metadata")
+        path = member_path(directory, name, DCP_METADATA)
         return storage_for(path).size(path)
     except CkptDoctorError:
         return 0
@@ -603,7 +603,7 @@ def _file_size(directory: str, name: str) -> int:
 def read_dcp(directory: str, entry: str | None = None) -> Checkpoint:
     """Read a DCP checkpoint directory's metadata; each tensor's bytes are located on first use."""
     store = storage_for(directory)
-    meta_path = store.join(directory, ".metadata")
+    meta_path = store.join(directory, DCP_METADATA)
     size = store.size(meta_path)
     if size > MAX_METADATA_BYTES:
         raise LimitExceeded(f".metadata is {size} bytes (limit {MAX_METADATA_BYTES})", path=directory)
@@ -614,7 +614,7 @@ def read_dcp(directory: str, entry: str | None = None) -> Checkpoint:
                 return _checkpoint(directory, metadata, size, entry)
             except Fallback:
                 pass
-        root = load_pickle(store.read_range(meta_path, 0, size), None, where=".metadata", path=directory)
+        root = load_pickle(store.read_range(meta_path, 0, size), None, where=DCP_METADATA, path=directory)
         return _checkpoint(directory, generic_metadata(root, directory), size, entry)
 
 
@@ -647,7 +647,7 @@ def _checkpoint(directory: str, metadata: Metadata, size: int, entry: str | None
 
 
 def _pick_metadata(names: list[str], path: str) -> str | None:
-    return ".metadata" if ".metadata" in names else None
+    return DCP_METADATA if DCP_METADATA in names else None
 
 
 DIRECTORY_LAYOUTS = (DirectoryLayout("dcp", 20, _pick_metadata, lambda d, _name, entry: read_dcp(d, entry)),)

@@ -30,7 +30,6 @@ from ckptdoctor.model.checkpoint import GlobalRef, OpaqueObject, StorageInfo, Te
 METADATA = "torch.distributed.checkpoint.metadata"
 FILESYSTEM = "torch.distributed.checkpoint.filesystem"
 DATA_FILE = "__0_0.distcp"  # FileSystemWriter's name for rank 0's first file; __0_1 ... with thread_count > 1
-METADATA_FILE = ".metadata"
 VERSION = "1.0.0"  # torch/distributed/checkpoint/metadata.py Metadata.version default
 
 
