@@ -70,7 +70,7 @@ def _lane_pattern(bits: int) -> tuple[re.Pattern[bytes], int]:
     singles = (
         b"(q.|r" + below(bits) + b")",                        # BINPUT, LONG_BINPUT (bounded)
         b"(c" + _IDENTIFIER + b"\\n" + _IDENTIFIER + b"\\n)",  # GLOBAL module\nname\n
-        b"([(tue])",                                           # MARK TUPLE SETITEMS APPENDS
+        b"([" + re.escape(MARKS_AND_CLOSES) + b"])",          # MARK TUPLE SETITEMS APPENDS
         b"(\\.)(?:.*)",                                        # STOP (what follows is not this pickle's)
         b"(?:[Kh].|M..|[Jj].{4}|G.{8}"                         # BININT1 BINGET BININT2 BININT LONG_BINGET BINFLOAT
         b"|X" + short_strings(b"\x00\x00\x00")                 # BINUNICODE
@@ -222,11 +222,10 @@ def _run(pickle_bytes: bytes, globals_: list[tuple[str, str, int]]) -> dict[str,
             nonlocal seen
             expected = next(names, None)
             seen += 1
-            dotted = f"{module}.{name}"
             if expected is None or python3_name(module, name) != expected[:2]:
                 raise _Defer  # the C unpickler read another GLOBAL than the tokens: never trust it
-            full = f"{expected[0]}.{expected[1]}"
-            if full in WALKER_ONLY or dotted in WALKER_ONLY:
+            full = f"{expected[0]}.{expected[1]}"  # the walker's name for it (Python 3)
+            if full in WALKER_ONLY:
                 raise _Defer
             return _Global(flags.setdefault(full, set()))
 
