@@ -83,13 +83,18 @@ def check_file_output(out: str, inputs: Iterable[str], *, force: bool, example: 
     from ckptdoctor.io.storage import is_url  # noqa: PLC0415
 
     if is_url(out):
-        from ckptdoctor.io.publish import check_remote_output, refuse_read_only  # noqa: PLC0415
-
-        refuse_read_only(out)
-        refuse_directory(out, example)
-        check_remote_output(out, inputs, force=force)
+        _check_remote_file_output(out, inputs, force=force, example=example)
     else:
         check_output(out, inputs, force=force, example=example)
+
+
+def _check_remote_file_output(out: str, inputs: Iterable[str], *, force: bool, example: str | None = None) -> None:
+    """A one-file URL OUT: not http(s) (said first), not a prefix, and as :func:`check_remote_output` wants."""
+    from ckptdoctor.io.publish import check_remote_output, refuse_read_only  # noqa: PLC0415
+
+    refuse_read_only(out)
+    refuse_directory(out, example)
+    check_remote_output(out, inputs, force=force)
 
 
 def _fsync_directory(directory: str) -> None:
@@ -120,11 +125,9 @@ def _remote_output(out: str, inputs: Iterable[str], *, force: bool) -> Iterator[
     The store publishes the object only when the upload completes, so OUT is never partial; the
     temp file is always removed.
     """
-    from ckptdoctor.io.publish import check_remote_output, publish_file, refuse_read_only, staged_writes  # noqa: PLC0415
+    from ckptdoctor.io.publish import publish_file, staged_writes  # noqa: PLC0415
 
-    refuse_read_only(out)
-    refuse_directory(out)
-    check_remote_output(out, inputs, force=force)
+    _check_remote_file_output(out, inputs, force=force)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX)
     closed = False
     try:
